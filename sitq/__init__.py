@@ -1,0 +1,65 @@
+"""sitq: a task queue you can see.
+
+An asyncio task queue with an embedded SQLite store, made for Jupyter::
+
+    from sitq import TaskQueue, SQLiteBackend, Worker
+
+    backend = SQLiteBackend("tasks.db")
+    queue = TaskQueue(backend=backend)
+    task_id = await queue.enqueue(pow, 2, 10)
+    result = await queue.get_result(task_id)
+"""
+
+from sitq.backends import Backend, SQLiteBackend
+from sitq.core import QueueOverview, Result, TaskInfo
+from sitq.errors import (
+    BackendError,
+    InvalidTaskError,
+    SchemaVersionError,
+    SerializationError,
+    SitqError,
+    TaskCancelledError,
+    TaskFailedError,
+    TaskNotFoundError,
+)
+from sitq.queue import TaskQueue
+from sitq.serialization import CloudpickleSerializer, Serializer
+from sitq.sync import SyncTaskQueue
+from sitq.worker import Worker, progress
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "CloudpickleSerializer",
+    "InvalidTaskError",
+    "QueueOverview",
+    "Result",
+    "SQLiteBackend",
+    "SchemaVersionError",
+    "SerializationError",
+    "Serializer",
+    "SitqError",
+    "SyncTaskQueue",
+    "TaskCancelledError",
+    "TaskFailedError",
+    "TaskInfo",
+    "TaskNotFoundError",
+    "TaskQueue",
+    "Worker",
+    "progress",
+]
+
+
+def load_ipython_extension(ipython):
+    """``%load_ext sitq``: register the ``%sitq`` magics."""
+    from sitq.notebook import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython):
+    from sitq.notebook import unload_ipython_extension as unload
+
+    unload(ipython)

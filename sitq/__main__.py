@@ -1,0 +1,7 @@
+"""``python -m sitq`` runs the ``sitq`` command."""
+
+import sys
+
+from sitq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,175 @@
+"""The storage contract every backend fulfils, and the wake-up machinery they share.
+
+A backend stores rows and bytes; it never sees a callable. Every state change
+is one statement guarded by the state it expects, so a worker that lost its
+claim can never overwrite the outcome written by the one that took over.
+
+Waiting is built on a *change token*: read ``backend.change_token`` (after
+one's own writes), look at the store, and if there is nothing to do, ``await backend.wait_for_change(token,
+timeout)``. It returns at once if anything changed since the token was read,
+as soon as a write in this process commits, or when the backend notices a
+write by another process (SQLite: ``PRAGMA data_version``; PostgreSQL:
+LISTEN/NOTIFY), whichever comes first, and at the latest after ``timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Optional, Sequence
+
+from sitq.core import ClaimedTask, NewTask, Outcome, QueueOverview, Result, TaskInfo
+
+__all__ = ["Backend"]
+
+
+class Backend:
+    """Base class of task stores. Storage methods raise ``NotImplementedError`` here."""
+
+    def __init__(self) -> None:
+        self._change_count = 0
+        self._watch_lock = threading.Lock()
+        self._watchers: set[asyncio.Future] = set()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the store and create or check its schema. Safe to call twice."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release connections and helper threads. The backend may be reopened."""
+        raise NotImplementedError
+
+    # -- producers ---------------------------------------------------------
+
+    async def enqueue(self, tasks: Sequence[NewTask]) -> None:
+        """Store new pending tasks, all in one transaction."""
+        raise NotImplementedError
+
+    # -- workers -----------------------------------------------------------
+
+    async def claim(self, worker_id: str, limit: int, now: float, lease_until: float) -> list[ClaimedTask]:
+        """Atomically mark up to ``limit`` ready tasks running for this worker, oldest first."""
+        raise NotImplementedError
+
+    async def finish(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[bool]:
+        """Store outcomes, each only if the task is still running under this claim.
+
+        Returns one flag per outcome: False means the claim was lost (the lease
+        expired and another worker took the task) and nothing was written.
+        """
+        raise NotImplementedError
+
+    async def finish_and_claim(
+        self, worker_id: str, outcomes: Sequence[Outcome], limit: int, now: float, lease_until: float
+    ) -> tuple[list[bool], list[ClaimedTask]]:
+        """``finish`` then ``claim``. Backends override it to do both in one transaction."""
+        stored = await self.finish(worker_id, outcomes) if outcomes else []
+        claimed = await self.claim(worker_id, limit, now, lease_until) if limit > 0 else []
+        return stored, claimed
+
+    async def next_eta(self) -> Optional[float]:
+        """When the earliest pending task becomes ready (POSIX seconds), or None if none is pending."""
+        raise NotImplementedError
+
+    async def renew(self, worker_id: str, lease_until: float) -> int:
+        """Extend the lease of every task this worker is running. Returns how many."""
+        raise NotImplementedError
+
+    async def requeue_expired(self, now: float) -> int:
+        """Make running tasks whose lease has expired claimable again. Returns how many."""
+        raise NotImplementedError
+
+    async def set_progress(
+        self, worker_id: str, progress: Sequence[tuple[int, int, Optional[float], Optional[float], Optional[str]]]
+    ) -> None:
+        """Store ``(seq, attempts, done, total, message)`` for tasks still running under this claim."""
+        raise NotImplementedError
+
+    # -- readers -----------------------------------------------------------
+
+    async def fetch_result(self, task_id: str) -> Optional[Result]:
+        """The task's outcome fields in any state (``status`` may be pending), or None if unknown."""
+        raise NotImplementedError
+
+    async def fetch_info(self, task_ids: Sequence[str]) -> dict[str, TaskInfo]:
+        """Current state of the known tasks among ``task_ids``."""
+        raise NotImplementedError
+
+    async def overview(self, limit: int) -> QueueOverview:
+        """Counts per state and the ``limit`` most recently enqueued tasks."""
+        raise NotImplementedError
+
+    # -- change notification -------------------------------------------------
+
+    @property
+    def change_token(self) -> int:
+        """A number that moves whenever this process sees the store change."""
+        return self._change_count
+
+    def notify_change(self) -> None:
+        """Wake everyone waiting for a change. Safe to call from any thread."""
+        self._mark_changed()
+        self._wake_watchers()
+
+    def _mark_changed(self) -> None:
+        """Move the token. Backends call it before releasing the lock of the write that changed things,
+        so that a token read after a write of one's own never hides a later write by someone else."""
+        with self._watch_lock:
+            self._change_count += 1
+
+    def _wake_watchers(self) -> None:
+        with self._watch_lock:
+            watchers, self._watchers = self._watchers, set()
+        if not watchers:
+            return
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        for fut in watchers:
+            loop = fut.get_loop()
+            if loop is current:
+                _wake(fut)
+            elif not loop.is_closed():
+                loop.call_soon_threadsafe(_wake, fut)
+
+    def watch(self, fut: asyncio.Future, token: int) -> bool:
+        """Resolve ``fut`` on the next change. False (and nothing registered) if ``token`` is stale."""
+        with self._watch_lock:
+            if token != self._change_count:
+                return False
+            self._watchers.add(fut)
+        self._on_watch()
+        return True
+
+    def unwatch(self, fut: asyncio.Future) -> None:
+        with self._watch_lock:
+            self._watchers.discard(fut)
+
+    @property
+    def has_watchers(self) -> bool:
+        return bool(self._watchers)
+
+    def _on_watch(self) -> None:
+        """Hook: a backend that can see other processes' writes starts listening here."""
+
+    async def wait_for_change(self, token: int, timeout: Optional[float]) -> None:
+        """Return on the next change after ``token`` was read, or after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if not self.watch(fut, token):
+            return
+        timer = loop.call_later(timeout, _wake, fut) if timeout is not None else None
+        try:
+            await fut
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self.unwatch(fut)
+
+
+def _wake(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -1,0 +1,162 @@
+"""The records that travel between the queue, the worker and a backend.
+
+Backends store bytes and rows; these plain dataclasses are those rows. Times
+are stored as POSIX seconds (floats) and shown to users as timezone-aware UTC
+datetimes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Optional
+
+__all__ = [
+    "PENDING",
+    "RUNNING",
+    "SUCCESS",
+    "FAILED",
+    "CANCELLED",
+    "STATES",
+    "FINISHED_STATES",
+    "Result",
+    "TaskInfo",
+    "QueueOverview",
+    "NewTask",
+    "ClaimedTask",
+    "Outcome",
+]
+
+PENDING = "pending"
+RUNNING = "running"
+SUCCESS = "success"
+FAILED = "failed"
+CANCELLED = "cancelled"
+STATES = (PENDING, RUNNING, SUCCESS, FAILED, CANCELLED)
+FINISHED_STATES = frozenset((SUCCESS, FAILED, CANCELLED))
+
+
+def to_datetime(seconds: Optional[float]) -> Optional[dt.datetime]:
+    if seconds is None:
+        return None
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of a finished task.
+
+    ``status`` is ``"success"``, ``"failed"`` or ``"cancelled"``. ``value`` holds
+    the pickled return value (bytes, only on success); turn it back into the
+    object with ``TaskQueue.deserialize_result``. ``error`` reads
+    ``"ExceptionType: message"`` and ``traceback`` is the formatted remote
+    traceback. ``output`` is what the task printed, when the worker captured it.
+    """
+
+    task_id: str
+    name: str
+    status: str
+    value: Optional[bytes]
+    error: Optional[str]
+    traceback: Optional[str]
+    enqueued_at: dt.datetime
+    started_at: Optional[dt.datetime]
+    finished_at: Optional[dt.datetime]
+    attempts: int
+    output: Optional[str] = None
+
+    @property
+    def duration(self) -> Optional[float]:
+        """Seconds from start to finish, or None if the task never started."""
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()
+
+    def __repr__(self) -> str:
+        detail = f" error={self.error!r}" if self.error else ""
+        return f"<Result {self.task_id} {self.name} {self.status}{detail}>"
+
+    def _repr_html_(self) -> str:
+        from sitq.notebook.render import result_html
+
+        return result_html(self)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A task's current state, as the non-blocking status calls report it."""
+
+    task_id: str
+    name: str
+    status: str
+    enqueued_at: dt.datetime
+    eta: dt.datetime
+    started_at: Optional[dt.datetime]
+    finished_at: Optional[dt.datetime]
+    attempts: int
+    worker_id: Optional[str]
+    progress_done: Optional[float]
+    progress_total: Optional[float]
+    progress_message: Optional[str]
+    error: Optional[str]
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_STATES
+
+    def __repr__(self) -> str:
+        return f"<TaskInfo {self.task_id} {self.name} {self.status} attempts={self.attempts}>"
+
+
+@dataclass(frozen=True)
+class QueueOverview:
+    """Counts per state for the whole queue and the most recent tasks, newest first."""
+
+    counts: dict
+    recent: list
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __repr__(self) -> str:
+        counts = " ".join(f"{state}={self.counts.get(state, 0)}" for state in STATES)
+        return f"<QueueOverview {counts}>"
+
+
+@dataclass
+class NewTask:
+    """A row to insert: everything is already serialized."""
+
+    task_id: str
+    name: str
+    func: bytes
+    args: bytes
+    eta: float
+    enqueued_at: float
+
+
+@dataclass
+class ClaimedTask:
+    """A task a worker has claimed and must finish while its lease holds."""
+
+    seq: int
+    task_id: str
+    name: str
+    func: bytes
+    args: bytes
+    attempts: int
+
+
+@dataclass
+class Outcome:
+    """What a worker reports for one claimed task."""
+
+    seq: int
+    attempts: int
+    status: str
+    finished_at: float
+    value: Optional[bytes] = None
+    error: Optional[str] = None
+    traceback: Optional[str] = None
+    output: Optional[str] = field(default=None)

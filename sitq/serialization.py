@@ -1,0 +1,181 @@
+"""Turning calls and values into bytes and back, with errors that say what failed.
+
+A task is stored as two blobs: the function, and its ``(args, kwargs)``. The
+function is pickled once per ``enqueue`` or ``map`` call, so mapping a
+notebook-defined function over ten thousand inputs pickles it once.
+cloudpickle pickles functions defined in ``__main__`` (a notebook) by value,
+so any worker process can run them. It also keeps each function's file name
+and, for code that exists only in memory (a notebook cell), its source lines,
+so a remote traceback shows the lines that failed.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import io
+import linecache
+import os
+import pickle
+import types
+from typing import Any, Callable
+
+import cloudpickle
+
+from sitq.errors import SerializationError
+
+__all__ = ["Serializer", "CloudpickleSerializer", "ShippedSource", "describe_callable"]
+
+
+def describe_callable(func: Callable) -> str:
+    """A short, readable name for a task function: ``module.qualname``."""
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    if name is None:
+        inner = getattr(func, "func", None)  # functools.partial
+        return f"partial({describe_callable(inner)})" if inner is not None else type(func).__name__
+    module = getattr(func, "__module__", None)
+    if module in (None, "__main__", "builtins"):
+        return name
+    return f"{module}.{name}"
+
+
+class Serializer:
+    """Bytes in, objects out. Subclass it to change the format of payloads.
+
+    ``dumps`` and ``loads`` must be inverse; the queue and every worker that
+    shares a store must use compatible serializers.
+    """
+
+    def dumps(self, obj: Any) -> bytes:
+        raise NotImplementedError
+
+    def loads(self, data: bytes) -> Any:
+        raise NotImplementedError
+
+    def dumps_function(self, func: Callable) -> bytes:
+        try:
+            return self.dumps(func)
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot pickle the task function {describe_callable(func)}: {exc}. "
+                "Functions that close over open files, locks, sockets or database "
+                "connections cannot travel to a worker; create those inside the function."
+            ) from exc
+
+    def dumps_arguments(self, func: Callable, args: tuple, kwargs: dict) -> bytes:
+        try:
+            return self.dumps((args, kwargs))
+        except Exception as exc:
+            raise self._argument_error(func, args, kwargs, exc) from exc
+
+    def _argument_error(self, func, args, kwargs, exc) -> SerializationError:
+        """Find the first argument that does not pickle, to name it in the message."""
+        labelled = [(f"argument {i + 1}", a) for i, a in enumerate(args)]
+        labelled += [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
+        for label, value in labelled:
+            try:
+                self.dumps(value)
+            except Exception as inner:
+                return SerializationError(
+                    f"cannot pickle {label} of {describe_callable(func)}(): "
+                    f"{type(value).__name__} {_short_repr(value)} ({inner}). "
+                    "Pass something a worker can rebuild instead, such as a path or plain data."
+                )
+        return SerializationError(f"cannot pickle the arguments of {describe_callable(func)}(): {exc}")
+
+    def dumps_value(self, value: Any) -> bytes:
+        try:
+            return self.dumps(value)
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot pickle the return value, a {type(value).__name__} "
+                f"{_short_repr(value)}: {exc}. Return plain data instead."
+            ) from exc
+
+    def loads_call(self, func: bytes, args: bytes) -> tuple:
+        """Rebuild ``(func, args, kwargs)`` in a worker."""
+        try:
+            fn = self.loads(func)
+            if isinstance(fn, ShippedSource):
+                fn = fn.install()
+            call_args, call_kwargs = self.loads(args)
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot unpickle the task in this worker: {type(exc).__name__}: {exc}. "
+                "The worker needs the same importable modules (and their versions) as the "
+                "process that enqueued the task."
+            ) from exc
+        return fn, call_args, call_kwargs
+
+
+class ShippedSource:
+    """A function pickled by value, with the source lines of code that lives only in memory."""
+
+    def __init__(self, func: Callable, sources: dict) -> None:
+        self.func = func
+        self.sources = sources
+
+    def install(self) -> Callable:
+        """Make the source lines known to ``linecache`` here, for tracebacks, and return the function."""
+        for filename, lines in self.sources.items():
+            if filename not in linecache.cache:
+                linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+        return self.func
+
+
+_code_reduce = getattr(getattr(cloudpickle, "cloudpickle", None), "_code_reduce", None)
+
+
+class _SourceKeepingPickler(cloudpickle.Pickler):
+    """cloudpickle, but code objects keep their file name and note their in-memory source."""
+
+    def __init__(self, file, protocol=None) -> None:
+        self.sources: dict[str, list] = {}
+        if _code_reduce is not None:  # the pickler reads its dispatch table once, in __init__
+            table = dict(copyreg.dispatch_table)
+            table.update(getattr(cloudpickle.Pickler, "dispatch_table", {}))
+            table[types.CodeType] = self._reduce_code
+            self.dispatch_table = table
+        super().__init__(file, protocol=protocol)
+
+    def _reduce_code(self, code: types.CodeType):
+        rebuild, fields = _code_reduce(code)
+        filename = code.co_filename
+        if not os.path.exists(filename):
+            lines = linecache.getlines(filename)
+            if lines:
+                self.sources[filename] = lines
+        return rebuild, tuple(filename if field == "<dynamic-code>" else field for field in fields)
+
+
+def _dumps_keeping_sources(obj: Any) -> tuple[bytes, dict]:
+    buffer = io.BytesIO()
+    pickler = _SourceKeepingPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    pickler.dump(obj)
+    return buffer.getvalue(), pickler.sources
+
+
+class CloudpickleSerializer(Serializer):
+    """The default: cloudpickle out, the standard unpickler in."""
+
+    def dumps(self, obj: Any) -> bytes:
+        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def dumps_function(self, func: Callable) -> bytes:
+        try:
+            data, sources = _dumps_keeping_sources(func)
+            if sources:
+                data, _ = _dumps_keeping_sources(ShippedSource(func, sources))
+            return data
+        except Exception:
+            return super().dumps_function(func)  # the same failure, explained
+
+    def loads(self, data: bytes) -> Any:
+        return pickle.loads(data)
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

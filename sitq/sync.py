@@ -1,0 +1,169 @@
+"""Blocking use of sitq, from scripts and from notebook cells alike.
+
+sitq's core is async. :class:`SyncTaskQueue` runs it on sitq's own event loop
+in a daemon thread (:func:`shared_loop`), so it works the same in a plain
+script and inside a running event loop such as a Jupyter cell, without
+patching asyncio. It holds no logic of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from typing import Any, Callable, Coroutine, Optional, Sequence
+
+from sitq.backends.base import Backend
+from sitq.core import QueueOverview, Result, TaskInfo
+from sitq.errors import SitqError, TaskNotFoundError
+from sitq.queue import TaskQueue
+from sitq.serialization import Serializer
+
+__all__ = ["LoopThread", "shared_loop", "SyncTaskQueue"]
+
+
+class LoopThread:
+    """An asyncio event loop running forever on a daemon thread."""
+
+    def __init__(self, name: str = "sitq-loop") -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running else "stopped"
+        return f"<LoopThread {self.name} {state}>"
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop, started on first use."""
+        with self._lock:
+            if not self.is_running:
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+                self._thread = threading.Thread(target=self._serve, args=(loop, ready), name=self.name, daemon=True)
+                self._thread.start()
+                ready.wait()
+                self._loop = loop
+            return self._loop
+
+    @staticmethod
+    def _serve(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    def submit(self, coro: Coroutine) -> concurrent.futures.Future:
+        """Schedule ``coro`` on the loop and return a concurrent future for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine, timeout: Optional[float] = None) -> Any:
+        """Run ``coro`` on the loop and block until it is done (Ctrl-C cancels it)."""
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise SitqError("a blocking sitq call was made on sitq's own loop thread; await the async API there")
+        future = self.submit(coro)
+        try:
+            return future.result(timeout)
+        except BaseException:
+            future.cancel()
+            raise
+
+    def stop(self) -> None:
+        """Stop the loop and wait for its thread to end."""
+        with self._lock:
+            thread, loop = self._thread, self._loop
+            self._thread = self._loop = None
+        if thread is not None and loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=10)
+
+
+_shared: Optional[LoopThread] = None
+_shared_lock = threading.Lock()
+
+
+def shared_loop() -> LoopThread:
+    """The process-wide loop thread that blocking sitq calls run on."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = LoopThread()
+        return _shared
+
+
+class SyncTaskQueue:
+    """The blocking face of :class:`TaskQueue`.
+
+    ``get_result`` returns the task's value (not a ``Result``), ``None`` if the
+    task has not finished within ``timeout``, raises :class:`TaskFailedError`
+    (with the remote error and traceback) or :class:`TaskCancelledError`, and
+    raises :class:`TaskNotFoundError` for an unknown id, since ``None`` already
+    means "not yet". ``result`` returns the raw :class:`Result` instead.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        serializer: Optional[Serializer] = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        loop: Optional[LoopThread] = None,
+    ) -> None:
+        self.queue = TaskQueue(backend, serializer, clock=clock)
+        self._loop = loop or shared_loop()
+
+    def __repr__(self) -> str:
+        return f"<SyncTaskQueue backend={self.queue.backend!r}>"
+
+    def __enter__(self) -> "SyncTaskQueue":
+        self._loop.run(self.queue._ready())
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._loop.run(self.queue.close())
+
+    def enqueue(self, func: Callable, *args: Any, eta: Any = None, **kwargs: Any) -> str:
+        return self._loop.run(self.queue.enqueue(func, *args, eta=eta, **kwargs))
+
+    def map(self, func: Callable, *iterables, eta: Any = None) -> list[str]:
+        return self._loop.run(self.queue.map(func, *iterables, eta=eta))
+
+    def result(self, task_id: str, timeout: Optional[float] = None) -> Optional[Result]:
+        return self._loop.run(self.queue.get_result(task_id, timeout))
+
+    def get_result(self, task_id: str, timeout: Optional[float] = None) -> Any:
+        return self._loop.run(self._value(task_id, timeout))
+
+    async def _value(self, task_id: str, timeout: Optional[float]) -> Any:
+        result = await self.queue.get_result(task_id, timeout)
+        if result is not None:
+            return self.queue.deserialize_result(result)
+        if await self.queue.status(task_id) is None:
+            raise TaskNotFoundError(f"no task with id {task_id!r} in {self.queue.backend!r}")
+        return None
+
+    def deserialize_result(self, result: Result) -> Any:
+        return self.queue.deserialize_result(result)
+
+    def status(self, task_id: str) -> Optional[TaskInfo]:
+        return self._loop.run(self.queue.status(task_id))
+
+    def statuses(self, task_ids: Sequence[str]) -> dict[str, TaskInfo]:
+        return self._loop.run(self.queue.statuses(task_ids))
+
+    def overview(self, limit: int = 20) -> QueueOverview:
+        return self._loop.run(self.queue.overview(limit))

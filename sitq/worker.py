@@ -1,0 +1,373 @@
+"""The consumer side: claim tasks, run them, store their outcomes.
+
+The loop reads like its spec: wait until there is a free slot and something
+to do, finish what is done and claim as many tasks as there are free slots
+(one transaction), start them, repeat. Coroutine functions run on the
+worker's event loop; plain functions run in the worker's threads. Renewing
+leases, requeueing tasks of dead workers and storing progress are a side
+task the worker owns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import os
+import queue as thread_queue
+import secrets
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from sitq.backends.base import Backend
+from sitq.core import FAILED, SUCCESS, ClaimedTask, Outcome
+from sitq.errors import InvalidTaskError, SerializationError, SitqError
+from sitq.output import CapturedOutput, OutputCapture, capture_into
+from sitq.serialization import CloudpickleSerializer, Serializer
+
+__all__ = ["Worker", "progress"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Running:
+    """A claimed task this worker is running."""
+
+    task: ClaimedTask
+    worker: "Worker"
+    output: Optional[CapturedOutput] = None
+    progress: Optional[tuple] = None
+    handle: Any = field(default=None, repr=False)
+
+
+_current: contextvars.ContextVar[Optional[_Running]] = contextvars.ContextVar("sitq_current_task", default=None)
+
+
+def progress(done: float, total: Optional[float] = None, message: Optional[str] = None) -> bool:
+    """Report progress from inside a running task: ``done`` out of ``total``, and a short message.
+
+    Works in coroutine and thread tasks. Cheap enough to call in a tight loop:
+    the worker stores the latest value a few times a second. Outside a task
+    it does nothing and returns False, so the function still runs on its own.
+    """
+    running = _current.get()
+    if running is None:
+        return False
+    for label, number in (("done", done), ("total", total)):
+        if number is not None and (isinstance(number, bool) or not isinstance(number, (int, float))):
+            raise InvalidTaskError(f"sitq.progress({label}=...) takes a number, not {type(number).__name__}")
+    running.progress = (float(done), None if total is None else float(total), None if message is None else str(message))
+    running.worker._progress_changed.add(running)
+    return True
+
+
+class Worker:
+    """Runs tasks from a backend, at most ``max_concurrency`` at a time.
+
+    ``await worker.start()`` runs until ``await worker.stop()``, which lets
+    running tasks finish; ``await worker.drain()`` runs until no task is ready
+    or running (tasks whose ``eta`` lies in the future stay queued).
+
+    ``poll_interval`` is the longest an idle worker waits before it looks at
+    the store again; new tasks usually wake it much sooner. A claimed task
+    holds a lease of ``lease`` seconds that the worker renews while the task
+    runs; if the worker dies, the task becomes claimable again once the lease
+    expires. With ``capture_output`` what a task prints is stored with its
+    result instead of going to this process's stdout and stderr.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        max_concurrency: int = 1,
+        poll_interval: float = 1.0,
+        serializer: Optional[Serializer] = None,
+        *,
+        name: Optional[str] = None,
+        lease: float = 60.0,
+        progress_interval: float = 0.2,
+        capture_output: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not isinstance(backend, Backend):
+            raise TypeError(
+                f"Worker needs a sitq backend such as SQLiteBackend('tasks.db'), not {type(backend).__name__}"
+            )
+        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
+            raise InvalidTaskError(f"max_concurrency must be a whole number >= 1, not {max_concurrency!r}")
+        for label, seconds in (("poll_interval", poll_interval), ("lease", lease), ("progress_interval", progress_interval)):
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+                raise InvalidTaskError(f"{label} must be a number of seconds > 0, not {seconds!r}")
+        self.backend = backend
+        self.max_concurrency = max_concurrency
+        self.poll_interval = float(poll_interval)
+        self.serializer = serializer or CloudpickleSerializer()
+        self.lease = float(lease)
+        self.progress_interval = float(progress_interval)
+        self.capture_output = capture_output
+        self.clock = clock
+        self.worker_id = f"{name or socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.processed = 0
+        self.failed = 0
+        self._active: dict[int, _Running] = {}
+        self._outcomes: list[Outcome] = []
+        self._progress_changed: set[_Running] = set()
+        self._wake: Optional[asyncio.Future] = None
+        self._stopping = False
+        self._done: Optional[asyncio.Event] = None
+        self._threads: Optional[_Threads] = None
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running else "stopped"
+        return f"<Worker {self.worker_id} {state} active={len(self._active)}/{self.max_concurrency} processed={self.processed}>"
+
+    @property
+    def is_running(self) -> bool:
+        return self._done is not None and not self._done.is_set()
+
+    @property
+    def active(self) -> int:
+        """How many tasks are running now."""
+        return len(self._active)
+
+    async def start(self) -> None:
+        """Run tasks until :meth:`stop` is called."""
+        await self._run(until_empty=False)
+
+    async def drain(self) -> None:
+        """Run tasks until none is ready or running, then return."""
+        await self._run(until_empty=True)
+
+    async def stop(self) -> None:
+        """Stop claiming, let running tasks finish, store their outcomes, and return."""
+        self._stopping = True
+        self._signal()
+        if self._done is not None:
+            await self._done.wait()
+
+    # -- the loop ----------------------------------------------------------
+
+    async def _run(self, until_empty: bool) -> None:
+        if self.is_running:
+            raise SitqError(f"worker {self.worker_id} is already running")
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._done = asyncio.Event()
+        self._stopping = False
+        backend = self.backend
+        await backend.connect()
+        capture = OutputCapture.install() if self.capture_output else None
+        side = loop.create_task(self._side_tasks(), name=f"sitq-side-{self.worker_id}")
+        try:
+            await self._main(backend, until_empty)
+        finally:
+            side.cancel()
+            await asyncio.gather(side, return_exceptions=True)
+            if self._threads is not None:
+                self._threads.shutdown()
+                self._threads = None
+            if capture is not None:
+                capture.uninstall()
+            self._done.set()
+
+    async def _main(self, backend: Backend, until_empty: bool) -> None:
+        while True:
+            outcomes, self._outcomes = self._outcomes, []
+            free = 0 if self._stopping else self.max_concurrency - len(self._active)
+            claimed: list[ClaimedTask] = []
+            if outcomes or free:
+                await self._flush_progress()
+                now = self.clock()
+                stored, claimed = await backend.finish_and_claim(
+                    self.worker_id, outcomes, free, now, now + self.lease
+                )
+                self._count(outcomes, stored)
+                for task in claimed:
+                    self._launch(task)
+            token = backend.change_token  # after our own write, so it does not wake us
+            if not self._active and not self._outcomes and (self._stopping or (until_empty and not claimed)):
+                return
+            if self._outcomes:
+                continue
+            can_claim = not self._stopping and len(self._active) < self.max_concurrency
+            timeout = await self._idle_timeout() if can_claim else None
+            await self._wait(token if can_claim else None, timeout)
+
+    async def _idle_timeout(self) -> float:
+        next_eta = await self.backend.next_eta()
+        if next_eta is None:
+            return self.poll_interval
+        return min(self.poll_interval, max(next_eta - self.clock(), 0.0) + 0.001)
+
+    async def _wait(self, token: Optional[int], timeout: Optional[float]) -> None:
+        """Wait for a finished task, a stop request, a change in the store (if token) or the timeout."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if token is not None and not self.backend.watch(fut, token):
+            return  # the store changed while we were looking
+        self._wake = fut
+        timer = loop.call_later(timeout, _resolve, fut) if timeout is not None else None
+        try:
+            await fut
+        finally:
+            self._wake = None
+            if timer is not None:
+                timer.cancel()
+            if token is not None:
+                self.backend.unwatch(fut)
+
+    def _signal(self) -> None:
+        if self._wake is not None:
+            _resolve(self._wake)
+
+    def _count(self, outcomes: list[Outcome], stored: list[bool]) -> None:
+        for outcome, ok in zip(outcomes, stored):
+            if not ok:
+                log.warning(
+                    "task #%s: lost its claim before it finished (its lease expired and another "
+                    "worker took it over); this worker's outcome was discarded",
+                    outcome.seq,
+                )
+            elif outcome.status == FAILED:
+                self.failed += 1
+            self.processed += ok
+
+    # -- running one task --------------------------------------------------
+
+    def _launch(self, task: ClaimedTask) -> None:
+        running = _Running(task, self)
+        self._active[task.seq] = running
+        try:
+            func, args, kwargs = self.serializer.loads_call(task.func, task.args)
+        except SerializationError as exc:
+            self._finish(running, self._failure(running, exc, skip_frames=0))
+            return
+        context = contextvars.copy_context()
+        context.run(_current.set, running)
+        if self.capture_output:
+            running.output = CapturedOutput()
+            context.run(capture_into.set, running.output)
+        if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None)):
+            running.handle = context.run(self._loop.create_task, self._run_coroutine(running, func, args, kwargs))
+        else:
+            if self._threads is None:
+                self._threads = _Threads(self.max_concurrency, self.worker_id)
+            self._threads.submit(lambda: context.run(self._run_in_thread, running, func, args, kwargs))
+
+    async def _run_coroutine(self, running: _Running, func, args, kwargs) -> None:
+        try:
+            value = await func(*args, **kwargs)
+        except (Exception, SystemExit) as exc:
+            outcome = self._failure(running, exc)
+        else:
+            outcome = self._success(running, value)
+        self._finish(running, outcome)
+
+    def _run_in_thread(self, running: _Running, func, args, kwargs) -> None:
+        try:
+            value = func(*args, **kwargs)
+            if inspect.isawaitable(value):
+                value = asyncio.run(_awaited(value))
+        except (Exception, SystemExit) as exc:
+            outcome = self._failure(running, exc)
+        else:
+            outcome = self._success(running, value)
+        self._loop.call_soon_threadsafe(self._finish, running, outcome)
+
+    def _success(self, running: _Running, value: Any) -> Outcome:
+        try:
+            data = self.serializer.dumps_value(value)
+        except SerializationError as exc:
+            return self._failure(running, exc, skip_frames=0)
+        return self._outcome(running, SUCCESS, value=data)
+
+    def _failure(self, running: _Running, exc: BaseException, skip_frames: int = 1) -> Outcome:
+        tb = exc.__traceback__
+        for _ in range(skip_frames):  # drop sitq's own frame: the user's code comes first
+            if tb is not None:
+                tb = tb.tb_next
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+        message = str(exc)
+        error = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+        return self._outcome(running, FAILED, error=error, traceback=text)
+
+    def _outcome(self, running: _Running, status: str, **fields) -> Outcome:
+        output = running.output.text() if running.output is not None else None
+        task = running.task
+        return Outcome(task.seq, task.attempts, status, self.clock(), output=output, **fields)
+
+    def _finish(self, running: _Running, outcome: Outcome) -> None:
+        self._active.pop(running.task.seq, None)
+        self._progress_changed.discard(running)
+        self._outcomes.append(outcome)
+        self._signal()
+
+    # -- side tasks --------------------------------------------------------
+
+    async def _side_tasks(self) -> None:
+        """Store progress, renew leases, and requeue tasks whose worker died."""
+        backend = self.backend
+        loop = asyncio.get_running_loop()
+        renew_every = self.lease / 3
+        next_renew = next_sweep = loop.time()
+        while True:
+            try:
+                await self._flush_progress()
+                now = loop.time()
+                if now >= next_renew:
+                    next_renew = now + renew_every
+                    if self._active:
+                        await backend.renew(self.worker_id, self.clock() + self.lease)
+                if now >= next_sweep:
+                    next_sweep = now + renew_every
+                    requeued = await backend.requeue_expired(self.clock())
+                    if requeued:
+                        log.warning("requeued %d task(s) whose worker stopped renewing its lease", requeued)
+            except SitqError:
+                log.exception("worker %s: side task failed; trying again shortly", self.worker_id)
+            await asyncio.sleep(min(self.progress_interval, renew_every))
+
+    async def _flush_progress(self) -> None:
+        if not self._progress_changed:
+            return
+        changed, self._progress_changed = self._progress_changed, set()
+        rows = [(r.task.seq, r.task.attempts, *r.progress) for r in changed if r.progress is not None]
+        await self.backend.set_progress(self.worker_id, rows)
+
+
+class _Threads:
+    """A fixed set of threads for plain-function tasks, started on first use."""
+
+    def __init__(self, size: int, name: str) -> None:
+        self._jobs: thread_queue.SimpleQueue = thread_queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"sitq-{name}-{i}", daemon=True) for i in range(size)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+
+
+async def _awaited(awaitable):
+    return await awaitable
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
