@@ -159,4 +159,5 @@ class Outcome:
     value: Optional[bytes] = None
     error: Optional[str] = None
     traceback: Optional[str] = None
-    output: Optional[str] = field(default=None)
+    output: Optional[str] = None
+    progress: Optional[tuple] = field(default=None)  # the last (done, total, message) reported

@@ -56,12 +56,14 @@ def progress(done: float, total: Optional[float] = None, message: Optional[str] 
     the worker stores the latest value a few times a second. Outside a task
     it does nothing and returns False, so the function still runs on its own.
     """
+    for label, number in (("done", done), ("total", total)):
+        if (number is not None or label == "done") and (
+            isinstance(number, bool) or not isinstance(number, (int, float))
+        ):
+            raise InvalidTaskError(f"sitq.progress({label}=...) takes a number, not {type(number).__name__}")
     running = _current.get()
     if running is None:
         return False
-    for label, number in (("done", done), ("total", total)):
-        if number is not None and (isinstance(number, bool) or not isinstance(number, (int, float))):
-            raise InvalidTaskError(f"sitq.progress({label}=...) takes a number, not {type(number).__name__}")
     running.progress = (float(done), None if total is None else float(total), None if message is None else str(message))
     running.worker._progress_changed.add(running)
     return True
@@ -300,7 +302,7 @@ class Worker:
     def _outcome(self, running: _Running, status: str, **fields) -> Outcome:
         output = running.output.text() if running.output is not None else None
         task = running.task
-        return Outcome(task.seq, task.attempts, status, self.clock(), output=output, **fields)
+        return Outcome(task.seq, task.attempts, status, self.clock(), output=output, progress=running.progress, **fields)
 
     def _finish(self, running: _Running, outcome: Outcome) -> None:
         self._active.pop(running.task.seq, None)

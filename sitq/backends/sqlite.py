@@ -92,7 +92,9 @@ RETURNING seq, id, name, func, args, attempts
 
 FINISH_TASK = """
 UPDATE sitq_tasks
-SET status = ?, finished_at = ?, value = ?, error = ?, traceback = ?, output = ?, lease_until = NULL
+SET status = ?, finished_at = ?, value = ?, error = ?, traceback = ?, output = ?, lease_until = NULL,
+    progress_done = coalesce(?, progress_done), progress_total = coalesce(?, progress_total),
+    progress_message = coalesce(?, progress_message)
 WHERE seq = ? AND attempts = ? AND status = 'running' AND worker_id = ?
 """
 
@@ -129,6 +131,7 @@ SELECT_RECENT = f"SELECT {INFO_COLUMNS} FROM sitq_tasks ORDER BY seq DESC LIMIT 
 COUNT_BY_STATUS = "SELECT status, count(*) FROM sitq_tasks GROUP BY status"
 
 MEMORY = ":memory:"
+NO_PROGRESS = (None, None, None)
 
 
 class SQLiteBackend(Backend):
@@ -312,7 +315,8 @@ def _finish_and_claim(conn, worker_id, outcomes, limit, now, lease_until):
     stored = [
         conn.execute(
             FINISH_TASK,
-            (o.status, o.finished_at, o.value, o.error, o.traceback, o.output, o.seq, o.attempts, worker_id),
+            (o.status, o.finished_at, o.value, o.error, o.traceback, o.output, *(o.progress or NO_PROGRESS))
+            + (o.seq, o.attempts, worker_id),
         ).rowcount
         == 1
         for o in outcomes

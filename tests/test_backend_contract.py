@@ -1,0 +1,214 @@
+"""The storage contract, run against every backend.
+
+A new backend is done when it passes this module: add a factory to BACKENDS.
+"""
+
+import asyncio
+import time
+
+import pytest
+
+from sitq import SQLiteBackend
+from sitq.core import NewTask, Outcome
+from sitq.queue import new_task_id
+
+
+def _sqlite_file(tmp_path):
+    return SQLiteBackend(tmp_path / "contract.db")
+
+
+def _sqlite_memory(tmp_path):
+    return SQLiteBackend(":memory:")
+
+
+BACKENDS = {"sqlite-file": _sqlite_file, "sqlite-memory": _sqlite_memory}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def make_backend(request, tmp_path):
+    made = []
+
+    def make():
+        backend = BACKENDS[request.param](tmp_path)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        asyncio.run(backend.close())
+
+
+def new_tasks(count, now, eta=None, name="f"):
+    return [
+        NewTask(new_task_id(now), name, b"func", f"args{i}".encode(), now if eta is None else eta, now)
+        for i in range(count)
+    ]
+
+
+def test_enqueue_then_claim_returns_oldest_first_up_to_limit(make_backend, run):
+    async def go():
+        backend = make_backend()
+        await backend.connect()
+        now = time.time()
+        tasks = new_tasks(5, now)
+        await backend.enqueue(tasks)
+        claimed = await backend.claim("w1", 3, now, now + 30)
+        assert [c.task_id for c in claimed] == [t.task_id for t in tasks[:3]]
+        assert all(c.attempts == 1 and c.func == b"func" for c in claimed)
+        rest = await backend.claim("w2", 10, now, now + 30)
+        assert [c.task_id for c in rest] == [t.task_id for t in tasks[3:]]
+        assert await backend.claim("w3", 10, now, now + 30) == []
+
+    run(go())
+
+
+def test_claim_skips_tasks_whose_eta_has_not_come(make_backend, run):
+    async def go():
+        backend = make_backend()
+        now = time.time()
+        later = new_tasks(1, now, eta=now + 100)
+        await backend.enqueue(later)
+        assert await backend.claim("w", 5, now, now + 30) == []
+        assert await backend.next_eta() == pytest.approx(now + 100)
+        claimed = await backend.claim("w", 5, now + 101, now + 131)
+        assert [c.task_id for c in claimed] == [later[0].task_id]
+        assert await backend.next_eta() is None
+
+    run(go())
+
+
+def test_finish_is_guarded_by_the_claim(make_backend, run):
+    async def go():
+        backend = make_backend()
+        now = time.time()
+        (task,) = new_tasks(1, now)
+        await backend.enqueue([task])
+        (claimed,) = await backend.claim("w1", 1, now, now + 1)
+        # w1's lease expires; the task is requeued and w2 takes it over
+        assert await backend.requeue_expired(now + 2) == 1
+        (again,) = await backend.claim("w2", 1, now + 2, now + 30)
+        assert again.attempts == 2
+        late = Outcome(claimed.seq, claimed.attempts, "success", now + 3, value=b"late")
+        assert await backend.finish("w1", [late]) == [False]
+        mine = Outcome(again.seq, again.attempts, "failed", now + 4, error="E: x", traceback="tb")
+        assert await backend.finish("w2", [mine]) == [True]
+        result = await backend.fetch_result(task.task_id)
+        assert (result.status, result.value, result.error, result.attempts) == ("failed", None, "E: x", 2)
+        # a second finish of the same claim changes nothing
+        assert await backend.finish("w2", [mine]) == [False]
+
+    run(go())
+
+
+def test_finish_and_claim_does_both(make_backend, run):
+    async def go():
+        backend = make_backend()
+        now = time.time()
+        tasks = new_tasks(3, now)
+        await backend.enqueue(tasks)
+        (first,) = await backend.claim("w", 1, now, now + 30)
+        outcome = Outcome(first.seq, first.attempts, "success", now, value=b"v", output="printed")
+        stored, claimed = await backend.finish_and_claim("w", [outcome], 2, now, now + 30)
+        assert stored == [True]
+        assert [c.task_id for c in claimed] == [t.task_id for t in tasks[1:]]
+        result = await backend.fetch_result(first.task_id)
+        assert (result.status, result.value, result.output) == ("success", b"v", "printed")
+        assert result.finished_at is not None and result.finished_at.tzinfo is not None
+
+    run(go())
+
+
+def test_renew_extends_only_this_workers_leases(make_backend, run):
+    async def go():
+        backend = make_backend()
+        now = time.time()
+        await backend.enqueue(new_tasks(2, now))
+        await backend.claim("w1", 1, now, now + 1)
+        await backend.claim("w2", 1, now, now + 1)
+        assert await backend.renew("w1", now + 100) == 1
+        assert await backend.requeue_expired(now + 50) == 1  # only w2's
+        infos = await backend.overview(10)
+        assert infos.counts["running"] == 1 and infos.counts["pending"] == 1
+
+    run(go())
+
+
+def test_progress_is_stored_for_running_claims_only(make_backend, run):
+    async def go():
+        backend = make_backend()
+        now = time.time()
+        (task,) = new_tasks(1, now)
+        await backend.enqueue([task])
+        (claimed,) = await backend.claim("w", 1, now, now + 30)
+        await backend.set_progress("w", [(claimed.seq, claimed.attempts, 3.0, 10.0, "three")])
+        await backend.set_progress("other", [(claimed.seq, claimed.attempts, 9.0, 10.0, "not mine")])
+        info = (await backend.fetch_info([task.task_id]))[task.task_id]
+        assert (info.status, info.progress_done, info.progress_total, info.progress_message) == (
+            "running",
+            3.0,
+            10.0,
+            "three",
+        )
+
+    run(go())
+
+
+def test_lookups_of_unknown_ids(make_backend, run):
+    async def go():
+        backend = make_backend()
+        now = time.time()
+        (task,) = new_tasks(1, now)
+        await backend.enqueue([task])
+        assert await backend.fetch_result("nope") is None
+        infos = await backend.fetch_info([task.task_id, "nope"])
+        assert list(infos) == [task.task_id]
+        assert infos[task.task_id].status == "pending"
+        result = await backend.fetch_result(task.task_id)
+        assert result.status == "pending" and result.started_at is None
+
+    run(go())
+
+
+def test_overview_counts_every_state_and_lists_newest_first(make_backend, run):
+    async def go():
+        backend = make_backend()
+        now = time.time()
+        tasks = new_tasks(4, now)
+        await backend.enqueue(tasks)
+        (one,) = await backend.claim("w", 1, now, now + 30)
+        await backend.finish("w", [Outcome(one.seq, one.attempts, "success", now, value=b"1")])
+        await backend.claim("w", 1, now, now + 30)
+        overview = await backend.overview(2)
+        assert overview.counts == {"pending": 2, "running": 1, "success": 1, "failed": 0, "cancelled": 0}
+        assert [i.task_id for i in overview.recent] == [tasks[3].task_id, tasks[2].task_id]
+
+    run(go())
+
+
+def test_bulk_enqueue_is_one_transaction(make_backend, run):
+    async def go():
+        backend = make_backend()
+        now = time.time()
+        tasks = new_tasks(3, now)
+        duplicate = NewTask(tasks[0].task_id, "f", b"f", b"a", now, now)  # same id: the insert fails
+        with pytest.raises(Exception):
+            await backend.enqueue(tasks[1:] + [duplicate] + [tasks[0]])
+        assert (await backend.overview(10)).total == 0
+
+    run(go())
+
+
+def test_waiters_wake_on_a_write_in_this_process(make_backend, run):
+    async def go():
+        backend = make_backend()
+        await backend.connect()
+        token = backend.change_token
+        waiter = asyncio.ensure_future(backend.wait_for_change(token, 30))
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        await backend.enqueue(new_tasks(1, time.time()))
+        await asyncio.wait_for(waiter, 5)
+        # a stale token returns at once
+        await asyncio.wait_for(backend.wait_for_change(token, 30), 1)
+
+    run(go())
