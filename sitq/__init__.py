@@ -17,11 +17,14 @@ from sitq.errors import (
     InvalidTaskError,
     SchemaVersionError,
     SerializationError,
+    SignatureError,
     SitqError,
     TaskCancelledError,
     TaskFailedError,
     TaskNotFoundError,
+    TaskTimeoutError,
 )
+from sitq.options import Retry, Task, TaskOptions, task
 from sitq.queue import TaskQueue
 from sitq.serialization import CloudpickleSerializer, Serializer
 from sitq.sync import SyncTaskQueue
@@ -36,19 +39,25 @@ __all__ = [
     "InvalidTaskError",
     "QueueOverview",
     "Result",
+    "Retry",
     "SQLiteBackend",
     "SchemaVersionError",
     "SerializationError",
     "Serializer",
+    "SignatureError",
     "SitqError",
     "SyncTaskQueue",
+    "Task",
     "TaskCancelledError",
     "TaskFailedError",
     "TaskInfo",
     "TaskNotFoundError",
+    "TaskOptions",
     "TaskQueue",
+    "TaskTimeoutError",
     "Worker",
     "progress",
+    "task",
 ]
 
 

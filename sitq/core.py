@@ -134,6 +134,8 @@ class NewTask:
     args: bytes
     eta: float
     enqueued_at: float
+    max_attempts: int = 1
+    signature: Optional[bytes] = None
 
 
 @dataclass
@@ -145,12 +147,13 @@ class ClaimedTask:
     name: str
     func: bytes
     args: bytes
+    signature: Optional[bytes]
     attempts: int
 
 
 @dataclass
 class Outcome:
-    """What a worker reports for one claimed task."""
+    """What a worker reports for one claimed task. Status ``pending`` means: retry at ``retry_at``."""
 
     seq: int
     attempts: int
@@ -161,3 +164,4 @@ class Outcome:
     traceback: Optional[str] = None
     output: Optional[str] = None
     progress: Optional[tuple] = field(default=None)  # the last (done, total, message) reported
+    retry_at: Optional[float] = None

@@ -9,6 +9,8 @@ subclasses it, so callers can catch what they already know::
     │   └── SerializationError                     something could not be (un)pickled
     ├── BackendError                               the store cannot be opened or used
     │   └── SchemaVersionError                     the database was made by a newer sitq
+    ├── SignatureError                             a payload's signature is missing or wrong
+    ├── TaskTimeoutError (TimeoutError)            a task ran past its timeout
     ├── TaskNotFoundError (LookupError)            no task with that id (blocking façade)
     ├── TaskFailedError                            the task raised (blocking façade)
     └── TaskCancelledError                         the task was cancelled (blocking façade)
@@ -31,6 +33,8 @@ __all__ = [
     "SerializationError",
     "BackendError",
     "SchemaVersionError",
+    "SignatureError",
+    "TaskTimeoutError",
     "TaskNotFoundError",
     "TaskFailedError",
     "TaskCancelledError",
@@ -55,6 +59,14 @@ class BackendError(SitqError):
 
 class SchemaVersionError(BackendError):
     """The database was written by a newer version of sitq than this one."""
+
+
+class SignatureError(SitqError):
+    """A task's payload is not signed with the worker's key; it was not unpickled."""
+
+
+class TaskTimeoutError(SitqError, TimeoutError):
+    """A task ran longer than its ``timeout`` option allows."""
 
 
 class TaskNotFoundError(SitqError, LookupError):

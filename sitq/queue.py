@@ -12,7 +12,9 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from sitq.backends.base import Backend
 from sitq.core import CANCELLED, FAILED, FINISHED_STATES, NewTask, QueueOverview, Result, TaskInfo
 from sitq.errors import InvalidTaskError, SerializationError, TaskCancelledError, TaskFailedError
+from sitq.options import Task
 from sitq.serialization import CloudpickleSerializer, Serializer, describe_callable
+from sitq.signing import signer_from
 
 __all__ = ["TaskQueue", "new_task_id"]
 
@@ -27,6 +29,8 @@ class TaskQueue:
 
     The queue connects to its backend on first use. Use it as ``async with
     TaskQueue(...) as queue:`` or call ``await queue.close()`` when done.
+    With ``secret_key`` (or ``SITQ_SECRET_KEY`` in the environment) every
+    payload is signed, for workers that only run signed tasks.
     ``clock`` returns POSIX seconds; tests pass their own.
     """
 
@@ -35,6 +39,7 @@ class TaskQueue:
         backend: Backend,
         serializer: Optional[Serializer] = None,
         *,
+        secret_key: Optional[Any] = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not isinstance(backend, Backend):
@@ -44,6 +49,7 @@ class TaskQueue:
         self.backend = backend
         self.serializer = serializer or CloudpickleSerializer()
         self.clock = clock
+        self._signer = signer_from(secret_key)
         self._connected = False
 
     def __repr__(self) -> str:
@@ -73,22 +79,23 @@ class TaskQueue:
         """Store a call of ``func(*args, **kwargs)`` and return its task id.
 
         ``eta`` (a timezone-aware datetime, or a timedelta from now) delays the
-        start; it is the only keyword ``enqueue`` keeps for itself.
+        start; it is the only keyword ``enqueue`` keeps for itself. Task
+        options (name, retries, timeout) travel with the function: see
+        :func:`sitq.task`.
         """
         _check_callable(func)
         now = self.clock()
         start = _eta_seconds(eta, now)
-        task = NewTask(
-            task_id=new_task_id(now),
-            name=describe_callable(func),
-            func=self.serializer.dumps_function(func),
-            args=self.serializer.dumps_arguments(func, args, kwargs),
-            eta=start,
-            enqueued_at=now,
-        )
+        name, max_attempts = _describe(func)
+        func_bytes = self.serializer.dumps_function(func)
+        task = self._new_task(new_task_id(now), name, func_bytes, self.serializer.dumps_arguments(func, args, kwargs), start, now, max_attempts)
         backend = await self._ready()
         await backend.enqueue([task])
         return task.task_id
+
+    def _new_task(self, task_id, name, func, args, eta, now, max_attempts) -> NewTask:
+        signature = self._signer.sign(func, args) if self._signer is not None else None
+        return NewTask(task_id, name, func, args, eta, now, max_attempts, signature)
 
     async def map(self, func: Callable, *iterables: Iterable, eta: Any = None) -> list[str]:
         """Enqueue ``func(*items)`` for each item of ``zip(*iterables)``, in one transaction.
@@ -101,13 +108,16 @@ class TaskQueue:
             raise InvalidTaskError(f"map({describe_callable(func)}) needs at least one iterable of arguments")
         now = self.clock()
         start = _eta_seconds(eta, now)
-        name = describe_callable(func)
+        name, max_attempts = _describe(func)
         func_bytes = self.serializer.dumps_function(func)
         dumps_arguments = self.serializer.dumps_arguments
+        new_task = self._new_task
         no_kwargs: dict = {}
         prefix = f"{int(now * 1000):012x}"
         tasks = [
-            NewTask(prefix + secrets.token_hex(10), name, func_bytes, dumps_arguments(func, args, no_kwargs), start, now)
+            new_task(
+                prefix + secrets.token_hex(10), name, func_bytes, dumps_arguments(func, args, no_kwargs), start, now, max_attempts
+            )
             for args in zip(*iterables)
         ]
         if tasks:
@@ -164,6 +174,19 @@ class TaskQueue:
                 f"{type(exc).__name__}: {exc}; this process needs the modules the value's classes come from"
             ) from exc
 
+    async def cancel(self, task_id: str) -> Optional[str]:
+        """Cancel a task, and say what that did.
+
+        ``"cancelled"``: it was pending and will never run. ``"requested"``: it
+        is running; its worker cancels a coroutine at once, and for a function
+        in a thread it discards the outcome (the thread itself cannot be
+        stopped); either way the task ends as ``"cancelled"``. ``"finished"``:
+        it had already finished, and nothing changed. ``None``: no such task.
+        """
+        _check_task_id(task_id)
+        backend = await self._ready()
+        return await backend.cancel(task_id, self.clock())
+
     # -- state ---------------------------------------------------------------
 
     async def status(self, task_id: str) -> Optional[TaskInfo]:
@@ -196,6 +219,14 @@ def _check_callable(func: Any) -> None:
             f"enqueue needs a callable as its first argument, got {type(func).__name__} {func!r}; "
             "pass the function itself (f), not its result (f())"
         )
+
+
+def _describe(func: Callable) -> tuple[str, int]:
+    """The task's display name and how many attempts it gets."""
+    if isinstance(func, Task):
+        options = func.task_options
+        return options.name or describe_callable(func.func), options.max_attempts
+    return describe_callable(func), 1
 
 
 def _check_task_id(task_id: Any) -> None:

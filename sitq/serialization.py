@@ -11,7 +11,6 @@ so a remote traceback shows the lines that failed.
 
 from __future__ import annotations
 
-import copyreg
 import io
 import linecache
 import os
@@ -23,7 +22,7 @@ import cloudpickle
 
 from sitq.errors import SerializationError
 
-__all__ = ["Serializer", "CloudpickleSerializer", "ShippedSource", "describe_callable"]
+__all__ = ["Serializer", "CloudpickleSerializer", "describe_callable", "dumps_shipping_source", "loads_shipped"]
 
 
 def describe_callable(func: Callable) -> str:
@@ -95,8 +94,6 @@ class Serializer:
         """Rebuild ``(func, args, kwargs)`` in a worker."""
         try:
             fn = self.loads(func)
-            if isinstance(fn, ShippedSource):
-                fn = fn.install()
             call_args, call_kwargs = self.loads(args)
         except Exception as exc:
             raise SerializationError(
@@ -108,18 +105,18 @@ class Serializer:
 
 
 class ShippedSource:
-    """A function pickled by value, with the source lines of code that lives only in memory."""
+    """A pickled object with the source lines of code in it that lives only in memory."""
 
-    def __init__(self, func: Callable, sources: dict) -> None:
-        self.func = func
+    def __init__(self, obj: Any, sources: dict) -> None:
+        self.obj = obj
         self.sources = sources
 
-    def install(self) -> Callable:
-        """Make the source lines known to ``linecache`` here, for tracebacks, and return the function."""
+    def install(self) -> Any:
+        """Make the source lines known to ``linecache`` here, for tracebacks, and return the object."""
         for filename, lines in self.sources.items():
             if filename not in linecache.cache:
                 linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
-        return self.func
+        return self.obj
 
 
 _code_reduce = getattr(getattr(cloudpickle, "cloudpickle", None), "_code_reduce", None)
@@ -129,13 +126,13 @@ class _SourceKeepingPickler(cloudpickle.Pickler):
     """cloudpickle, but code objects keep their file name and note their in-memory source."""
 
     def __init__(self, file, protocol=None) -> None:
-        self.sources: dict[str, list] = {}
-        if _code_reduce is not None:  # the pickler reads its dispatch table once, in __init__
-            table = dict(copyreg.dispatch_table)
-            table.update(getattr(cloudpickle.Pickler, "dispatch_table", {}))
-            table[types.CodeType] = self._reduce_code
-            self.dispatch_table = table
         super().__init__(file, protocol=protocol)
+        self.sources: dict[str, list] = {}
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is types.CodeType and _code_reduce is not None:
+            return self._reduce_code(obj)
+        return super().reducer_override(obj)
 
     def _reduce_code(self, code: types.CodeType):
         rebuild, fields = _code_reduce(code)
@@ -147,7 +144,21 @@ class _SourceKeepingPickler(cloudpickle.Pickler):
         return rebuild, tuple(filename if field == "<dynamic-code>" else field for field in fields)
 
 
-def _dumps_keeping_sources(obj: Any) -> tuple[bytes, dict]:
+def dumps_shipping_source(obj: Any) -> bytes:
+    """cloudpickle ``obj`` so that the code in it keeps its file names and, for code that
+    exists only in memory (a notebook cell), its source lines; :func:`loads_shipped` undoes it."""
+    data, sources = _dumps(obj)
+    if sources:
+        data, _ = _dumps(ShippedSource(obj, sources))
+    return data
+
+
+def loads_shipped(data: bytes) -> Any:
+    obj = pickle.loads(data)
+    return obj.install() if isinstance(obj, ShippedSource) else obj
+
+
+def _dumps(obj: Any) -> tuple[bytes, dict]:
     buffer = io.BytesIO()
     pickler = _SourceKeepingPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
     pickler.dump(obj)
@@ -155,22 +166,13 @@ def _dumps_keeping_sources(obj: Any) -> tuple[bytes, dict]:
 
 
 class CloudpickleSerializer(Serializer):
-    """The default: cloudpickle out, the standard unpickler in."""
+    """The default: cloudpickle out (keeping in-memory source for tracebacks), pickle in."""
 
     def dumps(self, obj: Any) -> bytes:
-        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-
-    def dumps_function(self, func: Callable) -> bytes:
-        try:
-            data, sources = _dumps_keeping_sources(func)
-            if sources:
-                data, _ = _dumps_keeping_sources(ShippedSource(func, sources))
-            return data
-        except Exception:
-            return super().dumps_function(func)  # the same failure, explained
+        return dumps_shipping_source(obj)
 
     def loads(self, data: bytes) -> Any:
-        return pickle.loads(data)
+        return loads_shipped(data)
 
 
 def _short_repr(value: Any, limit: int = 60) -> str:

@@ -117,10 +117,11 @@ class SyncTaskQueue:
         backend: Backend,
         serializer: Optional[Serializer] = None,
         *,
+        secret_key: Optional[Any] = None,
         clock: Callable[[], float] = time.time,
         loop: Optional[LoopThread] = None,
     ) -> None:
-        self.queue = TaskQueue(backend, serializer, clock=clock)
+        self.queue = TaskQueue(backend, serializer, secret_key=secret_key, clock=clock)
         self._loop = loop or shared_loop()
 
     def __repr__(self) -> str:
@@ -155,6 +156,9 @@ class SyncTaskQueue:
         if await self.queue.status(task_id) is None:
             raise TaskNotFoundError(f"no task with id {task_id!r} in {self.queue.backend!r}")
         return None
+
+    def cancel(self, task_id: str) -> Optional[str]:
+        return self._loop.run(self.queue.cancel(task_id))
 
     def deserialize_result(self, result: Result) -> Any:
         return self.queue.deserialize_result(result)

@@ -11,6 +11,7 @@ task the worker owns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -25,14 +26,18 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from sitq.backends.base import Backend
-from sitq.core import FAILED, SUCCESS, ClaimedTask, Outcome
-from sitq.errors import InvalidTaskError, SerializationError, SitqError
+from sitq.core import CANCELLED, FAILED, PENDING, SUCCESS, ClaimedTask, Outcome
+from sitq.errors import InvalidTaskError, SerializationError, SignatureError, SitqError, TaskTimeoutError
+from sitq.options import Task, TaskOptions
 from sitq.output import CapturedOutput, OutputCapture, capture_into
 from sitq.serialization import CloudpickleSerializer, Serializer
+from sitq.signing import signer_from
 
 __all__ = ["Worker", "progress"]
 
 log = logging.getLogger(__name__)
+
+DEFAULT_OPTIONS = TaskOptions()
 
 
 @dataclass(eq=False)
@@ -41,12 +46,30 @@ class _Running:
 
     task: ClaimedTask
     worker: "Worker"
+    options: TaskOptions = DEFAULT_OPTIONS
     output: Optional[CapturedOutput] = None
     progress: Optional[tuple] = None
-    handle: Any = field(default=None, repr=False)
+    handle: Any = field(default=None, repr=False)  # the asyncio task of a coroutine
+    stop_reason: Optional[str] = None  # "timeout" or "cancel" once the worker stopped waiting for it
+    settled: bool = False  # its outcome is recorded; anything later is discarded
 
 
 _current: contextvars.ContextVar[Optional[_Running]] = contextvars.ContextVar("sitq_current_task", default=None)
+_reporter: contextvars.ContextVar[Optional[Callable]] = contextvars.ContextVar("sitq_progress_reporter", default=None)
+
+
+@contextlib.contextmanager
+def reporting_progress(report: Callable[[float, Optional[float], Optional[str]], None]):
+    """Within this block, :func:`progress` calls ``report(done, total, message)``.
+
+    For runners that execute a task's function somewhere else (another
+    process) and relay its progress back to the worker.
+    """
+    token = _reporter.set(report)
+    try:
+        yield
+    finally:
+        _reporter.reset(token)
 
 
 def progress(done: float, total: Optional[float] = None, message: Optional[str] = None) -> bool:
@@ -61,10 +84,15 @@ def progress(done: float, total: Optional[float] = None, message: Optional[str] 
             isinstance(number, bool) or not isinstance(number, (int, float))
         ):
             raise InvalidTaskError(f"sitq.progress({label}=...) takes a number, not {type(number).__name__}")
+    value = (float(done), None if total is None else float(total), None if message is None else str(message))
     running = _current.get()
     if running is None:
-        return False
-    running.progress = (float(done), None if total is None else float(total), None if message is None else str(message))
+        report = _reporter.get()
+        if report is None:
+            return False
+        report(*value)
+        return True
+    running.progress = value
     running.worker._progress_changed.add(running)
     return True
 
@@ -81,7 +109,9 @@ class Worker:
     holds a lease of ``lease`` seconds that the worker renews while the task
     runs; if the worker dies, the task becomes claimable again once the lease
     expires. With ``capture_output`` what a task prints is stored with its
-    result instead of going to this process's stdout and stderr.
+    result instead of going to this process's stdout and stderr. With
+    ``secret_key`` (or ``SITQ_SECRET_KEY``) the worker refuses every task whose
+    payload is not signed with that key, without unpickling it.
     """
 
     def __init__(
@@ -95,6 +125,7 @@ class Worker:
         lease: float = 60.0,
         progress_interval: float = 0.2,
         capture_output: bool = True,
+        secret_key: Optional[Any] = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not isinstance(backend, Backend):
@@ -114,6 +145,7 @@ class Worker:
         self.progress_interval = float(progress_interval)
         self.capture_output = capture_output
         self.clock = clock
+        self._signer = signer_from(secret_key)
         self.worker_id = f"{name or socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.processed = 0
         self.failed = 0
@@ -246,30 +278,40 @@ class Worker:
         running = _Running(task, self)
         self._active[task.seq] = running
         try:
+            if self._signer is not None:
+                self._signer.verify(task.func, task.args, task.signature)
             func, args, kwargs = self.serializer.loads_call(task.func, task.args)
-        except SerializationError as exc:
-            self._finish(running, self._failure(running, exc, skip_frames=0))
+        except (SignatureError, SerializationError) as exc:
+            self._settle(running, self._failure(running, exc, skip_frames=0))
             return
+        if isinstance(func, Task):
+            running.options, func = func.task_options, func.func
         context = contextvars.copy_context()
         context.run(_current.set, running)
         if self.capture_output:
             running.output = CapturedOutput()
             context.run(capture_into.set, running.output)
+        if running.options.timeout is not None:
+            self._loop.call_later(running.options.timeout, self._stop_task, running, "timeout")
         if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None)):
             running.handle = context.run(self._loop.create_task, self._run_coroutine(running, func, args, kwargs))
         else:
             if self._threads is None:
-                self._threads = _Threads(self.max_concurrency, self.worker_id)
+                self._threads = _Threads(self.worker_id)
             self._threads.submit(lambda: context.run(self._run_in_thread, running, func, args, kwargs))
 
     async def _run_coroutine(self, running: _Running, func, args, kwargs) -> None:
         try:
             value = await func(*args, **kwargs)
+        except asyncio.CancelledError:
+            if running.stop_reason is None:
+                raise  # not ours: let it propagate
+            outcome = self._stopped_outcome(running)
         except (Exception, SystemExit) as exc:
             outcome = self._failure(running, exc)
         else:
             outcome = self._success(running, value)
-        self._finish(running, outcome)
+        self._settle(running, outcome)
 
     def _run_in_thread(self, running: _Running, func, args, kwargs) -> None:
         try:
@@ -280,7 +322,28 @@ class Worker:
             outcome = self._failure(running, exc)
         else:
             outcome = self._success(running, value)
-        self._loop.call_soon_threadsafe(self._finish, running, outcome)
+        try:
+            self._loop.call_soon_threadsafe(self._settle, running, outcome)
+        except RuntimeError:
+            pass  # the worker stopped and its loop closed while this abandoned thread ran on
+
+    def _stop_task(self, running: _Running, reason: str) -> None:
+        """Stop waiting for a task (timeout or cancel): cancel a coroutine, abandon a thread."""
+        if running.settled or running.stop_reason is not None:
+            return
+        running.stop_reason = reason
+        if running.handle is not None:
+            running.handle.cancel()  # _run_coroutine records the outcome
+        else:
+            # A thread cannot be stopped: record the outcome now and discard whatever it returns later.
+            self._settle(running, self._stopped_outcome(running))
+
+    def _stopped_outcome(self, running: _Running) -> Outcome:
+        if running.stop_reason == "cancel":
+            return self._outcome(running, CANCELLED, error="cancelled while running")
+        timeout = running.options.timeout
+        exc = TaskTimeoutError(f"the task ran longer than its timeout of {timeout:g} s and was stopped")
+        return self._failure(running, exc, skip_frames=0)
 
     def _success(self, running: _Running, value: Any) -> Outcome:
         try:
@@ -294,9 +357,14 @@ class Worker:
         for _ in range(skip_frames):  # drop sitq's own frame: the user's code comes first
             if tb is not None:
                 tb = tb.tb_next
-        text = "".join(traceback.format_exception(type(exc), exc, tb))
+        while tb is not None and tb.tb_next is not None and tb.tb_frame.f_locals.get("__tracebackhide__"):
+            tb = tb.tb_next  # wrappers (notebook cells, process runners) hide themselves, as in pytest
+        text = "".join(traceback.format_exception(type(exc), exc, tb)) if tb is not None else None
         message = str(exc)
         error = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+        delay = running.options.retry_after(running.task.attempts, exc)
+        if delay is not None:
+            return self._outcome(running, PENDING, error=error, traceback=text, retry_at=self.clock() + delay)
         return self._outcome(running, FAILED, error=error, traceback=text)
 
     def _outcome(self, running: _Running, status: str, **fields) -> Outcome:
@@ -304,7 +372,10 @@ class Worker:
         task = running.task
         return Outcome(task.seq, task.attempts, status, self.clock(), output=output, progress=running.progress, **fields)
 
-    def _finish(self, running: _Running, outcome: Outcome) -> None:
+    def _settle(self, running: _Running, outcome: Outcome) -> None:
+        if running.settled:
+            return  # a thread that returned after its timeout or cancel: discard
+        running.settled = True
         self._active.pop(running.task.seq, None)
         self._progress_changed.discard(running)
         self._outcomes.append(outcome)
@@ -313,7 +384,7 @@ class Worker:
     # -- side tasks --------------------------------------------------------
 
     async def _side_tasks(self) -> None:
-        """Store progress, renew leases, and requeue tasks whose worker died."""
+        """Store progress, act on cancel requests, renew leases, and requeue tasks whose worker died."""
         backend = self.backend
         loop = asyncio.get_running_loop()
         renew_every = self.lease / 3
@@ -321,6 +392,10 @@ class Worker:
         while True:
             try:
                 await self._flush_progress()
+                if self._active:
+                    for seq in await backend.cancel_requests(self.worker_id):
+                        if seq in self._active:
+                            self._stop_task(self._active[seq], "cancel")
                 now = loop.time()
                 if now >= next_renew:
                     next_renew = now + renew_every
@@ -344,25 +419,39 @@ class Worker:
 
 
 class _Threads:
-    """A fixed set of threads for plain-function tasks, started on first use."""
+    """Threads for plain-function tasks, started as needed.
 
-    def __init__(self, size: int, name: str) -> None:
+    Normally there are at most ``max_concurrency`` of them. A thread whose
+    task timed out or was cancelled cannot be stopped; it is left to finish
+    and a new thread takes its place, so the worker keeps its concurrency.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
         self._jobs: thread_queue.SimpleQueue = thread_queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._serve, name=f"sitq-{name}-{i}", daemon=True) for i in range(size)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._count = 0
 
     def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+            else:
+                self._count += 1
+                threading.Thread(target=self._serve, name=f"sitq-{self._name}-{self._count}", daemon=True).start()
         self._jobs.put(job)
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
             job()
+            with self._lock:
+                self._idle += 1
 
     def shutdown(self) -> None:
-        for _ in self._threads:
+        with self._lock:
+            idle, self._idle = self._idle, 0
+        for _ in range(idle):
             self._jobs.put(None)
 
 

@@ -38,10 +38,11 @@ def unpicklable_value():
     return threading.Lock()
 
 
-def record(path, x):
+def record(path, x, pause=0.0):
     """Append this call to a file, one line per execution, to count how often tasks ran."""
     with open(path, "a") as f:
         f.write(f"{x} {os.getpid()}\n")
+    time.sleep(pause)
     return x
 
 

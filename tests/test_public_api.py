@@ -14,19 +14,25 @@ def test_public_names_are_pinned():
         "InvalidTaskError",
         "QueueOverview",
         "Result",
+        "Retry",
         "SQLiteBackend",
         "SchemaVersionError",
         "SerializationError",
         "Serializer",
+        "SignatureError",
         "SitqError",
         "SyncTaskQueue",
+        "Task",
         "TaskCancelledError",
         "TaskFailedError",
         "TaskInfo",
         "TaskNotFoundError",
+        "TaskOptions",
         "TaskQueue",
+        "TaskTimeoutError",
         "Worker",
         "progress",
+        "task",
     ]
     for name in sitq.__all__:
         assert getattr(sitq, name) is not None
@@ -34,7 +40,8 @@ def test_public_names_are_pinned():
 
 def test_errors_share_one_base_and_builtin_parents():
     for name in ("InvalidTaskError", "SerializationError", "BackendError", "SchemaVersionError",
-                 "TaskNotFoundError", "TaskFailedError", "TaskCancelledError"):
+                 "TaskNotFoundError", "TaskFailedError", "TaskCancelledError", "SignatureError",
+                 "TaskTimeoutError"):
         assert issubclass(getattr(sitq, name), sitq.SitqError)
     assert issubclass(sitq.InvalidTaskError, TypeError) and issubclass(sitq.InvalidTaskError, ValueError)
     assert issubclass(sitq.TaskNotFoundError, LookupError)

@@ -19,7 +19,8 @@ def test_worker_processes_drain_1000_tasks_exactly_once(tmp_path, processes, run
 
     async def enqueue():
         async with TaskQueue(SQLiteBackend(db)) as queue:
-            return await queue.map(taskfuncs.record, [str(log)] * 1000, range(1000))
+            # a few ms each, so that every process gets a share however fast the others start
+            return await queue.map(taskfuncs.record, [str(log)] * 1000, range(1000), [0.004] * 1000)
 
     ids = run(enqueue())
     workers = [

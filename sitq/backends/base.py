@@ -78,7 +78,21 @@ class Backend:
         raise NotImplementedError
 
     async def requeue_expired(self, now: float) -> int:
-        """Make running tasks whose lease has expired claimable again. Returns how many."""
+        """Deal with running tasks whose lease has expired. Returns how many.
+
+        Cancelled if a cancel was requested; failed if the task has lost its
+        worker too often; otherwise pending again, to be claimed anew.
+        """
+        raise NotImplementedError
+
+    async def cancel(self, task_id: str, now: float) -> Optional[str]:
+        """Cancel a task: ``"cancelled"`` (it was pending and never runs), ``"requested"``
+        (it is running; its worker will stop it), ``"finished"`` (nothing changed), or
+        None if there is no such task."""
+        raise NotImplementedError
+
+    async def cancel_requests(self, worker_id: str) -> list[int]:
+        """The seqs of this worker's running tasks that someone asked to cancel."""
         raise NotImplementedError
 
     async def set_progress(

@@ -54,6 +54,9 @@ CREATE TABLE sitq_tasks (
     status           TEXT    NOT NULL,
     func             BLOB    NOT NULL,
     args             BLOB    NOT NULL,
+    signature        BLOB,
+    max_attempts     INTEGER NOT NULL DEFAULT 1,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
     eta              REAL    NOT NULL,
     enqueued_at      REAL    NOT NULL,
     started_at       REAL,
@@ -75,8 +78,8 @@ CREATE INDEX sitq_tasks_status ON sitq_tasks (status);
 """
 
 INSERT_TASK = """
-INSERT INTO sitq_tasks (id, name, status, func, args, eta, enqueued_at)
-VALUES (?, ?, 'pending', ?, ?, ?, ?)
+INSERT INTO sitq_tasks (id, name, status, func, args, signature, max_attempts, eta, enqueued_at)
+VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?)
 """
 
 CLAIM_TASKS = """
@@ -87,7 +90,7 @@ WHERE seq IN (
     SELECT seq FROM sitq_tasks INDEXED BY sitq_tasks_ready
     WHERE status = 'pending' AND eta <= ? ORDER BY eta, seq LIMIT ?
 )
-RETURNING seq, id, name, func, args, attempts
+RETURNING seq, id, name, func, args, signature, attempts
 """
 
 FINISH_TASK = """
@@ -98,11 +101,44 @@ SET status = ?, finished_at = ?, value = ?, error = ?, traceback = ?, output = ?
 WHERE seq = ? AND attempts = ? AND status = 'running' AND worker_id = ?
 """
 
+RETRY_TASK = """
+UPDATE sitq_tasks
+SET status = 'pending', eta = ?, error = ?, traceback = ?, output = ?, worker_id = NULL, lease_until = NULL
+WHERE seq = ? AND attempts = ? AND status = 'running' AND worker_id = ?
+"""
+
+CANCEL_PENDING = """
+UPDATE sitq_tasks SET status = 'cancelled', finished_at = ? WHERE id = ? AND status = 'pending'
+"""
+
+REQUEST_CANCEL = """
+UPDATE sitq_tasks SET cancel_requested = 1 WHERE id = ? AND status = 'running'
+"""
+
+SELECT_CANCEL_REQUESTS = """
+SELECT seq FROM sitq_tasks WHERE worker_id = ? AND status = 'running' AND cancel_requested = 1
+"""
+
+TASK_EXISTS = "SELECT 1 FROM sitq_tasks WHERE id = ?"
+
 RENEW_LEASES = """
 UPDATE sitq_tasks SET lease_until = ? WHERE worker_id = ? AND status = 'running'
 """
 
-REQUEUE_EXPIRED = """
+# Tasks whose worker stopped renewing the lease: cancelled if that was asked for, failed
+# once they have been lost too often (a task that kills its worker must not loop), else
+# claimable again.
+EXPIRED_CANCELLED = """
+UPDATE sitq_tasks SET status = 'cancelled', finished_at = ?, lease_until = NULL
+WHERE status = 'running' AND lease_until < ? AND cancel_requested = 1
+"""
+
+EXPIRED_TOO_OFTEN = """
+UPDATE sitq_tasks SET status = 'failed', finished_at = ?, lease_until = NULL, error = ?, traceback = NULL
+WHERE status = 'running' AND lease_until < ? AND attempts >= max_attempts + ?
+"""
+
+EXPIRED_REQUEUED = """
 UPDATE sitq_tasks SET status = 'pending', worker_id = NULL, lease_until = NULL
 WHERE status = 'running' AND lease_until < ?
 """
@@ -131,6 +167,8 @@ SELECT_RECENT = f"SELECT {INFO_COLUMNS} FROM sitq_tasks ORDER BY seq DESC LIMIT 
 COUNT_BY_STATUS = "SELECT status, count(*) FROM sitq_tasks GROUP BY status"
 
 MEMORY = ":memory:"
+# How many times a task may lose its worker (beyond its retries) before it fails.
+LOST_WORKER_LIMIT = 5
 NO_PROGRESS = (None, None, None)
 
 
@@ -236,7 +274,7 @@ class SQLiteBackend(Backend):
     # -- producers ---------------------------------------------------------
 
     async def enqueue(self, tasks: Sequence[NewTask]) -> None:
-        rows = [(t.task_id, t.name, t.func, t.args, t.eta, t.enqueued_at) for t in tasks]
+        rows = [(t.task_id, t.name, t.func, t.args, t.signature, t.max_attempts, t.eta, t.enqueued_at) for t in tasks]
         await self._write(_insert, rows)
 
     # -- workers -----------------------------------------------------------
@@ -257,7 +295,13 @@ class SQLiteBackend(Backend):
         return await self._run(_execute_count, RENEW_LEASES, (lease_until, worker_id))
 
     async def requeue_expired(self, now):
-        return await self._write(_execute_count, REQUEUE_EXPIRED, (now,))
+        return await self._write(_requeue_expired, now)
+
+    async def cancel(self, task_id, now):
+        return await self._write(_cancel, task_id, now)
+
+    async def cancel_requests(self, worker_id):
+        return [row[0] for row in await self._run(_fetch_all, SELECT_CANCEL_REQUESTS, (worker_id,))]
 
     async def set_progress(self, worker_id, progress):
         rows = [(done, total, message, seq, attempts, worker_id) for seq, attempts, done, total, message in progress]
@@ -312,15 +356,7 @@ def _finish_and_claim(conn, worker_id, outcomes, limit, now, lease_until):
     batch = bool(outcomes) and limit > 0 or len(outcomes) > 1
     if batch:
         conn.execute("BEGIN IMMEDIATE")
-    stored = [
-        conn.execute(
-            FINISH_TASK,
-            (o.status, o.finished_at, o.value, o.error, o.traceback, o.output, *(o.progress or NO_PROGRESS))
-            + (o.seq, o.attempts, worker_id),
-        ).rowcount
-        == 1
-        for o in outcomes
-    ]
+    stored = [conn.execute(*_outcome_statement(o, worker_id)).rowcount == 1 for o in outcomes]
     claimed = []
     if limit > 0:
         rows = conn.execute(CLAIM_TASKS, (worker_id, now, lease_until, now, limit)).fetchall()
@@ -328,6 +364,45 @@ def _finish_and_claim(conn, worker_id, outcomes, limit, now, lease_until):
     if batch:
         conn.execute("COMMIT")
     return stored, claimed
+
+
+def _outcome_statement(o: Outcome, worker_id: str) -> tuple:
+    if o.status == PENDING:  # another attempt is due at o.retry_at
+        return RETRY_TASK, (o.retry_at, o.error, o.traceback, o.output, o.seq, o.attempts, worker_id)
+    progress = o.progress or NO_PROGRESS
+    return FINISH_TASK, (o.status, o.finished_at, o.value, o.error, o.traceback, o.output, *progress) + (
+        o.seq,
+        o.attempts,
+        worker_id,
+    )
+
+
+def _requeue_expired(conn, now) -> int:
+    lost = (
+        f"WorkerLostError: the worker running this task stopped renewing its lease too often "
+        f"(more than {LOST_WORKER_LIMIT} times beyond its retries); it may crash its worker, so "
+        "it is not run again"
+    )
+    conn.execute("BEGIN IMMEDIATE")
+    count = conn.execute(EXPIRED_CANCELLED, (now, now)).rowcount
+    count += conn.execute(EXPIRED_TOO_OFTEN, (now, lost, now, LOST_WORKER_LIMIT)).rowcount
+    count += conn.execute(EXPIRED_REQUEUED, (now,)).rowcount
+    conn.execute("COMMIT")
+    return count
+
+
+def _cancel(conn, task_id, now):
+    conn.execute("BEGIN IMMEDIATE")
+    if conn.execute(CANCEL_PENDING, (now, task_id)).rowcount:
+        state = "cancelled"
+    elif conn.execute(REQUEST_CANCEL, (task_id,)).rowcount:
+        state = "requested"
+    elif conn.execute(TASK_EXISTS, (task_id,)).fetchone():
+        state = "finished"
+    else:
+        state = None
+    conn.execute("COMMIT")
+    return state
 
 
 def _execute_count(conn, sql, params) -> int:

@@ -1,0 +1,126 @@
+"""Per-task options (name, retries, timeout), attached to the function, never to enqueue's keywords.
+
+``eta`` is the only keyword ``enqueue`` keeps for itself; everything else a
+task needs to know travels with the function::
+
+    @sitq.task(retries=3, timeout=60)
+    def fetch(url): ...
+
+    await queue.enqueue(fetch, "https://example.org")              # with the options
+    await queue.enqueue(fetch.options(timeout=5), "https://...")   # one call, other options
+    await queue.enqueue(sitq.task(len, name="length"), [1, 2, 3])  # wrap any callable
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import random
+from typing import Any, Callable, Optional
+
+from sitq.errors import InvalidTaskError
+
+__all__ = ["Retry", "Task", "TaskOptions", "task"]
+
+
+class Retry(Exception):
+    """Raise it in a task to ask for another attempt, after ``delay`` seconds if given.
+
+    The task's ``retries`` option bounds how many attempts it gets in all; when
+    none are left, the task fails with this exception as its error.
+    """
+
+    def __init__(self, reason: str = "the task asked to be retried", delay: Optional[float] = None) -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskOptions:
+    """How a task runs.
+
+    ``retries`` more attempts are made after a failure whose exception is an
+    instance of ``retry_on``, waiting ``retry_delay * backoff ** (attempt - 1)``
+    seconds (at most ``max_delay``; with ``jitter``, a random 50-100 % of it).
+    ``timeout`` bounds one attempt, in seconds.
+    """
+
+    name: Optional[str] = None
+    retries: int = 0
+    retry_delay: float = 1.0
+    backoff: float = 2.0
+    max_delay: float = 300.0
+    jitter: bool = True
+    retry_on: tuple = (Exception,)
+    timeout: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.name is not None and not isinstance(self.name, str):
+            raise InvalidTaskError(f"task name must be a string, not {type(self.name).__name__}")
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise InvalidTaskError(f"retries must be a whole number >= 0, not {self.retries!r}")
+        for label in ("retry_delay", "backoff", "max_delay"):
+            _check_seconds(label, getattr(self, label), allow_zero=True)
+        if self.timeout is not None:
+            _check_seconds("timeout", self.timeout, allow_zero=False)
+        retry_on = self.retry_on if isinstance(self.retry_on, tuple) else (self.retry_on,)
+        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on):
+            raise InvalidTaskError(f"retry_on takes exception classes, not {self.retry_on!r}")
+        object.__setattr__(self, "retry_on", retry_on)
+
+    @property
+    def max_attempts(self) -> int:
+        return self.retries + 1
+
+    def retry_after(self, attempt: int, exc: BaseException) -> Optional[float]:
+        """Seconds to wait before the next attempt, or None if the task should not be retried."""
+        if attempt >= self.max_attempts:
+            return None
+        if isinstance(exc, Retry):
+            if exc.delay is not None:
+                return exc.delay
+        elif not isinstance(exc, self.retry_on):
+            return None
+        delay = min(self.retry_delay * self.backoff ** (attempt - 1), self.max_delay)
+        return delay * (0.5 + random.random() / 2) if self.jitter else delay
+
+
+class Task:
+    """A function with :class:`TaskOptions` attached. Calling it calls the function."""
+
+    def __init__(self, func: Callable, options: TaskOptions) -> None:
+        if not callable(func):
+            raise InvalidTaskError(f"sitq.task() wraps a callable, not {type(func).__name__} {func!r}")
+        self.func = func
+        self.task_options = options
+        functools.update_wrapper(self, func)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(*args, **kwargs)
+
+    def options(self, **changes: Any) -> "Task":
+        """The same function with some options changed."""
+        return Task(self.func, dataclasses.replace(self.task_options, **changes))
+
+    def __repr__(self) -> str:
+        return f"<sitq.Task {getattr(self.func, '__qualname__', self.func)!s} {self.task_options}>"
+
+
+def task(func: Optional[Callable] = None, **options: Any):
+    """Attach task options to a function: ``task(f, retries=2)`` or ``@task(retries=2)``."""
+    try:
+        settings = TaskOptions(**options)
+    except TypeError as exc:
+        fields = ", ".join(f.name for f in dataclasses.fields(TaskOptions))
+        raise InvalidTaskError(f"{exc}; task options are: {fields}") from None
+    if func is None:
+        return lambda f: Task(f.func if isinstance(f, Task) else f, settings)
+    return Task(func.func if isinstance(func, Task) else func, settings)
+
+
+def _check_seconds(label: str, value: Any, allow_zero: bool) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise InvalidTaskError(f"{label} must be a number of seconds {bound}, not {value!r}")
