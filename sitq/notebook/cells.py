@@ -1,0 +1,79 @@
+"""A notebook cell's body as a task: what ``%%sitq`` enqueues.
+
+The body runs with a copy of the notebook variables it reads, taken when the
+cell ran; the value of its last expression is the task's result. ``await``
+works at the top level of the body. Neither IPython nor widgets are imported,
+so any worker can unpickle and run a cell task.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import builtins
+import linecache
+import re
+from typing import Any, Mapping
+
+__all__ = ["CellTask", "names_read"]
+
+_RESULT = "_sitq_cell_result_"
+# IPython's own variables; a cell task never needs them
+_SKIP = re.compile(r"^(_+|_i+\d*|_\d+|_[iod]h|In|Out|get_ipython|exit|quit)$")
+
+
+class CellTask:
+    """A picklable callable that runs a cell body in a fresh namespace.
+
+    The board shows it by ``name``, or as ``cell:`` and the body's first line.
+    """
+
+    def __init__(self, source: str, filename: str, name: str | None = None) -> None:
+        self.source = source
+        self.filename = filename
+        ast.parse(source, filename)  # a syntax error surfaces when the cell runs, not later
+        first = next((line.strip() for line in source.splitlines() if line.strip()), "")
+        # describe_callable() reads these, so the board names the cell by its first line
+        self.__qualname__ = name or "cell: " + (first if len(first) <= 40 else first[:39] + "…")
+        self.__module__ = "__main__"
+
+    def __repr__(self) -> str:
+        return f"<CellTask {self.__qualname__!r}>"
+
+    def __call__(self, namespace: Mapping[str, Any]) -> Any:
+        __tracebackhide__ = True  # noqa: F841 - remote tracebacks start at the cell's code
+        # Register the source so tracebacks show the cell's lines in this process.
+        lines = self.source.splitlines(keepends=True)
+        linecache.cache[self.filename] = (len(self.source), None, lines, self.filename)
+        scope = dict(namespace)
+        scope.setdefault("__builtins__", builtins)
+        scope.setdefault("__name__", "__main__")
+        tree = _with_result(ast.parse(self.source, self.filename))
+        code = compile(tree, self.filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        pending = eval(code, scope)  # a coroutine when the body awaits, else None
+        if pending is not None:
+            asyncio.run(_awaited(pending))  # runs on this worker thread's own loop
+        return scope.get(_RESULT)
+
+
+def names_read(source: str) -> set[str]:
+    """The names a body reads (a superset: every name it loads anywhere),
+    minus IPython's own history variables."""
+    tree = ast.parse(source)
+    names = {node.id for node in ast.walk(tree)
+             if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+    return {name for name in names if not _SKIP.match(name)}
+
+
+def _with_result(tree: ast.Module) -> ast.Module:
+    """Store the last expression's value, as a cell shows it."""
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = tree.body[-1]
+        tree.body[-1] = ast.copy_location(
+            ast.Assign(targets=[ast.Name(_RESULT, ast.Store())], value=last.value), last)
+        ast.fix_missing_locations(tree)
+    return tree
+
+
+async def _awaited(awaitable):
+    return await awaitable

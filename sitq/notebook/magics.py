@@ -1,0 +1,168 @@
+"""The ``%sitq`` line magic and the ``%%sitq`` cell magic (``%load_ext sitq``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments
+
+from sitq.errors import SitqError
+from sitq.notebook import runtime
+from sitq.notebook.cells import CellTask, names_read
+
+__all__ = ["SitqMagics"]
+
+
+@magic_arguments(name="%sitq start")
+@argument("path", nargs="?", default=None,
+          help=f"SQLite file for the tasks (default: {runtime.DEFAULT_PATH} in the working folder)")
+@argument("--concurrency", "-c", type=int, default=None, help="tasks run at once (default 4)")
+@argument("--processes", "-p", type=int, default=None,
+          help="run task functions in N processes, for CPU-bound work")
+def _start(args):
+    """Start the background worker in this kernel (again: does nothing)."""
+
+
+@magic_arguments(name="%sitq stop")
+@argument("--timeout", type=float, default=None, help="seconds to wait for running tasks")
+def _stop(args):
+    """Stop the worker; running tasks finish first."""
+
+
+@magic_arguments(name="%sitq status")
+@argument("--limit", "-n", type=int, default=20, help="how many recent tasks to list")
+def _status(args):
+    """Show the live status board of the queue."""
+
+
+@magic_arguments(name="%sitq result")
+@argument("task_id", metavar="TASK_ID")
+def _result(args):
+    """Show a task's result (or live state), also one from before a kernel restart."""
+
+
+@magic_arguments(name="%sitq cancel")
+@argument("task_id", metavar="TASK_ID")
+def _cancel(args):
+    """Cancel a pending or running task."""
+
+
+@magic_arguments(name="%%sitq")
+@argument("-o", "--output", metavar="NAME", default=None, help="store the task's handle in NAME")
+@argument("--name", default=None, help="the task's name on the board (default: the first line)")
+@argument("--delay", type=float, default=None, metavar="SECONDS", help="start no sooner than this")
+def _cell(args):
+    """Run the body of the cell as a background task and show its handle."""
+
+
+_COMMANDS = {"start": _start, "stop": _stop, "status": _status, "result": _result,
+             "cancel": _cancel}
+_PARSERS = {name: func.parser for name, func in _COMMANDS.items()}
+_CELL_PARSER = _cell.parser
+
+
+@magics_class
+class SitqMagics(Magics):
+    @line_cell_magic
+    def sitq(self, line: str, cell: str | None = None):
+        if cell is not None:
+            return self._run_cell(_parse(_CELL_PARSER, line), cell)
+        command, _, rest = line.strip().partition(" ")
+        if command not in _COMMANDS:
+            raise UsageError(f"%sitq: unknown command {command!r}; use one of "
+                             f"{', '.join(_COMMANDS)} (%sitq? for help)" if command else
+                             f"%sitq needs a command: {', '.join(_COMMANDS)} (%sitq? for help)")
+        args = _parse(_PARSERS[command], rest)
+        try:
+            return getattr(self, f"_{command}")(args)
+        except SitqError as exc:
+            raise UsageError(f"%sitq {command}: {exc}") from exc
+
+    def _start(self, args):
+        for label in ("concurrency", "processes"):
+            value = getattr(args, label)
+            if value is not None and value < 1:
+                raise UsageError(f"%sitq start: --{label} must be 1 or more, not {value}")
+        return runtime.start_worker(args.path, args.concurrency, args.processes)
+
+    def _stop(self, args):
+        if not runtime.stop_worker(args.timeout):
+            print("sitq: no worker was running")
+
+    def _status(self, args):
+        return runtime.board(args.limit)
+
+    def _result(self, args):
+        return runtime.task(args.task_id)
+
+    def _cancel(self, args):
+        rt = runtime.current()
+        if not rt.can_cancel():
+            raise UsageError("%sitq cancel: this version of sitq cannot cancel tasks yet")
+        outcome = rt.cancel(args.task_id)
+        if outcome is None:
+            raise UsageError(f"%sitq cancel: no task with id {args.task_id!r} in {rt.path}")
+        print(f"sitq: task {args.task_id} {_CANCELLED.get(outcome, outcome)}")
+
+    def _run_cell(self, args, body: str):
+        if not body.strip():
+            raise UsageError("%%sitq: the cell is empty; put the code to run below the %%sitq line")
+        try:
+            rt = runtime.current()
+            names = names_read(body)
+        except SitqError as exc:
+            raise UsageError(f"%%sitq: {exc}") from exc
+        except SyntaxError as exc:
+            raise UsageError(f"%%sitq: the cell does not parse: {exc}") from exc
+        user_ns = self.shell.user_ns
+        namespace = {name: user_ns[name] for name in names if name in user_ns}
+        task = CellTask(body, f"<sitq cell {self.shell.execution_count}>", args.name)
+        eta = dt.timedelta(seconds=args.delay) if args.delay else None
+        try:
+            handle = rt.enqueue(task, namespace, eta=eta)
+        except SitqError as exc:
+            raise UsageError(f"%%sitq: {_unpicklable(namespace) or exc}") from exc
+        if args.output:
+            user_ns[args.output] = handle
+        return handle
+
+
+_CANCELLED = {
+    "cancelled": "cancelled before it started",
+    "requested": "is running; cancellation requested (a coroutine stops at once, "
+                 "a function's result will be discarded)",
+    "finished": "had already finished; nothing changed",
+}
+
+
+def _parse(parser, argstring: str):
+    try:
+        return parser.parse_argstring(argstring)
+    except UsageError as exc:
+        raise UsageError(f"{parser.prog}: {exc}; usage: {parser.format_usage().strip()[7:]}") from None
+    except ValueError as exc:  # unbalanced quotes
+        raise UsageError(f"{parser.prog}: {exc}") from None
+
+
+def _unpicklable(namespace: dict) -> str | None:
+    """Name the first variable that cannot travel to the worker."""
+    import cloudpickle
+
+    for name, value in namespace.items():
+        try:
+            cloudpickle.dumps(value)
+        except Exception as exc:
+            return (f"the cell reads {name!r}, a {type(value).__name__} that cannot be sent to "
+                    f"the worker ({exc}); create it inside the cell instead")
+    return None
+
+
+SitqMagics.sitq.__doc__ = "\n".join(
+    ["Run and watch background tasks with sitq.", "",
+     "Line magic: %sitq COMMAND [options]", ""]
+    + [f"{func.__doc__.strip()}\n" for func in _COMMANDS.values()]
+    + ["Cell magic:", _cell.__doc__.strip(), "",
+       "Variables the body reads are copied from the notebook when the cell runs; the value",
+       "of the last expression is the task's result."])

@@ -1,0 +1,222 @@
+"""How tasks, results and the queue are drawn as HTML (and tracebacks with rich).
+
+Only the standard library and rich (a core dependency) are imported here, so
+``Result._repr_html_`` works in any frontend without IPython's extension.
+Every user string is escaped. Colours come from JupyterLab's CSS variables
+with fallbacks, and the traceback palette is mid-tone on a transparent
+background, so light and dark themes both read well.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from typing import Any, Iterable, Mapping, Optional
+
+from sitq.notebook.rows import TaskRow, format_seconds, load_value, short_repr, task_row
+
+__all__ = [
+    "STATE_COLOURS",
+    "state_badge",
+    "progress_html",
+    "task_html",
+    "board_html",
+    "table_html",
+    "counts_html",
+    "result_html",
+    "traceback_html",
+    "output_html",
+]
+
+STATE_COLOURS = {
+    "pending": "var(--jp-ui-font-color2, #757575)",
+    "running": "var(--jp-brand-color1, #1976d2)",
+    "success": "var(--jp-success-color1, #388e3c)",
+    "failed": "var(--jp-error-color1, #d32f2f)",
+    "cancelled": "var(--jp-warn-color1, #f57c00)",
+}
+_FONT = "font-family: var(--jp-ui-font-family, sans-serif); font-size: var(--jp-ui-font-size1, 13px);"
+_MONO = "font-family: var(--jp-code-font-family, monospace); font-size: var(--jp-code-font-size, 13px);"
+_MUTED = "color: var(--jp-ui-font-color2, #757575);"
+_BORDER = "var(--jp-border-color2, #e0e0e0)"
+_PRE = (
+    f"{_MONO} white-space: pre; overflow-x: auto; line-height: normal; margin: 4px 0;"
+    f" padding: 4px 6px; border-left: 3px solid {{colour}}; background: transparent;"
+)
+MAX_OUTPUT_CHARS = 20_000  # what a result shows of a task's output
+MAX_TRACEBACK_LINES = 400
+e = html.escape
+
+
+def state_badge(status: str) -> str:
+    colour = STATE_COLOURS.get(status, STATE_COLOURS["pending"])
+    return (f'<span class="sitq-state sitq-{e(status)}" style="color: {colour};'
+            f' font-weight: 600;">{e(status)}</span>')
+
+
+def progress_html(fraction: Optional[float], width: str = "8em") -> str:
+    """A small static bar (the board's table); live bars are widgets."""
+    if fraction is None:
+        return ""
+    pct = f"{fraction * 100:.1f}"
+    return (f'<span class="sitq-bar" title="{pct}%" style="display: inline-block; width: {width};'
+            f' height: 0.7em; vertical-align: middle; background: var(--jp-layout-color3, #ddd);'
+            f' border-radius: 2px; overflow: hidden;"><span style="display: block; height: 100%;'
+            f' width: {pct}%; background: {STATE_COLOURS["running"]};"></span></span>')
+
+
+def task_html(row: TaskRow) -> str:
+    """One line: state, name, id, timing and progress text."""
+    bits = [state_badge(row.status), f"<b>{e(row.name)}</b>",
+            f'<code class="sitq-id" style="{_MUTED}">{e(row.task_id)}</code>']
+    for extra in (row.timing_text, row.progress_text):
+        if extra:
+            bits.append(f'<span style="{_MUTED}">{e(extra)}</span>')
+    if row.attempts > 1:
+        bits.append(f'<span style="{_MUTED}">attempt {row.attempts}</span>')
+    return f'<span class="sitq-task" style="{_FONT}">{" ".join(bits)}</span>'
+
+
+def counts_html(counts: Mapping[str, int]) -> str:
+    pills = []
+    for status in STATE_COLOURS:
+        n = int(counts.get(status, 0))
+        pills.append(f'<span class="sitq-count" data-state="{status}" style="margin-right: 1em;">'
+                     f'{state_badge(status)} <b class="sitq-n">{n}</b></span>')
+    return f'<div class="sitq-counts" style="{_FONT} margin: 2px 0 6px 0;">{" ".join(pills)}</div>'
+
+
+def table_html(rows: Iterable[TaskRow]) -> str:
+    """A table of tasks: id, name, state, attempts, time and progress."""
+    cell = f'style="padding: 2px 8px; text-align: left; border-bottom: 1px solid {_BORDER};"'
+    head = "".join(f"<th {cell}>{h}</th>" for h in
+                   ("task", "name", "state", "attempts", "time", "progress"))
+    body = []
+    for row in rows:
+        body.append(
+            f'<tr class="sitq-row" data-task-id="{e(row.task_id)}" data-state="{e(row.status)}">'
+            f'<td {cell}><code>{e(row.task_id)}</code></td><td {cell}>{e(row.name)}</td>'
+            f"<td {cell}>{state_badge(row.status)}</td><td {cell}>{row.attempts}</td>"
+            f"<td {cell}>{e(row.timing_text)}</td><td {cell}>{_progress_cell(row)}</td></tr>")
+    if not body:
+        body.append(f'<tr><td colspan="6" {cell}><i style="{_MUTED}">no tasks yet</i></td></tr>')
+    return (f'<table class="sitq-table" style="{_FONT} border-collapse: collapse;">'
+            f'<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
+
+
+def _progress_cell(row: TaskRow) -> str:
+    """A bar while the task runs; where it stopped if it failed; nothing once it succeeded."""
+    if row.status == "running":
+        return f"{progress_html(row.fraction)} {e(row.progress_text)}"
+    return "" if row.status == "success" else e(row.progress_text)
+
+
+def board_html(counts: Mapping[str, int], rows: Iterable[TaskRow]) -> str:
+    """A still picture of the board: counts per state and recent tasks."""
+    return f'<div class="sitq-board-view">{counts_html(counts)}{table_html(rows)}</div>'
+
+
+def result_html(result: Any) -> str:
+    """A finished task: state, timings, a short repr of the value, the remote
+    traceback of a failure, and what the task printed."""
+    row = task_row(result)
+    times = [f"enqueued {result.enqueued_at.astimezone():%H:%M:%S}"]
+    if result.started_at is not None:
+        times.append(f"waited {format_seconds((result.started_at - result.enqueued_at).total_seconds())}")
+    if row.elapsed is not None:
+        times.append(f"ran {format_seconds(row.elapsed)}")
+    if result.attempts > 1:
+        times.append(f"{result.attempts} attempts")
+    parts = [f'<div style="{_FONT}">{state_badge(row.status)} <b>{e(row.name)}</b> '
+             f'<code class="sitq-id" style="{_MUTED}">{e(row.task_id)}</code> '
+             f'<span style="{_MUTED}">{e(" · ".join(times))}</span></div>']
+    if result.status == "success":
+        parts.append(f'<pre class="sitq-value" style="{_PRE.format(colour=STATE_COLOURS["success"])}">'
+                     f"{e(_value_repr(result))}</pre>")
+    elif result.traceback:
+        parts.append(traceback_html(result.traceback))
+    elif result.error:
+        parts.append(f'<pre class="sitq-error" style="{_PRE.format(colour=STATE_COLOURS["failed"])}">'
+                     f"{e(result.error)}</pre>")
+    if result.output:
+        parts.append(output_html(result.output))
+    return f'<div class="sitq-result" data-state="{e(result.status)}">{"".join(parts)}</div>'
+
+
+def output_html(text: str) -> str:
+    """What a task printed, in a muted box under its result (the end of it, if long)."""
+    label = "output"
+    if len(text) > MAX_OUTPUT_CHARS:
+        label = (f"output, last {MAX_OUTPUT_CHARS:,} of {len(text):,} characters "
+                 "(the result's .output has all)")
+        text = text[-MAX_OUTPUT_CHARS:]
+    return (f'<div class="sitq-output-label" style="{_FONT} {_MUTED}">{label}</div>'
+            f'<pre class="sitq-output" style="{_PRE.format(colour=_BORDER)}">{e(text)}</pre>')
+
+
+def traceback_html(traceback: str, width: int = 100) -> str:
+    """A remote traceback (plain text, as the worker stored it), highlighted by
+    rich with pygments' traceback lexer, as a ``<pre class="sitq-traceback">``."""
+    from rich.console import Console
+    from rich.syntax import Syntax
+
+    # force_jupyter=False: inside a kernel rich would otherwise ignore file=
+    # and display every print() itself
+    console = Console(record=True, width=width, file=io.StringIO(), color_system="truecolor",
+                      force_jupyter=False, force_terminal=True)
+    lines = traceback.rstrip("\n").splitlines()
+    if len(lines) > MAX_TRACEBACK_LINES:  # e.g. a RecursionError: keep both ends
+        head, tail = MAX_TRACEBACK_LINES // 4, MAX_TRACEBACK_LINES * 3 // 4
+        skipped = len(lines) - head - tail
+        lines = lines[:head] + [f"    ... {skipped} lines not shown ..."] + lines[-tail:]
+    console.print(Syntax("\n".join(lines), "pytb", theme=_traceback_theme(),
+                         word_wrap=True))
+    # line-height: normal as in rich's own Jupyter format, or lines show gaps
+    pre = _PRE.format(colour=STATE_COLOURS["failed"]).replace("{", "{{").replace("}", "}}")
+    return console.export_html(inline_styles=True, code_format=(
+        f'<pre class="sitq-traceback" style="{pre}">{{code}}</pre>'))
+
+
+_THEME = None
+
+
+def _traceback_theme():
+    """Mid-tone colours and no background: readable on white and on near-black.
+    Unstyled text gets no colour at all, so it inherits the theme's."""
+    global _THEME
+    if _THEME is None:
+        from pygments.token import Comment, Error, Generic, Keyword, Name, Number, String
+        from rich.style import Style
+        from rich.syntax import SyntaxTheme
+
+        palette = {
+            Generic.Traceback: Style(color="#d9534f", bold=True),
+            Generic.Error: Style(color="#d9534f", bold=True),
+            Error: Style(color="#d9534f"),
+            Name.Builtin: Style(color="#3b8fd9"),
+            Number: Style(color="#c0862b"),
+            Keyword: Style(color="#a46ad1"),
+            String: Style(color="#3a9a5b"),
+            Comment: Style(color="#8a8a8a", italic=True),
+        }
+
+        class TracebackTheme(SyntaxTheme):
+            def get_style_for_token(self, token_type):
+                while token_type is not None:
+                    if token_type in palette:
+                        return palette[token_type]
+                    token_type = token_type.parent
+                return Style()
+
+            def get_background_style(self):
+                return Style()
+
+        _THEME = TracebackTheme()
+    return _THEME
+
+
+def _value_repr(result: Any) -> str:
+    try:
+        return short_repr(load_value(result))
+    except Exception as exc:  # e.g. the value's class is not importable here
+        return f"<value cannot be loaded here: {type(exc).__name__}: {exc}>"

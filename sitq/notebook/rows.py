@@ -1,0 +1,142 @@
+"""What a task looks like right now, as a plain row for every view to draw.
+
+The views (HTML in render.py, live widgets in widgets.py, one-line text) only
+draw :class:`TaskRow`; they never look at records from the store themselves.
+A row is built from a ``TaskInfo`` or a ``Result``; both have the fields read
+here, and a ``Result`` simply has no progress.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import pickle
+import reprlib
+from dataclasses import dataclass
+from typing import Any, Optional
+
+__all__ = ["TaskRow", "task_row", "short_repr", "load_value", "format_seconds"]
+
+_short = reprlib.Repr()
+_short.maxstring = 80
+_short.maxother = 80
+_short.maxlist = _short.maxtuple = _short.maxset = _short.maxdict = 8
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """One task, as drawn: every field is ready to show (no I/O, no pickles).
+
+    ``elapsed`` is seconds since the task started (running) or its run time
+    (finished); ``wait`` is seconds until a pending task is due (negative when
+    it is overdue). ``fraction`` is progress in [0, 1] when a total is known.
+    """
+
+    task_id: str
+    name: str
+    status: str
+    attempts: int = 0
+    elapsed: Optional[float] = None
+    wait: Optional[float] = None
+    progress_done: Optional[float] = None
+    progress_total: Optional[float] = None
+    progress_message: Optional[str] = None
+    error: Optional[str] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("success", "failed", "cancelled")
+
+    @property
+    def fraction(self) -> Optional[float]:
+        if self.progress_done is None or not self.progress_total:
+            return None
+        return max(0.0, min(1.0, self.progress_done / self.progress_total))
+
+    @property
+    def progress_text(self) -> str:
+        """``"3/10 loading"``, ``"3 loading"`` or ``""`` when nothing was reported."""
+        if self.progress_done is None and not self.progress_message:
+            return ""
+        parts = []
+        if self.progress_done is not None:
+            done = _number(self.progress_done)
+            parts.append(f"{done}/{_number(self.progress_total)}" if self.progress_total else done)
+        if self.progress_message:
+            parts.append(self.progress_message)
+        return " ".join(parts)
+
+    @property
+    def timing_text(self) -> str:
+        """``"2.5s"`` while running or after, ``"due in 4s"`` for a delayed task."""
+        if self.elapsed is not None:
+            return format_seconds(self.elapsed)
+        if self.status == "pending" and self.wait is not None and self.wait > 0.5:
+            return f"due in {format_seconds(self.wait)}"
+        return ""
+
+    def line(self) -> str:
+        """The row as one line of text."""
+        bits = [self.task_id, self.name, self.status]
+        for extra in (self.progress_text, self.timing_text):
+            if extra:
+                bits.append(extra)
+        if self.error:
+            bits.append(self.error)
+        return " ".join(bits)
+
+
+def task_row(record: Any, now: Optional[dt.datetime] = None) -> TaskRow:
+    """Build a row from a ``TaskInfo`` or ``Result`` (duck-typed)."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    started = getattr(record, "started_at", None)
+    finished = getattr(record, "finished_at", None)
+    elapsed = None
+    if started is not None:
+        elapsed = max(0.0, ((finished or now) - started).total_seconds())
+    eta = getattr(record, "eta", None)
+    wait = (eta - now).total_seconds() if eta is not None and started is None else None
+    return TaskRow(
+        task_id=record.task_id,
+        name=record.name,
+        status=record.status,
+        attempts=getattr(record, "attempts", 0),
+        elapsed=elapsed,
+        wait=wait,
+        progress_done=getattr(record, "progress_done", None),
+        progress_total=getattr(record, "progress_total", None),
+        progress_message=getattr(record, "progress_message", None),
+        error=getattr(record, "error", None),
+    )
+
+
+def load_value(result: Any) -> Any:
+    """Unpickle a successful result's value (the store keeps bytes)."""
+    return None if result.value is None else pickle.loads(result.value)
+
+
+def short_repr(value: Any) -> str:
+    """A one-line repr of at most about 80 characters, never raising."""
+    try:
+        text = _short.repr(value)
+    except Exception as exc:  # a user's __repr__ may raise anything
+        text = f"<{type(value).__name__} (repr failed: {exc})>"
+    return " ".join(text.split())
+
+
+def format_seconds(seconds: float) -> str:
+    """``0.42s``, ``12.3s``, ``4m05s``, ``2h03m``: short, and precise where it matters."""
+    if seconds < 10:
+        return f"{seconds:.2f}s" if seconds < 1 else f"{seconds:.1f}s"
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def _number(value: Optional[float]) -> str:
+    if value is None:
+        return "?"
+    return str(int(value)) if float(value).is_integer() else f"{value:.3g}"

@@ -1,0 +1,272 @@
+"""The kernel's own sitq: a queue, a worker and live views on one loop thread.
+
+A cell runs inside the kernel's event loop, so the worker cannot share it: it
+would stop whenever a cell blocks. The runtime runs the queue, the worker and
+the refresher of live widgets on a :class:`sitq.sync.LoopThread` of its own,
+and cells talk to it with ``LoopThread.run``/``submit``. Nothing global is
+patched. There is at most one runtime per kernel; starting it twice with the
+same settings returns the running one, and it stops at ``stop_worker()``,
+``%sitq stop`` and interpreter exit (kernel shutdown or restart).
+
+This module imports neither IPython nor ipywidgets: widgets are imported
+when something is displayed, so headless code can use it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import contextvars
+import logging
+import os
+import threading
+from typing import Any, Callable, Optional
+
+from sitq.backends.sqlite import SQLiteBackend
+from sitq.errors import SitqError, TaskNotFoundError
+from sitq.notebook.handle import TaskHandle
+from sitq.notebook.refresher import Refresher
+from sitq.queue import TaskQueue
+from sitq.serialization import describe_callable
+from sitq.sync import LoopThread
+from sitq.worker import Worker
+
+__all__ = ["Runtime", "start_worker", "stop_worker", "current", "submit", "task", "board",
+           "DEFAULT_PATH"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATH = "sitq.db"
+_runtime: Optional["Runtime"] = None
+_lock = threading.Lock()
+
+
+class Runtime:
+    """A queue on a SQLite file, the worker that runs its tasks in this kernel,
+    and the refresher that keeps task widgets and boards live.
+
+    ``concurrency`` tasks run at once (threads for plain functions, the loop for
+    coroutines). With ``processes=N`` the functions submitted from the notebook
+    run in a pool of N processes instead, so N CPU-bound tasks use N cores.
+    """
+
+    def __init__(self, path: str | os.PathLike = DEFAULT_PATH, concurrency: Optional[int] = None,
+                 processes: Optional[int] = None, poll_interval: float = 1.0) -> None:
+        self.backend = SQLiteBackend(path)
+        self.path = self.backend.path
+        self.processes = processes or 0
+        self.concurrency = concurrency or max(self.processes, 4)
+        self.loop = LoopThread(name="sitq-notebook")
+        self.queue = TaskQueue(self.backend)
+        self.worker = Worker(self.backend, max_concurrency=self.concurrency,
+                             poll_interval=poll_interval, name="notebook", capture_output=True)
+        self.pool = None
+        self.refresher = Refresher(self.queue, self.loop)
+        self.stopped = False
+        self._tasks: list = []
+
+    def __repr__(self) -> str:
+        mode = f"processes={self.processes}" if self.processes else f"concurrency={self.concurrency}"
+        state = "running" if self._tasks else "stopped"
+        return f"<sitq notebook worker {state} on {self.path} {mode}>"
+
+    def matches(self, path, concurrency, processes) -> bool:
+        """Whether asking for these settings means this runtime (None: any)."""
+        return ((path is None or SQLiteBackend(path).path == self.path)
+                and (concurrency is None or concurrency == self.concurrency)
+                and (processes is None or processes == self.processes))
+
+    def start(self) -> None:
+        self.loop.run(self.backend.connect())  # a bad path fails here, in the user's cell
+        if self.processes:
+            from sitq.notebook.processes import ProcessPool
+            self.pool = ProcessPool(self.processes)
+        # The worker's task inherits this cell's context, so anything it prints
+        # outside a task stays in the cell that started it. The refresher starts
+        # in an empty context: ipykernel then sends its widget updates with the
+        # running cell as parent, which nbclient needs to record them.
+        self._tasks = [self.loop.submit(self.worker.start()),
+                       contextvars.Context().run(self.loop.submit, self.refresher.run())]
+        self._tasks[0].add_done_callback(self._worker_ended)
+
+    def _worker_ended(self, future) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            log.error("sitq: the notebook worker on %s stopped: %s", self.path, future.exception(),
+                      exc_info=future.exception())
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Stop claiming tasks, let running ones finish (up to ``timeout``), close."""
+        self.stopped = True
+        try:
+            self.loop.run(self.worker.stop(), timeout)
+        except (TimeoutError, concurrent.futures.TimeoutError):  # distinct types before 3.11
+            log.warning("sitq: tasks still running after %ss; stopping without them", timeout)
+        finally:
+            for fut in self._tasks:
+                fut.cancel()
+            self._tasks = []
+            try:  # leave the views showing how things ended
+                self.loop.run(self.refresher.refresh(), timeout=5)
+            except Exception:
+                log.warning("sitq: could not draw the final state of the notebook views",
+                            exc_info=True)
+            if self.pool is not None:
+                self.pool.shutdown()
+                self.pool = None
+            try:
+                self.loop.run(self.queue.close(), timeout=5)
+            finally:
+                self.loop.stop()
+
+    def run(self, coro, timeout: Optional[float] = None) -> Any:
+        """Run a coroutine on the runtime's loop and wait for its value."""
+        return self.loop.run(coro, timeout)
+
+    def enqueue(self, func: Callable, *args: Any, eta: Any = None, **kwargs: Any) -> TaskHandle:
+        """Store a call and return its :class:`TaskHandle`."""
+        if self.pool is not None:
+            from sitq.notebook.processes import InProcess
+            func = InProcess(func)
+        task_id = self.run(self.queue.enqueue(func, *args, eta=eta, **kwargs))
+        return TaskHandle(self, task_id, describe_callable(func))
+
+    def handle(self, task_id: str) -> TaskHandle:
+        """A handle for a task that is already stored (from any session)."""
+        info = self.run(self.queue.status(task_id))
+        if info is None:
+            raise TaskNotFoundError(f"no task with id {task_id!r} in {self.path}")
+        return TaskHandle(self, task_id, info.name)
+
+    def can_cancel(self) -> bool:
+        return hasattr(self.queue, "cancel")
+
+    def cancel(self, task_id: str) -> Any:
+        if not self.can_cancel():
+            raise SitqError("this version of sitq cannot cancel tasks yet")
+        return self.run(self.queue.cancel(task_id))
+
+    def board(self, limit: int = 20):
+        """A live board widget for this queue."""
+        from sitq.notebook.widgets import BoardWidget
+
+        def select(_task_id: str) -> None:
+            self.refresher.wake()
+
+        def cancel(task_id: str) -> None:
+            future = self.loop.submit(self.queue.cancel(task_id))
+            future.add_done_callback(lambda f: f.cancelled() or f.exception() is None
+                                     or log.warning("sitq: cancel %s failed: %s", task_id, f.exception()))
+            self.refresher.wake()
+
+        widget = BoardWidget(select, cancel if self.can_cancel() else None)
+        self.refresher.add_board(widget, limit)
+        return widget
+
+
+# -- the kernel's runtime ------------------------------------------------------
+
+def start_worker(path: str | os.PathLike | None = None, concurrency: Optional[int] = None,
+                 processes: Optional[int] = None) -> Runtime:
+    """Start sitq's worker inside this kernel and return its runtime.
+
+    Tasks run in the background while you keep running cells. ``path`` is the
+    SQLite file (default ``sitq.db`` in the working folder), so results
+    outlive the kernel. Calling it again with the same (or no) settings
+    returns the running runtime; other settings need ``stop_worker()`` first.
+    """
+    global _runtime
+    with _lock:
+        if _runtime is not None:
+            if _runtime.matches(path, concurrency, processes):
+                return _runtime
+            raise SitqError(f"{_runtime!r} is already running; stop it first "
+                            "(stop_worker() or %sitq stop) to start one with other settings")
+        runtime = Runtime(DEFAULT_PATH if path is None else path, concurrency, processes)
+        runtime.start()
+        _runtime = runtime
+        _register_exit_hook()
+        return runtime
+
+
+def stop_worker(timeout: Optional[float] = None) -> bool:
+    """Stop the kernel's worker (running tasks finish first, up to ``timeout``
+    seconds). Returns False when no worker was running."""
+    global _runtime
+    with _lock:
+        runtime, _runtime = _runtime, None
+    if runtime is None:
+        return False
+    runtime.stop(timeout)
+    return True
+
+
+def current(required: bool = True) -> Optional[Runtime]:
+    """The kernel's runtime; raises a SitqError saying what to do when there is none."""
+    runtime = _runtime
+    if runtime is None and required:
+        raise SitqError("no sitq worker runs in this kernel; start one with "
+                        "sitq.notebook.start_worker() or %sitq start")
+    return runtime
+
+
+def submit(func: Callable, *args: Any, eta: Any = None, **kwargs: Any):
+    """Enqueue ``func(*args, **kwargs)`` on the kernel's queue; returns a
+    :class:`TaskHandle` that shows itself live in a cell."""
+    return current().enqueue(func, *args, eta=eta, **kwargs)
+
+
+def task(task_id: str):
+    """A handle for a stored task, e.g. one submitted before a kernel restart."""
+    return current().handle(task_id)
+
+
+def board(limit: int = 20):
+    """The live status board of the kernel's queue (a static table outside a
+    kernel with widgets, e.g. in a terminal IPython)."""
+    runtime = current()
+    if not widgets_enabled():
+        return _StaticBoard(runtime, limit)
+    return runtime.board(limit)
+
+
+class _StaticBoard:
+    """The board as a table drawn when displayed, for frontends without widgets."""
+
+    def __init__(self, runtime: Runtime, limit: int) -> None:
+        self._runtime, self._limit = runtime, limit
+
+    def __repr__(self) -> str:
+        return repr(self._runtime.run(self._runtime.queue.overview(0)))
+
+    def _repr_html_(self) -> str:
+        from sitq.notebook.render import board_html
+        from sitq.notebook.rows import task_row
+
+        overview = self._runtime.run(self._runtime.queue.overview(self._limit))
+        return board_html(overview.counts, [task_row(info) for info in overview.recent])
+
+
+def widgets_enabled() -> bool:
+    """True inside a Jupyter kernel, where a frontend can draw ipywidgets."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+_exit_hook_registered = False
+
+
+def _register_exit_hook() -> None:
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_stop_at_exit)
+        _exit_hook_registered = True
+
+
+def _stop_at_exit() -> None:
+    # A kernel shutting down gets a few seconds; tasks still running then are
+    # taken over by another worker once their lease expires.
+    stop_worker(timeout=5)

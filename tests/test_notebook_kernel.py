@@ -1,0 +1,137 @@
+"""The notebook layer inside a real ipykernel, driven by nbclient.
+
+nbclient records only messages whose parent is the cell it is running, so
+every notebook here ends with a cell that waits (by polling a condition) for
+the background work it wants to see recorded.
+"""
+
+import re
+
+import pytest
+
+pytest.importorskip("nbclient")
+
+import sitq
+from notebook_support import execute, new_notebook, outputs_text, visible_text, widget_states
+
+pytestmark = pytest.mark.timeout(120)
+
+FUNCTIONS = """
+import os, sitq, time
+def slow(n, delay=0.02):
+    for i in range(n):
+        sitq.progress(i + 1, n, f"step {i + 1}")
+        print("SECRET line", i)
+        time.sleep(delay)
+    return n
+def boom():
+    raise ValueError("bad input")
+"""
+
+WAIT_UNTIL = """
+def wait_until(condition, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+"""
+
+
+def models(nb, name):
+    return [m["state"] for m in widget_states(nb).values() if m["model_name"] == name]
+
+
+def test_worker_runs_in_the_background_and_widgets_follow(tmp_path):
+    nb = execute(new_notebook(
+        "%load_ext sitq\n%sitq start tasks.db --concurrency 2",
+        FUNCTIONS + WAIT_UNTIL,
+        "h = sitq.notebook.submit(slow, 25)\nh",
+        "bad = sitq.notebook.submit(boom)\nbad",
+        "board = sitq.notebook.board()\nboard",
+        # a long synchronous cell: the task finishes while the kernel is busy here
+        "seen = set()\nwhile not h.done():\n    seen.add(h.info().progress_done)\n    time.sleep(0.01)\n"
+        "print('progress seen while blocked:', len(seen - {None}) > 1)",
+        "print(h.result(30), await h)\ntry:\n    bad.result(30)\nexcept sitq.TaskFailedError as e:\n"
+        "    print('failed:', e.error)",
+        "wait_until(lambda: board.table.value.count('class=\"sitq-row\"') == 2\n"
+        "           and 'data-state=\"running\"' not in board.table.value)",
+        "%sitq stop",
+    ), tmp_path)
+    cells = nb.cells
+    assert cells[0].outputs[0].data["text/plain"].startswith("<sitq notebook worker running on tasks.db")
+    view = cells[2].outputs[0].data
+    assert "application/vnd.jupyter.widget-view+json" in view and "text/html" in view
+    assert outputs_text(cells[5]) == "progress seen while blocked: True\n"
+    assert outputs_text(cells[6]) == "25 25\nfailed: ValueError: bad input\n"
+
+    bars = models(nb, "FloatProgressModel")
+    assert {"value": 1.0, "bar_style": "success"}.items() <= bars[0].items()
+    bodies = [visible_text(s["value"]) for s in models(nb, "HTMLModel")]
+    done = next(b for b in bodies if "slow" in b and "success" in b and "SECRET" in b)
+    assert "SECRET line 24" in done  # what the task printed is shown with its result...
+    assert not any("SECRET" in outputs_text(c) for c in cells)  # ...and in no cell's output
+    # boom() may already have failed when its cell displayed it (plain HTML, no widget)
+    shown = [s["value"] for s in models(nb, "HTMLModel")] + [cells[3].outputs[0].data["text/html"]]
+    failed = next(html for html in shown if "sitq-traceback" in html)
+    assert "ValueError: bad input" in visible_text(failed) and "in boom" in visible_text(failed)
+    counts = next(s["value"] for s in models(nb, "HTMLModel") if "sitq-counts" in s["value"])
+    assert re.search(r'data-state="success".*?<b class="sitq-n">1</b>', counts)
+    assert re.search(r'data-state="failed".*?<b class="sitq-n">1</b>', counts)
+
+
+def test_results_outlive_the_kernel(tmp_path):
+    first = execute(new_notebook(
+        "import sitq\n%load_ext sitq\n%sitq start",
+        "h = sitq.notebook.submit(divmod, 47, 5)\nprint(h.task_id, h.result(30))",
+    ), tmp_path)
+    task_id, value = outputs_text(first.cells[1]).split(maxsplit=1)
+    assert value.strip() == "(9, 2)"
+    second = execute(new_notebook(
+        "import sitq\n%load_ext sitq\n%sitq start",
+        f"%sitq result {task_id}",
+        f"sitq.notebook.task({task_id!r}).result()",
+    ), tmp_path)
+    html = second.cells[1].outputs[0].data["text/html"]
+    assert "(9, 2)" in visible_text(html) and "divmod" in visible_text(html)
+    assert second.cells[2].outputs[0].data["text/plain"] == "(9, 2)"
+
+
+def test_kernel_shutdown_lets_the_running_task_finish(tmp_path):
+    nb = execute(new_notebook(
+        "import sitq\n%load_ext sitq\n%sitq start",
+        "import time\nh = sitq.notebook.submit(time.sleep, 0.5)\n"
+        "while h.status != 'running':\n    time.sleep(0.01)\nprint(h.task_id)",
+    ), tmp_path)  # nbclient shuts the kernel down right after the last cell
+    task_id = outputs_text(nb.cells[1]).strip()
+    with sitq.SyncTaskQueue(sitq.SQLiteBackend(tmp_path / "sitq.db")) as queue:
+        assert queue.status(task_id).status == "success"
+
+
+def test_processes_run_notebook_functions_side_by_side(tmp_path):
+    nb = execute(new_notebook(
+        "import sitq\n%load_ext sitq\n%sitq start --processes 2",
+        # Each task waits until both are running: they only finish in parallel processes.
+        "import os, pathlib, sitq, time\n"
+        "def meet(i, folder, n):\n"
+        "    path = pathlib.Path(folder)\n"
+        "    (path / f'{i}.here').touch()\n"
+        "    deadline = time.time() + 30\n"
+        "    while len(list(path.glob('*.here'))) < n:\n"
+        "        if time.time() > deadline:\n"
+        "            raise TimeoutError('the other task never started')\n"
+        "        time.sleep(0.01)\n"
+        "    print('met in', os.getpid())\n"
+        "    return os.getpid(), sum(k * k for k in range(200_000))\n"
+        "def crash():\n"
+        "    raise KeyError('from a process')\n",
+        f"hs = [sitq.notebook.submit(meet, i, {str(tmp_path)!r}, 2) for i in range(2)]\n"
+        "pids = {h.result(60)[0] for h in hs}\n"
+        "print(len(pids), os.getpid() in pids, hs[0].outcome().output.strip() == f'met in {hs[0].result()[0]}')",
+        "bad = sitq.notebook.submit(crash)\ntry:\n    bad.result(60)\nexcept sitq.TaskFailedError as e:\n"
+        "    print(e.traceback)",
+        "hs[0].info().name",
+    ), tmp_path)
+    assert outputs_text(nb.cells[2]) == "2 False True\n"
+    remote = outputs_text(nb.cells[3])
+    assert "raise KeyError('from a process')" in remote and "in crash" in remote
+    assert nb.cells[4].outputs[0].data["text/plain"] == "'meet'"
