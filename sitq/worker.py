@@ -1,11 +1,18 @@
 """The consumer side: claim tasks, run them, store their outcomes.
 
 The loop reads like its spec: wait until there is a free slot and something
-to do, finish what is done and claim as many tasks as there are free slots
-(one transaction), start them, repeat. Coroutine functions run on the
-worker's event loop; plain functions run in the worker's threads. Renewing
-leases, requeueing tasks of dead workers and storing progress are a side
-task the worker owns.
+to do, finish what is done and claim work for the free slots (one
+transaction), start it, repeat. Coroutine functions run on the worker's event
+loop; plain functions run in the worker's threads. Renewing leases, acting on
+cancel requests, requeueing tasks of dead workers and storing progress are a
+side task the worker owns.
+
+A slot normally takes one task. When the tasks run so far were very short
+(the worker keeps a moving average), a slot takes a run of several, executed
+one after another, so that the store's round trips and the hops between the
+loop and a thread are shared by the run; a run is sized to stay within a few
+milliseconds of work, so no task waits long behind another and other workers
+are not starved. ``docs/performance.md`` has the measurements.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ __all__ = ["Worker", "progress"]
 log = logging.getLogger(__name__)
 
 DEFAULT_OPTIONS = TaskOptions()
+RUN_BUDGET = 0.002  # seconds of work one slot may claim at once, judged by recent task times
+MAX_RUN = 64  # tasks one slot may claim at once
 
 
 @dataclass(eq=False)
@@ -52,6 +61,43 @@ class _Running:
     handle: Any = field(default=None, repr=False)  # the asyncio task of a coroutine
     stop_reason: Optional[str] = None  # "timeout" or "cancel" once the worker stopped waiting for it
     settled: bool = False  # its outcome is recorded; anything later is discarded
+    started: bool = False  # its run has started it
+    elapsed: float = 0.0  # seconds the function ran, measured in its thread
+    call: Optional[tuple] = field(default=None, repr=False)  # (func, args, kwargs) once unpickled
+    context: Optional[contextvars.Context] = field(default=None, repr=False)
+    is_async: bool = False
+    run: Optional["_Run"] = field(default=None, repr=False)
+
+
+class _Run:
+    """Tasks one slot executes one after another; the slot is free once all have settled."""
+
+    def __init__(self, jobs: list) -> None:
+        self.jobs = jobs
+        self.unsettled = len(jobs)
+        self.next = 0  # index of the next job to start
+        self.lock = threading.Lock()
+        for job in jobs:
+            job.run = self
+
+    def take(self) -> Optional[_Running]:
+        """The next job to start, or None when the run is over (called from the executing thread)."""
+        with self.lock:
+            while self.next < len(self.jobs):
+                job = self.jobs[self.next]
+                self.next += 1
+                if not job.settled:
+                    job.started = True
+                    return job
+            return None
+
+    def take_rest(self) -> list:
+        """Take the jobs not started yet away from this run, to run them elsewhere."""
+        with self.lock:
+            rest, self.next = self.jobs[self.next :], len(self.jobs)
+        rest = [job for job in rest if not job.settled]
+        self.unsettled -= len(rest)
+        return rest
 
 
 _current: contextvars.ContextVar[Optional[_Running]] = contextvars.ContextVar("sitq_current_task", default=None)
@@ -150,6 +196,8 @@ class Worker:
         self.processed = 0
         self.failed = 0
         self._active: dict[int, _Running] = {}
+        self._busy_slots = 0
+        self._average_run = None  # moving average of task run times, in seconds
         self._outcomes: list[Outcome] = []
         self._progress_changed: set[_Running] = set()
         self._wake: Optional[asyncio.Future] = None
@@ -167,7 +215,7 @@ class Worker:
 
     @property
     def active(self) -> int:
-        """How many tasks are running now."""
+        """How many tasks are claimed and not yet finished."""
         return len(self._active)
 
     async def start(self) -> None:
@@ -213,23 +261,23 @@ class Worker:
     async def _main(self, backend: Backend, until_empty: bool) -> None:
         while True:
             outcomes, self._outcomes = self._outcomes, []
-            free = 0 if self._stopping else self.max_concurrency - len(self._active)
+            free = 0 if self._stopping else self.max_concurrency - self._busy_slots
             claimed: list[ClaimedTask] = []
             if outcomes or free:
                 await self._flush_progress()
                 now = self.clock()
                 stored, claimed = await backend.finish_and_claim(
-                    self.worker_id, outcomes, free, now, now + self.lease
+                    self.worker_id, outcomes, free * self._run_length(), now, now + self.lease
                 )
                 self._count(outcomes, stored)
-                for task in claimed:
-                    self._launch(task)
+                if claimed:
+                    self._launch(claimed, free)
             token = backend.change_token  # after our own write, so it does not wake us
             if not self._active and not self._outcomes and (self._stopping or (until_empty and not claimed)):
                 return
             if self._outcomes:
                 continue
-            can_claim = not self._stopping and len(self._active) < self.max_concurrency
+            can_claim = not self._stopping and self._busy_slots < self.max_concurrency
             timeout = await self._idle_timeout() if can_claim else None
             await self._wait(token if can_claim else None, timeout)
 
@@ -274,7 +322,25 @@ class Worker:
 
     # -- running one task --------------------------------------------------
 
-    def _launch(self, task: ClaimedTask) -> None:
+    def _run_length(self) -> int:
+        """How many tasks one free slot claims: one, unless recent tasks were very short."""
+        average = self._average_run
+        if average is None or average >= RUN_BUDGET:
+            return 1
+        return max(1, min(MAX_RUN, int(RUN_BUDGET / max(average, 1e-6))))
+
+    def _timed(self, seconds: float) -> None:
+        average = self._average_run
+        self._average_run = seconds if average is None else 0.8 * average + 0.2 * seconds
+
+    def _launch(self, claimed: list[ClaimedTask], free: int) -> None:
+        """Unpickle the claimed tasks and hand them to at most ``free`` slots, in order."""
+        jobs = [job for job in map(self._prepare, claimed) if job is not None]
+        slots = min(free, len(jobs))
+        for i in range(slots):
+            self._start_run(_Run(jobs[i::slots]))
+
+    def _prepare(self, task: ClaimedTask) -> Optional[_Running]:
         running = _Running(task, self)
         self._active[task.seq] = running
         try:
@@ -283,24 +349,45 @@ class Worker:
             func, args, kwargs = self.serializer.loads_call(task.func, task.args)
         except (SignatureError, SerializationError) as exc:
             self._settle(running, self._failure(running, exc, skip_frames=0))
-            return
+            return None
         if isinstance(func, Task):
             running.options, func = func.task_options, func.func
-        context = contextvars.copy_context()
+        running.call = (func, args, kwargs)
+        running.is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+            getattr(func, "__call__", None)
+        )
+        running.context = context = contextvars.copy_context()
         context.run(_current.set, running)
         if self.capture_output:
             running.output = CapturedOutput()
             context.run(capture_into.set, running.output)
-        if running.options.timeout is not None:
-            self._loop.call_later(running.options.timeout, self._stop_task, running, "timeout")
-        if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None)):
-            running.handle = context.run(self._loop.create_task, self._run_coroutine(running, func, args, kwargs))
+        return running
+
+    def _start_run(self, run: _Run) -> None:
+        self._busy_slots += 1
+        if any(job.is_async for job in run.jobs):
+            self._loop.create_task(self._run_on_loop(run))
         else:
             if self._threads is None:
                 self._threads = _Threads(self.worker_id)
-            self._threads.submit(lambda: context.run(self._run_in_thread, running, func, args, kwargs))
+            self._threads.submit(lambda: self._run_in_thread(run))
 
-    async def _run_coroutine(self, running: _Running, func, args, kwargs) -> None:
+    async def _run_on_loop(self, run: _Run) -> None:
+        """Run a run's jobs in order: coroutines here, plain functions in a thread."""
+        while (job := run.take()) is not None:
+            self._arm_timeout(job)
+            if job.is_async:
+                job.handle = job.context.run(self._loop.create_task, self._run_coroutine(job))
+                await asyncio.wait([job.handle])
+            else:
+                done = self._loop.create_future()
+                self._threads = self._threads or _Threads(self.worker_id)
+                self._threads.submit(lambda: self._settle_from_thread([(job, self._call_in_thread(job))], done))
+                await done
+
+    async def _run_coroutine(self, running: _Running) -> None:
+        func, args, kwargs = running.call
+        started = time.perf_counter()
         try:
             value = await func(*args, **kwargs)
         except asyncio.CancelledError:
@@ -311,9 +398,24 @@ class Worker:
             outcome = self._failure(running, exc)
         else:
             outcome = self._success(running, value)
+        self._timed(time.perf_counter() - started)
         self._settle(running, outcome)
 
-    def _run_in_thread(self, running: _Running, func, args, kwargs) -> None:
+    def _run_in_thread(self, run: _Run) -> None:
+        """Run a run of plain functions in this thread; settle them on the loop in one hop."""
+        settled = []
+        while (job := run.take()) is not None:
+            if job.options.timeout is not None:
+                self._loop.call_soon_threadsafe(self._arm_timeout, job)
+            settled.append((job, self._call_in_thread(job)))
+        self._settle_from_thread(settled)
+
+    def _call_in_thread(self, running: _Running) -> Outcome:
+        return running.context.run(self._call_sync, running)
+
+    def _call_sync(self, running: _Running) -> Outcome:
+        func, args, kwargs = running.call
+        started = time.perf_counter()
         try:
             value = func(*args, **kwargs)
             if inspect.isawaitable(value):
@@ -322,10 +424,25 @@ class Worker:
             outcome = self._failure(running, exc)
         else:
             outcome = self._success(running, value)
+        running.elapsed = time.perf_counter() - started
+        return outcome
+
+    def _settle_from_thread(self, settled: list, done: Optional[asyncio.Future] = None) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._settle, running, outcome)
+            self._loop.call_soon_threadsafe(self._settle_all, settled, done)
         except RuntimeError:
-            pass  # the worker stopped and its loop closed while this abandoned thread ran on
+            pass  # the worker stopped and its loop closed while an abandoned thread ran on
+
+    def _settle_all(self, settled: list, done: Optional[asyncio.Future]) -> None:
+        for job, outcome in settled:
+            self._timed(job.elapsed)
+            self._settle(job, outcome)
+        if done is not None:
+            _resolve(done)
+
+    def _arm_timeout(self, running: _Running) -> None:
+        if running.options.timeout is not None and not running.settled:
+            self._loop.call_later(running.options.timeout, self._stop_task, running, "timeout")
 
     def _stop_task(self, running: _Running, reason: str) -> None:
         """Stop waiting for a task (timeout or cancel): cancel a coroutine, abandon a thread."""
@@ -334,9 +451,15 @@ class Worker:
         running.stop_reason = reason
         if running.handle is not None:
             running.handle.cancel()  # _run_coroutine records the outcome
-        else:
-            # A thread cannot be stopped: record the outcome now and discard whatever it returns later.
-            self._settle(running, self._stopped_outcome(running))
+            return
+        # Not started yet (its run skips it), or a thread, which cannot be stopped: record the
+        # outcome now and discard whatever the thread returns later. The tasks queued behind a
+        # thread's task in its run move to another thread and slot; this one's slot is freed.
+        run = running.run
+        rest = run.take_rest() if run is not None and running.started and not running.is_async else []
+        self._settle(running, self._stopped_outcome(running))
+        if rest:
+            self._start_run(_Run(rest))
 
     def _stopped_outcome(self, running: _Running) -> Outcome:
         if running.stop_reason == "cancel":
@@ -379,6 +502,11 @@ class Worker:
         self._active.pop(running.task.seq, None)
         self._progress_changed.discard(running)
         self._outcomes.append(outcome)
+        run = running.run
+        if run is not None:
+            run.unsettled -= 1
+            if run.unsettled == 0:
+                self._busy_slots -= 1
         self._signal()
 
     # -- side tasks --------------------------------------------------------
