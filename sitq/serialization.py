@@ -16,6 +16,7 @@ import linecache
 import os
 import pickle
 import types
+import weakref
 from typing import Any, Callable
 
 import cloudpickle
@@ -166,13 +167,43 @@ def _dumps(obj: Any) -> tuple[bytes, dict]:
 
 
 class CloudpickleSerializer(Serializer):
-    """The default: cloudpickle out (keeping in-memory source for tracebacks), pickle in."""
+    """The default: cloudpickle out (keeping in-memory source for tracebacks), pickle in.
+
+    Two shortcuts keep enqueueing cheap: a module-level function, which
+    cloudpickle pickles by reference (its module and name), is pickled once
+    per serializer; and arguments that are all plain numbers, strings, bytes
+    or None are pickled by the standard pickler, which writes the same bytes
+    faster. A function defined in a notebook is pickled anew on every call,
+    with the values its globals have at that moment.
+    """
+
+    def __init__(self) -> None:
+        self._by_reference: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def dumps(self, obj: Any) -> bytes:
         return dumps_shipping_source(obj)
 
     def loads(self, data: bytes) -> Any:
         return loads_shipped(data)
+
+    def dumps_function(self, func: Callable) -> bytes:
+        if type(func) is not types.FunctionType:
+            return super().dumps_function(func)
+        data = self._by_reference.get(func)
+        if data is None:
+            data = super().dumps_function(func)
+            if _should_pickle_by_reference is not None and _should_pickle_by_reference(func):
+                self._by_reference[func] = data
+        return data
+
+    def dumps_arguments(self, func: Callable, args: tuple, kwargs: dict) -> bytes:
+        if all(type(a) in _PLAIN for a in args) and all(type(v) in _PLAIN for v in kwargs.values()):
+            return pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        return super().dumps_arguments(func, args, kwargs)
+
+
+_PLAIN = frozenset((int, float, complex, str, bytes, bool, type(None)))
+_should_pickle_by_reference = getattr(getattr(cloudpickle, "cloudpickle", None), "_should_pickle_by_reference", None)
 
 
 def _short_repr(value: Any, limit: int = 60) -> str:

@@ -134,6 +134,8 @@ class Backend:
             self._change_count += 1
 
     def _wake_watchers(self) -> None:
+        if not self._watchers:
+            return
         with self._watch_lock:
             watchers, self._watchers = self._watchers, set()
         if not watchers:

@@ -72,9 +72,10 @@ CREATE TABLE sitq_tasks (
     progress_total   REAL,
     progress_message TEXT
 );
-CREATE INDEX sitq_tasks_ready ON sitq_tasks (eta, seq) WHERE status = 'pending';
+-- One index serves the claim (pending, oldest eta first), the next eta, and the counts per state;
+-- each index costs every insert about as much as the insert itself, so there are few.
+CREATE INDEX sitq_tasks_state ON sitq_tasks (status, eta, seq);
 CREATE INDEX sitq_tasks_leases ON sitq_tasks (worker_id, lease_until) WHERE status = 'running';
-CREATE INDEX sitq_tasks_status ON sitq_tasks (status);
 """
 
 INSERT_TASK = """
@@ -87,7 +88,7 @@ UPDATE sitq_tasks
 SET status = 'running', worker_id = ?, started_at = ?, lease_until = ?, attempts = attempts + 1,
     progress_done = NULL, progress_total = NULL, progress_message = NULL
 WHERE seq IN (
-    SELECT seq FROM sitq_tasks INDEXED BY sitq_tasks_ready
+    SELECT seq FROM sitq_tasks INDEXED BY sitq_tasks_state
     WHERE status = 'pending' AND eta <= ? ORDER BY eta, seq LIMIT ?
 )
 RETURNING seq, id, name, func, args, signature, attempts
@@ -148,7 +149,7 @@ UPDATE sitq_tasks SET progress_done = ?, progress_total = ?, progress_message = 
 WHERE seq = ? AND attempts = ? AND status = 'running' AND worker_id = ?
 """
 
-NEXT_ETA = "SELECT min(eta) FROM sitq_tasks INDEXED BY sitq_tasks_ready WHERE status = 'pending'"
+NEXT_ETA = "SELECT min(eta) FROM sitq_tasks INDEXED BY sitq_tasks_state WHERE status = 'pending'"
 
 SELECT_RESULT = """
 SELECT id, name, status, value, error, traceback, enqueued_at, started_at, finished_at, attempts, output
