@@ -1,0 +1,32 @@
+"""The benchmark suite in its quick mode: every cell runs and every drain stores every result.
+
+Speed is not asserted here; this only keeps ``python -m benchmarks.run`` from rotting.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("huey", reason="huey is an optional benchmark dependency (pip install sitq[test])")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_benchmark_run(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cells = json.loads(out.read_text())["cells"]
+    assert {(c["system"], c["row"]) for c in cells} >= {
+        (system, row) for system in ("sitq", "floor", "huey")
+        for row in ("W1 enqueue", "W2 drain c=1", "W2 drain c=8", "W3 round trip in-process",
+                    "W3 round trip cross-process", "W4 mixed 8 producers", "W5 bulk")}
+    for c in cells:
+        assert "error" not in c, c
+        assert c["figures"] and all(v > 0 for v in c["figures"].values()), c
+        if c["workload"] == "drain":
+            assert c["figures"]["stored"] == c["n"], c
