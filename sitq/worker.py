@@ -197,6 +197,7 @@ class Worker:
         self.failed = 0
         self._active: dict[int, _Running] = {}
         self._busy_slots = 0
+        self._loop_runs: set[asyncio.Task] = set()
         self._average_run = None  # moving average of task run times, in seconds
         self._outcomes: list[Outcome] = []
         self._progress_changed: set[_Running] = set()
@@ -366,7 +367,9 @@ class Worker:
     def _start_run(self, run: _Run) -> None:
         self._busy_slots += 1
         if any(job.is_async for job in run.jobs):
-            self._loop.create_task(self._run_on_loop(run))
+            task = self._loop.create_task(self._run_on_loop(run))
+            self._loop_runs.add(task)  # owned: asyncio keeps only weak references to tasks
+            task.add_done_callback(self._loop_runs.discard)
         else:
             if self._threads is None:
                 self._threads = _Threads(self.worker_id)
