@@ -33,6 +33,8 @@ class Retry(Exception):
 
     def __init__(self, reason: str = "the task asked to be retried", delay: Optional[float] = None) -> None:
         super().__init__(reason)
+        if delay is not None:
+            _check_seconds("Retry(delay=...)", delay, allow_zero=True)
         self.delay = delay
 
 
@@ -101,7 +103,7 @@ class Task:
 
     def options(self, **changes: Any) -> "Task":
         """The same function with some options changed."""
-        return Task(self.func, dataclasses.replace(self.task_options, **changes))
+        return Task(self.func, _with_options(self.task_options, changes))
 
     def __repr__(self) -> str:
         return f"<sitq.Task {getattr(self.func, '__qualname__', self.func)!s} {self.task_options}>"
@@ -109,14 +111,18 @@ class Task:
 
 def task(func: Optional[Callable] = None, **options: Any):
     """Attach task options to a function: ``task(f, retries=2)`` or ``@task(retries=2)``."""
-    try:
-        settings = TaskOptions(**options)
-    except TypeError as exc:
-        fields = ", ".join(f.name for f in dataclasses.fields(TaskOptions))
-        raise InvalidTaskError(f"{exc}; task options are: {fields}") from None
+    settings = _with_options(TaskOptions(), options)
     if func is None:
         return lambda f: Task(f.func if isinstance(f, Task) else f, settings)
     return Task(func.func if isinstance(func, Task) else func, settings)
+
+
+def _with_options(base: TaskOptions, changes: dict) -> TaskOptions:
+    fields = [f.name for f in dataclasses.fields(TaskOptions)]
+    unknown = sorted(set(changes) - set(fields))
+    if unknown:
+        raise InvalidTaskError(f"unknown task option {', '.join(unknown)}; task options are: {', '.join(fields)}")
+    return dataclasses.replace(base, **changes)
 
 
 def _check_seconds(label: str, value: Any, allow_zero: bool) -> None:

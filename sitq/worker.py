@@ -275,6 +275,8 @@ class Worker:
                     self._launch(claimed, free)
             token = backend.change_token  # after our own write, so it does not wake us
             if not self._active and not self._outcomes and (self._stopping or (until_empty and not claimed)):
+                if until_empty and not self._stopping and await backend.requeue_expired(self.clock()):
+                    continue  # a dead worker's tasks are ready again
                 return
             if self._outcomes:
                 continue

@@ -99,3 +99,106 @@ async def measured_async(seconds):
     GAUGE.enter()
     await asyncio.sleep(seconds)
     GAUGE.leave()
+
+
+# -- retries, timeouts and cancellation ------------------------------------------
+
+
+def count_call(path):
+    """Append a line to a file and return how many it has: which call this is, counted from inside."""
+    with open(path, "a+") as f:
+        f.write(f"{time.time()!r}\n")
+        f.seek(0)
+        return len(f.read().splitlines())
+
+
+def call_times(path):
+    with open(path) as f:
+        return [float(line) for line in f.read().splitlines()]
+
+
+def flaky(path, failures, exc_type=ValueError):
+    """Raise ``exc_type`` on the first ``failures`` calls, then return the call number."""
+    n = count_call(path)
+    if n <= failures:
+        raise exc_type(f"failure {n}")
+    return n
+
+
+async def async_flaky(path, failures, exc_type=ValueError):
+    await asyncio.sleep(0)
+    return flaky(path, failures, exc_type)
+
+
+def asks_for_retry(path, failures, delay=None):
+    """Ask for another attempt with sitq.Retry on the first ``failures`` calls."""
+    n = count_call(path)
+    if n <= failures:
+        raise sitq.Retry(f"not ready at call {n}", delay=delay)
+    return n
+
+
+async def async_asks_for_retry_badly(delay):
+    await asyncio.sleep(0)
+    raise sitq.Retry("try later", delay=delay)
+
+
+def own_options(retries, timeout, name):
+    """A function whose parameters share their names with task options."""
+    return {"retries": retries, "timeout": timeout, "name": name}
+
+
+GATES = {}
+COROUTINES_CANCELLED = set()
+
+
+def gate(name):
+    """(opened, ended) events of the gate ``name``: the test opens it, the task notes when it ends."""
+    return GATES.setdefault(name, (threading.Event(), threading.Event()))
+
+
+def wait_at_gate(name, value=None):
+    """Block this thread until the test opens the gate, then return ``value``."""
+    opened, ended = gate(name)
+    opened.wait(60)
+    ended.set()
+    return value
+
+
+async def async_wait_noting_cancel(name, seconds):
+    """Sleep, and remember ``name`` if the sleep was cancelled."""
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        COROUTINES_CANCELLED.add(name)
+        raise
+    return "slept"
+
+
+def run_logged(path, x, pause):
+    """Write a start line, pause, write an end line: a killed worker leaves a start without an end."""
+    pid = os.getpid()
+    with open(path, "a") as f:
+        f.write(f"start {x} {pid}\n")
+    time.sleep(pause)
+    with open(path, "a") as f:
+        f.write(f"end {x} {pid}\n")
+    return x
+
+
+def pid_after(seconds):
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def big_value(size):
+    return "v" * size
+
+
+def fail_at_gate_once(name, path):
+    """The first call waits at the gate and then fails; later calls return their call number."""
+    n = count_call(path)
+    if n == 1:
+        wait_at_gate(name)
+        raise ValueError("the first call fails")
+    return n

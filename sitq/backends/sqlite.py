@@ -104,7 +104,9 @@ WHERE seq = ? AND attempts = ? AND status = 'running' AND worker_id = ?
 
 RETRY_TASK = """
 UPDATE sitq_tasks
-SET status = 'pending', eta = ?, error = ?, traceback = ?, output = ?, worker_id = NULL, lease_until = NULL
+SET status = CASE cancel_requested WHEN 1 THEN 'cancelled' ELSE 'pending' END,
+    finished_at = CASE cancel_requested WHEN 1 THEN ? ELSE NULL END,
+    eta = ?, error = ?, traceback = ?, output = ?, worker_id = NULL, lease_until = NULL
 WHERE seq = ? AND attempts = ? AND status = 'running' AND worker_id = ?
 """
 
@@ -369,7 +371,7 @@ def _finish_and_claim(conn, worker_id, outcomes, limit, now, lease_until):
 
 def _outcome_statement(o: Outcome, worker_id: str) -> tuple:
     if o.status == PENDING:  # another attempt is due at o.retry_at
-        return RETRY_TASK, (o.retry_at, o.error, o.traceback, o.output, o.seq, o.attempts, worker_id)
+        return RETRY_TASK, (o.finished_at, o.retry_at, o.error, o.traceback, o.output, o.seq, o.attempts, worker_id)
     progress = o.progress or NO_PROGRESS
     return FINISH_TASK, (o.status, o.finished_at, o.value, o.error, o.traceback, o.output, *progress) + (
         o.seq,
