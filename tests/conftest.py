@@ -5,6 +5,7 @@ isolate_jupyter_env()
 
 # -- core -----------------------------------------------------------------------
 import asyncio
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -37,3 +38,19 @@ def db_path(tmp_path) -> Path:
 def run():
     """Run a coroutine to completion on a fresh event loop."""
     return asyncio.run
+
+
+@contextlib.asynccontextmanager
+async def worker_running(backend, **settings):
+    """A worker running on this loop until the block ends (then stopped, letting tasks finish).
+
+    Unlike drain(), it keeps waiting for tasks that are due later, such as retries."""
+    settings.setdefault("poll_interval", 0.05)
+    settings.setdefault("progress_interval", 0.02)
+    worker = sitq.Worker(backend, **settings)
+    running = asyncio.ensure_future(worker.start())
+    try:
+        yield worker
+    finally:
+        await worker.stop()
+        await running

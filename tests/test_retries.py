@@ -8,6 +8,7 @@ import re
 
 import pytest
 import taskfuncs
+from conftest import worker_running
 
 import sitq
 from sitq import InvalidTaskError, SQLiteBackend, TaskOptions, TaskQueue, Worker
@@ -19,18 +20,6 @@ FLAKY = {"sync": taskfuncs.flaky, "async": taskfuncs.async_flaky}
 @pytest.fixture
 def backend(db_path):
     return SQLiteBackend(db_path)
-
-
-@contextlib.asynccontextmanager
-async def worker_running(backend, **settings):
-    """A worker started in this loop; retries are due in the future, so drain() would stop too early."""
-    worker = Worker(backend, poll_interval=0.05, **settings)
-    running = asyncio.ensure_future(worker.start())
-    try:
-        yield worker
-    finally:
-        await worker.stop()
-        await running
 
 
 async def outcome(backend, func, *args, timeout=30, **kwargs):

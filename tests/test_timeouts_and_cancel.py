@@ -1,13 +1,13 @@
 """Timeouts and cancellation, for coroutines (stopped) and functions in threads (abandoned, outcome discarded)."""
 
 import asyncio
-import contextlib
 import os
 import time
 import uuid
 
 import pytest
 import taskfuncs
+from conftest import worker_running
 
 import sitq
 from sitq import InvalidTaskError, SQLiteBackend, TaskCancelledError, TaskQueue, Worker
@@ -27,19 +27,6 @@ def gate():
     opened.set()
     ended.wait(10)
     taskfuncs.GATES.pop(name, None)
-
-
-@contextlib.asynccontextmanager
-async def worker_running(backend, **settings):
-    settings.setdefault("poll_interval", 0.05)
-    settings.setdefault("progress_interval", 0.02)
-    worker = Worker(backend, **settings)
-    running = asyncio.ensure_future(worker.start())
-    try:
-        yield worker
-    finally:
-        await worker.stop()
-        await running
 
 
 async def wait_for_status(queue, task_id, status, timeout=30):

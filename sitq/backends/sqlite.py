@@ -29,7 +29,6 @@ from typing import Optional, Sequence, Union
 from sitq.backends.base import Backend
 from sitq.core import (
     PENDING,
-    RUNNING,
     STATES,
     ClaimedTask,
     NewTask,
