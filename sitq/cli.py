@@ -88,18 +88,16 @@ async def run_worker(args: argparse.Namespace) -> int:
         backend, max_concurrency=args.concurrency, poll_interval=args.poll_interval, lease=args.lease
     )
     loop = asyncio.get_running_loop()
-    stops = 0
+    stops: list = []  # the stop tasks, kept until the worker has stopped
 
     def on_signal(signum: int) -> None:
-        nonlocal stops
-        stops += 1
-        if stops == 1:
+        if not stops:
             logging.getLogger("sitq").info(
                 "%s: finishing %d running task(s), then stopping; send it again to stop now",
                 signal.Signals(signum).name,
                 worker.active,
             )
-            loop.create_task(worker.stop())
+            stops.append(loop.create_task(worker.stop()))
         else:
             os._exit(130)  # the user insists; unfinished tasks are rerun once their lease expires
 

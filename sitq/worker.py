@@ -261,6 +261,9 @@ class Worker:
 
     async def _main(self, backend: Backend, until_empty: bool) -> None:
         while True:
+            # Read before looking: a change after this moment, ours or anyone's, ends the wait below.
+            # (Writes that change nothing move no token, so an idle worker does not wake itself.)
+            token = backend.change_token
             outcomes, self._outcomes = self._outcomes, []
             free = 0 if self._stopping else self.max_concurrency - self._busy_slots
             claimed: list[ClaimedTask] = []
@@ -273,7 +276,6 @@ class Worker:
                 self._count(outcomes, stored)
                 if claimed:
                     self._launch(claimed, free)
-            token = backend.change_token  # after our own write, so it does not wake us
             if not self._active and not self._outcomes and (self._stopping or (until_empty and not claimed)):
                 if until_empty and not self._stopping and await backend.requeue_expired(self.clock()):
                     continue  # a dead worker's tasks are ready again

@@ -81,9 +81,8 @@ def test_docs_pages_say_what_their_blocks_print(tmp_path):
     assert quick[0] == "success 144\n"
     assert quick[1] == str([i * i for i in range(10)]) + "\n"
     assert quick[2] == "pending\nHello, Ada!\n"
-    assert quick[3].splitlines() == ["failed", "ValueError: invalid literal for int() with base 10: 'forty-two'"] + [
-        "ValueError: invalid literal for int() with base 10: 'forty-two'"
-    ]
+    error = "ValueError: invalid literal for int() with base 10: 'forty-two'"
+    assert quick[3].splitlines() == ["failed", error, error]  # status, error, last traceback line
     assert quick[5] == "49\nfailed: ValueError: invalid literal for int() with base 10: 'seven'\n"
 
 

@@ -4,8 +4,8 @@ A backend stores rows and bytes; it never sees a callable. Every state change
 is one statement guarded by the state it expects, so a worker that lost its
 claim can never overwrite the outcome written by the one that took over.
 
-Waiting is built on a *change token*: read ``backend.change_token`` (after
-one's own writes), look at the store, and if there is nothing to do, ``await backend.wait_for_change(token,
+Waiting is built on a *change token*: read ``backend.change_token``, look at
+the store, and if there is nothing to do, ``await backend.wait_for_change(token,
 timeout)``. It returns at once if anything changed since the token was read,
 as soon as a write in this process commits, or when the backend notices a
 write by another process (SQLite: ``PRAGMA data_version``; PostgreSQL:
@@ -128,8 +128,8 @@ class Backend:
         self._wake_watchers()
 
     def _mark_changed(self) -> None:
-        """Move the token. Backends call it before releasing the lock of the write that changed things,
-        so that a token read after a write of one's own never hides a later write by someone else."""
+        """Move the token. Backends call it for writes that changed something, and only for those:
+        a worker whose claim found nothing must not wake itself."""
         with self._watch_lock:
             self._change_count += 1
 

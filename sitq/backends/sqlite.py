@@ -244,7 +244,9 @@ class SQLiteBackend(Backend):
                     result = fn(conn, *args)
                     if not write:
                         return result
-                    self._mark_changed()
+                    result, changed = result
+                    if changed:  # a write that changed nothing must not wake anyone, or idle workers spin
+                        self._mark_changed()
                 except sqlite3.Error as exc:
                     if conn.in_transaction:
                         conn.rollback()
@@ -271,6 +273,8 @@ class SQLiteBackend(Backend):
         return result
 
     async def _write(self, fn, *args):
+        """Run ``fn(conn, *args) -> (result, changed)`` as ``_run`` does, and move the change
+        token (waking waiters) if it changed anything."""
         return await self._run(fn, *args, write=True)
 
     # -- producers ---------------------------------------------------------
@@ -345,13 +349,14 @@ class SQLiteBackend(Backend):
 # -- statements run under the backend's lock ---------------------------------
 
 
-def _insert(conn: sqlite3.Connection, rows: list) -> None:
+def _insert(conn: sqlite3.Connection, rows: list) -> tuple:
     if len(rows) == 1:
         conn.execute(INSERT_TASK, rows[0])
-        return
+        return None, True
     conn.execute("BEGIN IMMEDIATE")
     conn.executemany(INSERT_TASK, rows)
     conn.execute("COMMIT")
+    return None, True
 
 
 def _finish_and_claim(conn, worker_id, outcomes, limit, now, lease_until):
@@ -365,7 +370,7 @@ def _finish_and_claim(conn, worker_id, outcomes, limit, now, lease_until):
         claimed = sorted((ClaimedTask(*row) for row in rows), key=lambda t: t.seq)
     if batch:
         conn.execute("COMMIT")
-    return stored, claimed
+    return (stored, claimed), any(stored) or bool(claimed)
 
 
 def _outcome_statement(o: Outcome, worker_id: str) -> tuple:
@@ -390,7 +395,7 @@ def _requeue_expired(conn, now) -> int:
     count += conn.execute(EXPIRED_TOO_OFTEN, (now, lost, now, LOST_WORKER_LIMIT)).rowcount
     count += conn.execute(EXPIRED_REQUEUED, (now,)).rowcount
     conn.execute("COMMIT")
-    return count
+    return count, count > 0
 
 
 def _cancel(conn, task_id, now):
@@ -404,18 +409,21 @@ def _cancel(conn, task_id, now):
     else:
         state = None
     conn.execute("COMMIT")
-    return state
+    return state, state in ("cancelled", "requested")
 
 
 def _execute_count(conn, sql, params) -> int:
     return conn.execute(sql, params).rowcount
 
 
-def _execute_many(conn, sql, rows) -> None:
-    if rows:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(sql, rows)
-        conn.execute("COMMIT")
+def _execute_many(conn, sql, rows) -> tuple:
+    if not rows:
+        return None, False
+    before = conn.total_changes
+    conn.execute("BEGIN IMMEDIATE")
+    conn.executemany(sql, rows)
+    conn.execute("COMMIT")
+    return None, conn.total_changes > before
 
 
 def _fetch_one(conn, sql, params):
