@@ -299,8 +299,8 @@ class Worker:
         if token is not None and not self.backend.watch(fut, token):
             return  # the store changed while we were looking
         self._wake = fut
-        if self._outcomes or self._stopping:
-            _resolve(fut)  # it happened while we were getting ready to wait
+        if self._outcomes or (self._stopping and token is not None):
+            _resolve(fut)  # it happened while we were getting ready to wait (to claim more)
         timer = loop.call_later(timeout, _resolve, fut) if timeout is not None else None
         try:
             await fut
