@@ -45,8 +45,13 @@ def test_folder_that_cannot_be_written_is_named(tmp_path, run):
 
 
 def test_new_files_are_private_to_their_owner(db_path, run):
-    enqueue(db_path, run)
-    assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
+    async def go():
+        async with TaskQueue(SQLiteBackend(db_path)) as queue:
+            await queue.enqueue(taskfuncs.add, 1, 2)
+            # the write-ahead log and shared-memory files exist while a connection is open
+            return {p.name: stat.S_IMODE(p.stat().st_mode) for p in db_path.parent.glob("tasks.db*")}
+
+    assert run(go()) == {"tasks.db": 0o600, "tasks.db-wal": 0o600, "tasks.db-shm": 0o600}
 
 
 def test_file_that_is_not_a_database(db_path, run):
