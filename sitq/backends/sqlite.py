@@ -630,7 +630,9 @@ class _ChangeWatcher(threading.Thread):
         except sqlite3.Error:
             return  # the main connection reports the problem; waiters fall back to their timeouts
         try:
-            last = conn.execute("PRAGMA data_version").fetchone()[0]
+            # No baseline: a write that landed after a waiter read its token but before this
+            # connection first looked must still wake it, so the first look always notifies.
+            last = None
             last_change = time.monotonic()
             while not self._stopped.is_set():
                 if not backend.has_watchers:
