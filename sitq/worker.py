@@ -139,7 +139,9 @@ def progress(done: float, total: Optional[float] = None, message: Optional[str] 
         report(*value)
         return True
     running.progress = value
-    running.worker._progress_changed.add(running)
+    worker = running.worker
+    with worker._progress_lock:  # task threads add while the loop swaps the set out
+        worker._progress_changed.add(running)
     return True
 
 
@@ -201,6 +203,7 @@ class Worker:
         self._average_run = None  # moving average of task run times, in seconds
         self._outcomes: list[Outcome] = []
         self._progress_changed: set[_Running] = set()
+        self._progress_lock = threading.Lock()
         self._wake: Optional[asyncio.Future] = None
         self._stopping = False
         self._done: Optional[asyncio.Event] = None
@@ -377,9 +380,12 @@ class Worker:
             self._loop_runs.add(task)  # owned: asyncio keeps only weak references to tasks
             task.add_done_callback(self._loop_runs.discard)
         else:
-            if self._threads is None:
-                self._threads = _Threads(self.worker_id)
-            self._threads.submit(lambda: self._run_in_thread(run))
+            self._thread_pool().submit(lambda: self._run_in_thread(run))
+
+    def _thread_pool(self) -> "_Threads":
+        if self._threads is None:
+            self._threads = _Threads(self.worker_id)
+        return self._threads
 
     async def _run_on_loop(self, run: _Run) -> None:
         """Run a run's jobs in order: coroutines here, plain functions in a thread."""
@@ -390,8 +396,7 @@ class Worker:
                 await asyncio.wait([job.handle])
             else:
                 done = self._loop.create_future()
-                self._threads = self._threads or _Threads(self.worker_id)
-                self._threads.submit(lambda: self._settle_from_thread([(job, self._call_in_thread(job))], done))
+                self._thread_pool().submit(lambda: self._settle_from_thread([(job, self._call_in_thread(job))], done))
                 await done
 
     async def _run_coroutine(self, running: _Running) -> None:
@@ -509,7 +514,8 @@ class Worker:
             return  # a thread that returned after its timeout or cancel: discard
         running.settled = True
         self._active.pop(running.task.seq, None)
-        self._progress_changed.discard(running)
+        with self._progress_lock:
+            self._progress_changed.discard(running)
         self._outcomes.append(outcome)
         run = running.run
         if run is not None:
@@ -524,8 +530,8 @@ class Worker:
         """Store progress, act on cancel requests, renew leases, and requeue tasks whose worker died."""
         backend = self.backend
         loop = asyncio.get_running_loop()
-        renew_every = self.lease / 3
-        next_renew = next_sweep = loop.time()
+        beat = self.lease / 3
+        next_beat = loop.time()
         while True:
             try:
                 await self._flush_progress()
@@ -534,23 +540,22 @@ class Worker:
                         if seq in self._active:
                             self._stop_task(self._active[seq], "cancel")
                 now = loop.time()
-                if now >= next_renew:
-                    next_renew = now + renew_every
+                if now >= next_beat:
+                    next_beat = now + beat
                     if self._active:
                         await backend.renew(self.worker_id, self.clock() + self.lease)
-                if now >= next_sweep:
-                    next_sweep = now + renew_every
                     requeued = await backend.requeue_expired(self.clock())
                     if requeued:
                         log.warning("requeued %d task(s) whose worker stopped renewing its lease", requeued)
             except SitqError:
                 log.exception("worker %s: side task failed; trying again shortly", self.worker_id)
-            await asyncio.sleep(min(self.progress_interval, renew_every))
+            await asyncio.sleep(min(self.progress_interval, beat))
 
     async def _flush_progress(self) -> None:
         if not self._progress_changed:
             return
-        changed, self._progress_changed = self._progress_changed, set()
+        with self._progress_lock:
+            changed, self._progress_changed = self._progress_changed, set()
         rows = [(r.task.seq, r.task.attempts, *r.progress) for r in changed if r.progress is not None]
         await self.backend.set_progress(self.worker_id, rows)
 
