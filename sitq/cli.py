@@ -50,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--quiet", "-q", action="store_true", help="log warnings only")
     worker.set_defaults(run=run_worker)
 
-    status = commands.add_parser("status", help="counts per state and the most recent tasks")
+    status = commands.add_parser(
+        "status", help="counts per state and the most recent tasks (read-only: changes nothing in the file)"
+    )
     status.add_argument("path", help="the queue's SQLite file")
     status.add_argument("--limit", "-n", type=_positive_int, default=15, help="how many recent tasks (default 15)")
     status.set_defaults(run=run_status)
@@ -70,9 +72,10 @@ def _positive_int(text: str) -> int:
 
 
 def _existing_backend(path: str) -> SQLiteBackend:
+    """The store at ``path``, opened read-only: looking never creates, upgrades or changes a file."""
     if not os.path.exists(path):
         raise SitqError(f"there is no sitq database at {path!r}; check the path (sitq demo makes one)")
-    return SQLiteBackend(path)
+    return SQLiteBackend(path, read_only=True)
 
 
 # -- sitq worker ---------------------------------------------------------------

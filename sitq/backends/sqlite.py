@@ -42,7 +42,7 @@ from sitq.errors import BackendError, SchemaVersionError
 
 __all__ = ["SQLiteBackend"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x73697471  # "sitq"
 
 SCHEMA = """
@@ -69,13 +69,31 @@ CREATE TABLE sitq_tasks (
     output           TEXT,
     progress_done    REAL,
     progress_total   REAL,
-    progress_message TEXT
+    progress_message TEXT,
+    lost             INTEGER NOT NULL DEFAULT 0,
+    value_signature  BLOB
+);
+-- Facts about the store itself, such as whether its payloads must be signed.
+CREATE TABLE sitq_meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 -- One index serves the claim (pending, oldest eta first), the next eta, and the counts per state;
 -- each index costs every insert about as much as the insert itself, so there are few.
 CREATE INDEX sitq_tasks_state ON sitq_tasks (status, eta, seq);
 CREATE INDEX sitq_tasks_leases ON sitq_tasks (worker_id, lease_until) WHERE status = 'running';
+CREATE INDEX sitq_tasks_suspects ON sitq_tasks (eta, seq) WHERE status = 'pending' AND lost > 0;
 """
+
+# Each step takes a file from the version before it to the next one, in one transaction.
+MIGRATIONS = {
+    1: """
+ALTER TABLE sitq_tasks ADD COLUMN lost INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sitq_tasks ADD COLUMN value_signature BLOB;
+CREATE TABLE sitq_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE INDEX sitq_tasks_suspects ON sitq_tasks (eta, seq) WHERE status = 'pending' AND lost > 0;
+""",
+}
 
 INSERT_TASK = """
 INSERT INTO sitq_tasks (id, name, status, func, args, signature, max_attempts, eta, enqueued_at)
@@ -185,7 +203,12 @@ class SQLiteBackend(Backend):
     ``lock_timeout`` is how long a statement keeps retrying while another
     process holds the write lock before sitq gives up with ``BackendError``;
     ``change_check_interval`` is the fastest rate at which other processes'
-    writes are looked for while something waits.
+    writes are looked for while something waits. With ``read_only`` the file
+    must exist and is never written, created, upgraded or switched to WAL
+    (``sitq status`` opens it so); writes then fail with ``BackendError``.
+
+    Before changing anything in a file, sitq checks that the file is its own
+    (or new and empty): another application's database is left exactly as it was.
     """
 
     def __init__(
@@ -194,9 +217,13 @@ class SQLiteBackend(Backend):
         *,
         lock_timeout: float = 60.0,
         change_check_interval: float = 0.001,
+        read_only: bool = False,
     ) -> None:
         super().__init__()
         self.path = _parse_path(path)
+        self.read_only = bool(read_only)
+        if self.read_only and self.path == MEMORY:
+            raise ValueError("a ':memory:' store cannot be opened read-only: it starts empty")
         self.lock_timeout = lock_timeout
         self.change_check_interval = change_check_interval
         self._lock = threading.RLock()
@@ -204,7 +231,8 @@ class SQLiteBackend(Backend):
         self._watcher: Optional[_ChangeWatcher] = None
 
     def __repr__(self) -> str:
-        return f"SQLiteBackend({self.path!r})"
+        mode = ", read_only=True" if self.read_only else ""
+        return f"SQLiteBackend({self.path!r}{mode})"
 
     @property
     def is_memory(self) -> bool:
@@ -213,7 +241,18 @@ class SQLiteBackend(Backend):
     # -- lifecycle ---------------------------------------------------------
 
     async def connect(self) -> None:
-        self._connection()
+        """Open the file and check, create or upgrade its schema. Safe to call twice.
+
+        Another process setting up the same new file at the same moment holds a lock
+        for a moment; sitq waits for it as for any lock, without blocking the loop.
+        """
+        if self._conn is None:
+            await self._retry_while_busy(self._open_once)
+
+    def _open_once(self) -> None:
+        with self._lock:
+            if self._conn is None:
+                self._conn = _open(self.path, self.read_only)
 
     async def close(self) -> None:
         watcher, self._watcher = self._watcher, None
@@ -224,18 +263,36 @@ class SQLiteBackend(Backend):
             if conn is not None:
                 conn.close()
 
-    def _connection(self) -> sqlite3.Connection:
-        conn = self._conn
-        if conn is None:
-            with self._lock:
-                if self._conn is None:
-                    self._conn = _open(self.path)
-                conn = self._conn
-        return conn
+    async def _retry_while_busy(self, attempt):
+        """Call ``attempt()`` until it does not fail with SQLite's busy error, sleeping between tries."""
+        delay = 0.001
+        deadline = None
+        while True:
+            try:
+                return attempt()
+            except sqlite3.Error as exc:
+                if not _is_busy(exc):
+                    raise _translate(exc, self.path) from exc
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.lock_timeout
+            elif now >= deadline:
+                raise self._locked_error()
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.05)
+
+    def _locked_error(self) -> BackendError:
+        return BackendError(
+            f"the sitq database {self.path!r} stayed locked by another process for "
+            f"{self.lock_timeout:g} s; a process may be stuck holding a write transaction "
+            "(look for it with `fuser`), or raise lock_timeout"
+        )
 
     async def _run(self, fn, *args, write: bool = False):
         """Run ``fn(conn, *args)`` under the lock, retrying while another process holds the lock."""
-        conn = self._connection()
+        if self._conn is None:
+            await self.connect()
+        conn = self._conn
         delay = 0.001
         deadline = None
         while True:
@@ -251,7 +308,7 @@ class SQLiteBackend(Backend):
                     if conn.in_transaction:
                         conn.rollback()
                     if not _is_busy(exc):
-                        raise _translate(exc, self.path) from exc
+                        raise _translate(exc, self.path, self.read_only) from exc
                 except BaseException:
                     if conn.in_transaction:
                         conn.rollback()
@@ -262,11 +319,7 @@ class SQLiteBackend(Backend):
             if deadline is None:
                 deadline = now + self.lock_timeout
             elif now >= deadline:
-                raise BackendError(
-                    f"the sitq database {self.path!r} stayed locked by another process for "
-                    f"{self.lock_timeout:g} s; a process may be stuck holding a write transaction "
-                    "(look for it with `fuser`), or raise lock_timeout"
-                )
+                raise self._locked_error()
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.05)
         self._wake_watchers()
@@ -498,22 +551,42 @@ def _parse_path(path: Union[str, os.PathLike]) -> str:
     return path
 
 
-def _open(path: str) -> sqlite3.Connection:
+def _connect(path: str, read_only: bool) -> sqlite3.Connection:
+    """A raw connection: read-only ones cannot write to the file, create it, or change its mode."""
+    if read_only and path != MEMORY:
+        return sqlite3.connect(
+            Path(path).resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
+    return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+
+
+def _open(path: str, read_only: bool) -> sqlite3.Connection:
+    """Open the store, check that it is sitq's before changing anything, then set it up.
+
+    A busy error (another process holds a lock, for example while it sets up the same new
+    file) is raised as it is, for the caller to wait and try again; other errors are
+    translated into messages that say what to do.
+    """
     if path != MEMORY:
-        _create_private_file(path)
+        if read_only:
+            if not os.path.exists(path):
+                raise BackendError(f"there is no sitq database at {path!r}; check the path")
+        else:
+            _create_private_file(path)
     try:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn = _connect(path, read_only)
     except sqlite3.Error as exc:
         raise _translate(exc, path) from exc
     try:
-        conn.execute("PRAGMA busy_timeout = 5000")  # setup only; statements later never wait inside SQLite
-        if path != MEMORY:
-            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA busy_timeout = 0")  # never wait inside SQLite: sitq's retry waits without blocking
+        _ensure_schema(conn, path, read_only)
+        if path != MEMORY and not read_only:
+            conn.execute("PRAGMA journal_mode = WAL")  # only now that the file is known to be sitq's
         conn.execute("PRAGMA synchronous = NORMAL")
-        _ensure_schema(conn, path)
-        conn.execute("PRAGMA busy_timeout = 0")
     except sqlite3.Error as exc:
         conn.close()
+        if _is_busy(exc):
+            raise
         raise _translate(exc, path) from exc
     except BaseException:
         conn.close()
@@ -539,43 +612,64 @@ def _create_private_file(path: str) -> None:
     os.close(fd)
 
 
-def _ensure_schema(conn: sqlite3.Connection, path: str) -> None:
-    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if app_id == APPLICATION_ID and version == SCHEMA_VERSION:
+def _ensure_schema(conn: sqlite3.Connection, path: str, read_only: bool) -> None:
+    """Create the schema in a new file, or upgrade an older sitq's file, in one transaction.
+
+    Only reads happen until the file is known to be sitq's (or new and empty): a file that
+    belongs to another application is left exactly as it was.
+    """
+    version = _schema_version(conn, path)
+    if version == SCHEMA_VERSION:
         return
+    if read_only:
+        if version == 0:
+            raise BackendError(f"{path!r} is empty: no sitq queue has been stored there yet")
+        return  # an older sitq's file is read as it is; the next worker or queue upgrades it
     conn.execute("BEGIN IMMEDIATE")
     try:
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if app_id == 0:
-            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if tables:
-                raise BackendError(
-                    f"{path!r} is a SQLite database that sitq did not create; it holds other "
-                    "tables, so sitq leaves it alone. Give sitq a path of its own."
-                )
-        elif app_id != APPLICATION_ID:
-            raise BackendError(
-                f"{path!r} belongs to another application (SQLite application_id {app_id:#x}); "
-                "give sitq a path of its own"
-            )
-        elif version > SCHEMA_VERSION:
-            raise SchemaVersionError(
-                f"{path!r} was written by a newer sitq (schema version {version}; this sitq reads up "
-                f"to {SCHEMA_VERSION}); upgrade sitq (pip install -U sitq) to use it"
-            )
-        if app_id == 0:  # a new, empty file: create the schema
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+        version = _schema_version(conn, path)  # another process may have set it up meanwhile
+        if version == 0:
+            _execute_script(conn, SCHEMA)
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        else:
+            for step in range(version, SCHEMA_VERSION):
+                _execute_script(conn, MIGRATIONS[step])
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.rollback()
         raise
+
+
+def _schema_version(conn: sqlite3.Connection, path: str) -> int:
+    """The sitq schema version of the file, 0 for a new empty file; raises for anyone else's file."""
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if app_id == APPLICATION_ID:
+        if version > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"{path!r} was written by a newer sitq (schema version {version}; this sitq reads up "
+                f"to {SCHEMA_VERSION}); upgrade sitq (pip install -U sitq) to use it"
+            )
+        return version
+    if app_id != 0:
+        raise BackendError(
+            f"{path!r} belongs to another application (SQLite application_id {app_id:#x}); "
+            "give sitq a path of its own"
+        )
+    if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+        raise BackendError(
+            f"{path!r} is a SQLite database that sitq did not create; it holds other "
+            "tables, so sitq leaves it alone. Give sitq a path of its own."
+        )
+    return 0
+
+
+def _execute_script(conn: sqlite3.Connection, script: str) -> None:
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
@@ -586,10 +680,12 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return "database is locked" in text or "database table is locked" in text
 
 
-def _translate(exc: sqlite3.Error, path: str) -> BackendError:
+def _translate(exc: sqlite3.Error, path: str, read_only: bool = False) -> BackendError:
     """One place that turns SQLite's errors into messages that say what to do."""
     text = str(exc)
-    if "file is not a database" in text or "malformed" in text:
+    if read_only and "readonly" in text:
+        advice = "this backend opened the file read-only (read_only=True); open it without read_only to write"
+    elif "file is not a database" in text or "malformed" in text:
         advice = (
             "it is not a SQLite database or it is damaged; if it is a copy, restore it, "
             "otherwise give sitq a new path (sqlite3's .recover can save what is left)"
@@ -626,7 +722,7 @@ class _ChangeWatcher(threading.Thread):
     def run(self) -> None:
         backend = self.backend
         try:
-            conn = sqlite3.connect(backend.path, isolation_level=None, check_same_thread=False)
+            conn = _connect(backend.path, backend.read_only)
         except sqlite3.Error:
             return  # the main connection reports the problem; waiters fall back to their timeouts
         try:
