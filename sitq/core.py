@@ -149,6 +149,7 @@ class ClaimedTask:
     args: bytes
     signature: Optional[bytes]
     attempts: int
+    lost: int = 0  # times it lost its worker before: a suspect, run alone (see backends.base)
 
 
 @dataclass

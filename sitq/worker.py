@@ -205,6 +205,8 @@ class Worker:
         self._progress_changed: set[_Running] = set()
         self._progress_lock = threading.Lock()
         self._wake: Optional[asyncio.Future] = None
+        self._suspect: Optional[int] = None  # the seq of a suspect running alone here
+        self._suspects_waiting = False
         self._stopping = False
         self._done: Optional[asyncio.Event] = None
         self._threads: Optional[_Threads] = None
@@ -268,16 +270,19 @@ class Worker:
             # (Writes that change nothing move no token, so an idle worker does not wake itself.)
             token = backend.change_token
             outcomes, self._outcomes = self._outcomes, []
-            free = 0 if self._stopping else self.max_concurrency - self._busy_slots
+            free = self._free_slots()
             claimed: list[ClaimedTask] = []
             if outcomes or free:
                 await self._flush_progress()
                 now = self.clock()
+                alone = not self._active  # only then may it take a suspect, which runs alone
                 stored, claimed = await backend.finish_and_claim(
-                    self.worker_id, outcomes, free * self._run_length(), now, now + self.lease
+                    self.worker_id, outcomes, free * self._run_length(), now, now + self.lease, alone=alone
                 )
                 self._count(outcomes, stored)
                 if claimed:
+                    if claimed[0].lost:
+                        self._suspect, self._suspects_waiting = claimed[0].seq, False
                     self._launch(claimed, free)
             if not self._active and not self._outcomes and (self._stopping or (until_empty and not claimed)):
                 if until_empty and not self._stopping and await backend.requeue_expired(self.clock()):
@@ -285,9 +290,16 @@ class Worker:
                 return
             if self._outcomes:
                 continue
-            can_claim = not self._stopping and self._busy_slots < self.max_concurrency
+            can_claim = self._free_slots() > 0
             timeout = await self._idle_timeout() if can_claim else None
             await self._wait(token if can_claim else None, timeout)
+
+    def _free_slots(self) -> int:
+        """Slots to claim tasks for now. None while a suspect runs (it runs alone), and none while
+        suspects wait and tasks still run here, so that this worker empties and can take one."""
+        if self._stopping or self._suspect is not None or (self._suspects_waiting and self._active):
+            return 0
+        return self.max_concurrency - self._busy_slots
 
     async def _idle_timeout(self) -> float:
         next_eta = await self.backend.next_eta()
@@ -514,6 +526,8 @@ class Worker:
             return  # a thread that returned after its timeout or cancel: discard
         running.settled = True
         self._active.pop(running.task.seq, None)
+        if running.task.seq == self._suspect:
+            self._suspect = None
         with self._progress_lock:
             self._progress_changed.discard(running)
         self._outcomes.append(outcome)
@@ -547,6 +561,10 @@ class Worker:
                     requeued = await backend.requeue_expired(self.clock())
                     if requeued:
                         log.warning("requeued %d task(s) whose worker stopped renewing its lease", requeued)
+                    waiting = bool(self._active) and await backend.suspects_waiting(self.clock())
+                    if waiting != self._suspects_waiting:
+                        self._suspects_waiting = waiting
+                        self._signal()  # claim again once the suspects are gone
             except SitqError:
                 log.exception("worker %s: side task failed; trying again shortly", self.worker_id)
             await asyncio.sleep(min(self.progress_interval, beat))

@@ -202,3 +202,11 @@ def fail_at_gate_once(name, path):
         wait_at_gate(name)
         raise ValueError("the first call fails")
     return n
+
+
+def kill_own_worker(path, x, after):
+    """Log a start, then end the whole worker process, as a segfault or os._exit in a library would."""
+    with open(path, "a") as f:
+        f.write(f"start {x} {os.getpid()}\n")
+    time.sleep(after)
+    os._exit(70)

@@ -20,7 +20,24 @@ from typing import Optional, Sequence
 
 from sitq.core import ClaimedTask, NewTask, Outcome, QueueOverview, Result, TaskInfo
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "LOST_WORKER_LIMIT", "lost_worker_error"]
+
+# A task whose worker stops renewing its lease (killed, crashed, frozen) is put back, and
+# counted: it has "lost its worker". It might be the cause (os._exit, a segfault, the OOM
+# killer), or an innocent bystander of a task beside it. So a task that has lost its worker
+# is a *suspect*: it is only claimed by a worker with nothing else running, and runs there
+# alone. An innocent suspect then simply finishes, and only the culprit keeps killing its
+# worker; the LOST_WORKER_LIMIT-th loss fails it with ``lost_worker_error``.
+LOST_WORKER_LIMIT = 3
+
+
+def lost_worker_error(losses: int) -> str:
+    return (
+        f"WorkerLostError: the worker running this task was lost {losses} times (it stopped renewing the "
+        "task's lease: killed, crashed or frozen), the last times with this task running alone in it; "
+        "the task is taken to be what kills its worker (os._exit, a crash in native code, running out "
+        "of memory) and is not run again"
+    )
 
 
 class Backend:
@@ -49,8 +66,16 @@ class Backend:
 
     # -- workers -----------------------------------------------------------
 
-    async def claim(self, worker_id: str, limit: int, now: float, lease_until: float) -> list[ClaimedTask]:
-        """Atomically mark up to ``limit`` ready tasks running for this worker, oldest first."""
+    async def claim(
+        self, worker_id: str, limit: int, now: float, lease_until: float, *, alone: bool = True
+    ) -> list[ClaimedTask]:
+        """Atomically mark up to ``limit`` ready tasks running for this worker, oldest first.
+
+        Suspects (tasks that lost their worker before, ``lost > 0``) are claimed only by a
+        worker that runs nothing else (``alone``), one at a time: when one is ready, it is
+        the only task returned. A worker that is running tasks passes ``alone=False`` and
+        gets only tasks that never lost a worker.
+        """
         raise NotImplementedError
 
     async def finish(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[bool]:
@@ -62,12 +87,24 @@ class Backend:
         raise NotImplementedError
 
     async def finish_and_claim(
-        self, worker_id: str, outcomes: Sequence[Outcome], limit: int, now: float, lease_until: float
+        self,
+        worker_id: str,
+        outcomes: Sequence[Outcome],
+        limit: int,
+        now: float,
+        lease_until: float,
+        *,
+        alone: bool = True,
     ) -> tuple[list[bool], list[ClaimedTask]]:
         """``finish`` then ``claim``. Backends override it to do both in one transaction."""
         stored = await self.finish(worker_id, outcomes) if outcomes else []
-        claimed = await self.claim(worker_id, limit, now, lease_until) if limit > 0 else []
+        claimed = await self.claim(worker_id, limit, now, lease_until, alone=alone) if limit > 0 else []
         return stored, claimed
+
+    async def suspects_waiting(self, now: float) -> bool:
+        """Whether a suspect (see :meth:`claim`) is ready: a busy worker then stops claiming
+        until it runs nothing, so that some worker can take the suspect alone."""
+        raise NotImplementedError
 
     async def next_eta(self) -> Optional[float]:
         """When the earliest pending task becomes ready (POSIX seconds), or None if none is pending."""
@@ -80,8 +117,9 @@ class Backend:
     async def requeue_expired(self, now: float) -> int:
         """Deal with running tasks whose lease has expired. Returns how many.
 
-        Cancelled if a cancel was requested; failed if the task has lost its
-        worker too often; otherwise pending again, to be claimed anew.
+        Cancelled if a cancel was requested; failed with ``lost_worker_error`` if this is
+        its ``LOST_WORKER_LIMIT``-th lost worker; otherwise pending again, to be claimed
+        anew, with its count of lost workers raised by one (a suspect).
         """
         raise NotImplementedError
 

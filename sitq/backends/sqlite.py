@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from sitq.backends.base import Backend
+from sitq.backends.base import LOST_WORKER_LIMIT, Backend, lost_worker_error
 from sitq.core import (
     PENDING,
     STATES,
@@ -106,9 +106,25 @@ SET status = 'running', worker_id = ?, started_at = ?, lease_until = ?, attempts
     progress_done = NULL, progress_total = NULL, progress_message = NULL
 WHERE seq IN (
     SELECT seq FROM sitq_tasks INDEXED BY sitq_tasks_state
-    WHERE status = 'pending' AND eta <= ? ORDER BY eta, seq LIMIT ?
+    WHERE status = 'pending' AND eta <= ? AND lost = 0 ORDER BY eta, seq LIMIT ?
 )
-RETURNING seq, id, name, func, args, signature, attempts
+RETURNING seq, id, name, func, args, signature, attempts, lost
+"""
+
+# A task that lost its worker before runs alone: only a worker with nothing running claims it.
+CLAIM_SUSPECT = """
+UPDATE sitq_tasks
+SET status = 'running', worker_id = ?, started_at = ?, lease_until = ?, attempts = attempts + 1,
+    progress_done = NULL, progress_total = NULL, progress_message = NULL
+WHERE seq IN (
+    SELECT seq FROM sitq_tasks INDEXED BY sitq_tasks_suspects
+    WHERE status = 'pending' AND lost > 0 AND eta <= ? ORDER BY eta, seq LIMIT 1
+)
+RETURNING seq, id, name, func, args, signature, attempts, lost
+"""
+
+SUSPECTS_WAITING = """
+SELECT 1 FROM sitq_tasks INDEXED BY sitq_tasks_suspects WHERE status = 'pending' AND lost > 0 AND eta <= ? LIMIT 1
 """
 
 FINISH_TASK = """
@@ -145,9 +161,9 @@ RENEW_LEASES = """
 UPDATE sitq_tasks SET lease_until = ? WHERE worker_id = ? AND status = 'running'
 """
 
-# Tasks whose worker stopped renewing the lease: cancelled if that was asked for, failed
-# once they have been lost too often (a task that kills its worker must not loop), else
-# claimable again.
+# Tasks whose worker stopped renewing the lease: cancelled if that was asked for, failed on
+# their LOST_WORKER_LIMIT-th lost worker (a task that kills its worker must not loop), else
+# claimable again as suspects, which run alone (see LOST_WORKER_LIMIT in backends.base).
 EXPIRED_CANCELLED = """
 UPDATE sitq_tasks SET status = 'cancelled', finished_at = ?, lease_until = NULL
 WHERE status = 'running' AND lease_until < ? AND cancel_requested = 1
@@ -155,11 +171,11 @@ WHERE status = 'running' AND lease_until < ? AND cancel_requested = 1
 
 EXPIRED_TOO_OFTEN = """
 UPDATE sitq_tasks SET status = 'failed', finished_at = ?, lease_until = NULL, error = ?, traceback = NULL
-WHERE status = 'running' AND lease_until < ? AND attempts >= max_attempts + ?
+WHERE status = 'running' AND lease_until < ? AND lost + 1 >= ?
 """
 
 EXPIRED_REQUEUED = """
-UPDATE sitq_tasks SET status = 'pending', worker_id = NULL, lease_until = NULL
+UPDATE sitq_tasks SET status = 'pending', worker_id = NULL, lease_until = NULL, lost = lost + 1
 WHERE status = 'running' AND lease_until < ?
 """
 
@@ -187,8 +203,6 @@ SELECT_RECENT = f"SELECT {INFO_COLUMNS} FROM sitq_tasks ORDER BY seq DESC LIMIT 
 COUNT_BY_STATUS = "SELECT status, count(*) FROM sitq_tasks GROUP BY status"
 
 MEMORY = ":memory:"
-# How many times a task may lose its worker (beyond its retries) before it fails.
-LOST_WORKER_LIMIT = 5
 NO_PROGRESS = (None, None, None)
 
 
@@ -338,14 +352,17 @@ class SQLiteBackend(Backend):
 
     # -- workers -----------------------------------------------------------
 
-    async def claim(self, worker_id, limit, now, lease_until):
-        return (await self.finish_and_claim(worker_id, (), limit, now, lease_until))[1]
+    async def claim(self, worker_id, limit, now, lease_until, *, alone=True):
+        return (await self.finish_and_claim(worker_id, (), limit, now, lease_until, alone=alone))[1]
 
     async def finish(self, worker_id, outcomes):
         return (await self.finish_and_claim(worker_id, outcomes, 0, 0.0, 0.0))[0]
 
-    async def finish_and_claim(self, worker_id, outcomes, limit, now, lease_until):
-        return await self._write(_finish_and_claim, worker_id, outcomes, limit, now, lease_until)
+    async def finish_and_claim(self, worker_id, outcomes, limit, now, lease_until, *, alone=True):
+        return await self._write(_finish_and_claim, worker_id, outcomes, limit, now, lease_until, alone)
+
+    async def suspects_waiting(self, now):
+        return await self._run(_fetch_one, SUSPECTS_WAITING, (now,)) is not None
 
     async def next_eta(self):
         return (await self._run(_fetch_one, NEXT_ETA, ()))[0]
@@ -412,14 +429,18 @@ def _insert(conn: sqlite3.Connection, rows: list) -> tuple:
     return None, True
 
 
-def _finish_and_claim(conn, worker_id, outcomes, limit, now, lease_until):
+def _finish_and_claim(conn, worker_id, outcomes, limit, now, lease_until, alone):
     batch = bool(outcomes) and limit > 0 or len(outcomes) > 1
     if batch:
         conn.execute("BEGIN IMMEDIATE")
     stored = [conn.execute(*_outcome_statement(o, worker_id)).rowcount == 1 for o in outcomes]
     claimed = []
     if limit > 0:
-        rows = conn.execute(CLAIM_TASKS, (worker_id, now, lease_until, now, limit)).fetchall()
+        rows = []
+        if alone:
+            rows = conn.execute(CLAIM_SUSPECT, (worker_id, now, lease_until, now)).fetchall()
+        if not rows:
+            rows = conn.execute(CLAIM_TASKS, (worker_id, now, lease_until, now, limit)).fetchall()
         claimed = sorted((ClaimedTask(*row) for row in rows), key=lambda t: t.seq)
     if batch:
         conn.execute("COMMIT")
@@ -438,11 +459,7 @@ def _outcome_statement(o: Outcome, worker_id: str) -> tuple:
 
 
 def _requeue_expired(conn, now) -> int:
-    lost = (
-        f"WorkerLostError: the worker running this task stopped renewing its lease too often "
-        f"(more than {LOST_WORKER_LIMIT} times beyond its retries); it may crash its worker, so "
-        "it is not run again"
-    )
+    lost = lost_worker_error(LOST_WORKER_LIMIT)
     conn.execute("BEGIN IMMEDIATE")
     count = conn.execute(EXPIRED_CANCELLED, (now, now)).rowcount
     count += conn.execute(EXPIRED_TOO_OFTEN, (now, lost, now, LOST_WORKER_LIMIT)).rowcount
