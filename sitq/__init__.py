@@ -2,15 +2,15 @@
 
 An asyncio task queue with an embedded SQLite store, made for Jupyter::
 
-    from sitq import TaskQueue, SQLiteBackend, Worker
+    from sitq import TaskQueue, Worker
 
-    backend = SQLiteBackend("tasks.db")
-    queue = TaskQueue(backend=backend)
+    queue = TaskQueue("tasks.db")            # a path, sqlite:///path or postgresql://...
     task_id = await queue.enqueue(pow, 2, 10)
+    await Worker("tasks.db").drain()         # or: sitq worker tasks.db
     result = await queue.get_result(task_id)
 """
 
-from sitq.backends import Backend, SQLiteBackend
+from sitq.backends import Backend, SQLiteBackend, open_backend
 from sitq.core import QueueOverview, Result, TaskInfo
 from sitq.errors import (
     BackendError,
@@ -56,6 +56,7 @@ __all__ = [
     "TaskQueue",
     "TaskTimeoutError",
     "Worker",
+    "open_backend",
     "progress",
     "task",
 ]

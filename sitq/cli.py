@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from sitq.backends.sqlite import SQLiteBackend
+from sitq.backends import Backend, describe_target, open_backend
 from sitq.core import FAILED, STATES, SUCCESS, QueueOverview
 from sitq.errors import SitqError
 from sitq.queue import TaskQueue
@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands")
 
     worker = commands.add_parser("worker", help="run tasks from a queue until Ctrl-C or SIGTERM")
-    worker.add_argument("path", help="the queue's SQLite file")
+    worker.add_argument("path", metavar="TARGET", help="the queue's store: a SQLite file path, sqlite:///path or postgresql://...")
     worker.add_argument("--concurrency", "-c", type=_positive_int, default=1, help="tasks at a time (default 1)")
     worker.add_argument("--poll-interval", type=float, default=1.0, help="longest idle wait in seconds (default 1)")
     worker.add_argument("--lease", type=float, default=60.0, help="seconds a claim lasts without renewal (default 60)")
@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser(
         "status", help="counts per state and the most recent tasks (read-only: changes nothing in the file)"
     )
-    status.add_argument("path", help="the queue's SQLite file")
+    status.add_argument("path", metavar="TARGET", help="the queue's store: a SQLite file path, sqlite:///path or postgresql://...")
     status.add_argument("--limit", "-n", type=_positive_int, default=15, help="how many recent tasks (default 15)")
     status.set_defaults(run=run_status)
 
@@ -71,11 +71,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _existing_backend(path: str) -> SQLiteBackend:
-    """The store at ``path``, opened read-only: looking never creates, upgrades or changes a file."""
-    if not os.path.exists(path):
+def _existing_backend(target: str) -> Backend:
+    """The store at ``target``, opened read-only: looking never creates, upgrades or changes a file."""
+    backend = open_backend(target, read_only=True)
+    path = getattr(backend, "path", None)
+    if path is not None and path != ":memory:" and not os.path.exists(path):
         raise SitqError(f"there is no sitq database at {path!r}; check the path (sitq demo makes one)")
-    return SQLiteBackend(path, read_only=True)
+    return backend
 
 
 # -- sitq worker ---------------------------------------------------------------
@@ -86,7 +88,7 @@ async def run_worker(args: argparse.Namespace) -> int:
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    backend = SQLiteBackend(args.path)
+    backend = open_backend(args.path)
     worker = Worker(
         backend, max_concurrency=args.concurrency, poll_interval=args.poll_interval, lease=args.lease
     )
@@ -107,7 +109,10 @@ async def run_worker(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
     logging.getLogger("sitq").info(
-        "worker %s on %s, concurrency %d; Ctrl-C stops it", worker.worker_id, args.path, args.concurrency
+        "worker %s on %s, concurrency %d; Ctrl-C stops it",
+        worker.worker_id,
+        describe_target(args.path),
+        args.concurrency,
     )
     try:
         await (worker.drain() if args.drain else worker.start())
@@ -127,7 +132,7 @@ async def run_status(args: argparse.Namespace) -> int:
         overview = await queue.overview(args.limit)
     console = Console()
     console.print(_counts_line(overview))
-    console.print(_recent_table(overview, title=f"{args.path}: most recent tasks"))
+    console.print(_recent_table(overview, title=f"{describe_target(args.path)}: most recent tasks"))
     return 0
 
 
@@ -176,7 +181,7 @@ async def run_demo(args: argparse.Namespace) -> int:
     from sitq.demo import demo_calls
 
     console = Console()
-    backend = SQLiteBackend(args.path)
+    backend = open_backend(args.path)
     queue = TaskQueue(backend)
     worker = Worker(backend, max_concurrency=args.concurrency, poll_interval=0.2)
     started = time.monotonic()

@@ -9,7 +9,7 @@ import secrets
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from sitq.backends.base import Backend
+from sitq.backends import Backend, Target, open_backend
 from sitq.core import CANCELLED, FAILED, FINISHED_STATES, NewTask, QueueOverview, Result, TaskInfo
 from sitq.errors import InvalidTaskError, SerializationError, TaskCancelledError, TaskFailedError
 from sitq.options import Task
@@ -27,6 +27,10 @@ def new_task_id(now: float) -> str:
 class TaskQueue:
     """Enqueue function calls into a backend and get their results back.
 
+    ``backend`` is a store target: a file path (``"tasks.db"``), a
+    ``sqlite:///`` or ``postgresql://`` URL, or a backend object (see
+    :func:`sitq.open_backend`).
+
     The queue connects to its backend on first use. Use it as ``async with
     TaskQueue(...) as queue:`` or call ``await queue.close()`` when done.
     With ``secret_key`` (or ``SITQ_SECRET_KEY`` in the environment) every
@@ -36,17 +40,13 @@ class TaskQueue:
 
     def __init__(
         self,
-        backend: Backend,
+        backend: Target,
         serializer: Optional[Serializer] = None,
         *,
         secret_key: Optional[Any] = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if not isinstance(backend, Backend):
-            raise TypeError(
-                f"TaskQueue needs a sitq backend such as SQLiteBackend('tasks.db'), not {type(backend).__name__}"
-            )
-        self.backend = backend
+        self.backend = open_backend(backend)
         self.serializer = serializer or CloudpickleSerializer()
         self.clock = clock
         self._signer = signer_from(secret_key)

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any, Callable, Coroutine, Optional, Sequence
 
-from sitq.backends.base import Backend
+from sitq.backends import Target
 from sitq.core import QueueOverview, Result, TaskInfo
 from sitq.errors import SitqError, TaskNotFoundError
 from sitq.queue import TaskQueue
@@ -114,7 +114,7 @@ class SyncTaskQueue:
 
     def __init__(
         self,
-        backend: Backend,
+        backend: Target,
         serializer: Optional[Serializer] = None,
         *,
         secret_key: Optional[Any] = None,

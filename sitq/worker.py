@@ -32,7 +32,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from sitq.backends.base import Backend
+from sitq.backends import Backend, Target, open_backend
 from sitq.core import CANCELLED, FAILED, PENDING, SUCCESS, ClaimedTask, Outcome
 from sitq.errors import InvalidTaskError, SerializationError, SignatureError, SitqError, TaskTimeoutError
 from sitq.options import Task, TaskOptions
@@ -148,6 +148,9 @@ def progress(done: float, total: Optional[float] = None, message: Optional[str] 
 class Worker:
     """Runs tasks from a backend, at most ``max_concurrency`` at a time.
 
+    ``backend`` is a store target: a file path, a ``sqlite:///`` or
+    ``postgresql://`` URL, or a backend object (see :func:`sitq.open_backend`).
+
     ``await worker.start()`` runs until ``await worker.stop()``, which lets
     running tasks finish; ``await worker.drain()`` runs until no task is ready
     or running (tasks whose ``eta`` lies in the future stay queued).
@@ -164,7 +167,7 @@ class Worker:
 
     def __init__(
         self,
-        backend: Backend,
+        backend: Target,
         max_concurrency: int = 1,
         poll_interval: float = 1.0,
         serializer: Optional[Serializer] = None,
@@ -176,16 +179,12 @@ class Worker:
         secret_key: Optional[Any] = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if not isinstance(backend, Backend):
-            raise TypeError(
-                f"Worker needs a sitq backend such as SQLiteBackend('tasks.db'), not {type(backend).__name__}"
-            )
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise InvalidTaskError(f"max_concurrency must be a whole number >= 1, not {max_concurrency!r}")
         for label, seconds in (("poll_interval", poll_interval), ("lease", lease), ("progress_interval", progress_interval)):
             if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
                 raise InvalidTaskError(f"{label} must be a number of seconds > 0, not {seconds!r}")
-        self.backend = backend
+        self.backend = open_backend(backend)
         self.max_concurrency = max_concurrency
         self.poll_interval = float(poll_interval)
         self.serializer = serializer or CloudpickleSerializer()

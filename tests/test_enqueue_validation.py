@@ -85,13 +85,16 @@ def test_task_function_keywords_pass_through(queue, db_path, run):
     assert queue.deserialize_result(run(queue.get_result(task_id, timeout=0))) == 3
 
 
-def test_queue_and_worker_need_a_backend(db_path):
+def test_queue_and_worker_need_a_store(db_path):
     from sitq import Worker
 
-    with pytest.raises(TypeError, match="needs a sitq backend"):
-        TaskQueue(str(db_path))
-    with pytest.raises(TypeError, match="needs a sitq backend"):
-        Worker("tasks.db")
+    for bad in (42, None, [str(db_path)]):
+        with pytest.raises(TypeError, match="a sitq store is a file path, a sqlite:/// or postgresql:// URL"):
+            TaskQueue(bad)
+        with pytest.raises(TypeError, match="a sitq store is a file path"):
+            Worker(bad)
+    with pytest.raises(ValueError, match="cannot open redis:// stores"):
+        TaskQueue("redis://localhost/0")
     backend = SQLiteBackend(db_path)
     for bad in (0, -1, 1.5, True):
         with pytest.raises(InvalidTaskError, match="max_concurrency"):

@@ -31,6 +31,7 @@ def test_public_names_are_pinned():
         "TaskQueue",
         "TaskTimeoutError",
         "Worker",
+        "open_backend",
         "progress",
         "task",
     ]

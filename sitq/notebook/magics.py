@@ -16,8 +16,9 @@ __all__ = ["SitqMagics"]
 
 
 @magic_arguments(name="%sitq start")
-@argument("path", nargs="?", default=None,
-          help=f"SQLite file for the tasks (default: {runtime.DEFAULT_PATH} in the working folder)")
+@argument("path", nargs="?", default=None, metavar="TARGET",
+          help="the store: a SQLite file path, sqlite:///path or postgresql://... "
+               f"(default: {runtime.DEFAULT_PATH} in the working folder)")
 @argument("--concurrency", "-c", type=int, default=None, help="tasks run at once (default 4)")
 @argument("--processes", "-p", type=int, default=None,
           help="run task functions in N processes, for CPU-bound work")

@@ -22,7 +22,7 @@ import os
 import threading
 from typing import Any, Callable, Optional
 
-from sitq.backends.sqlite import SQLiteBackend
+from sitq.backends import describe_target, open_backend
 from sitq.errors import SitqError, TaskNotFoundError
 from sitq.notebook.handle import TaskHandle
 from sitq.notebook.refresher import Refresher
@@ -52,8 +52,8 @@ class Runtime:
 
     def __init__(self, path: str | os.PathLike = DEFAULT_PATH, concurrency: Optional[int] = None,
                  processes: Optional[int] = None, poll_interval: float = 1.0) -> None:
-        self.backend = SQLiteBackend(path)
-        self.path = self.backend.path
+        self.backend = open_backend(path)
+        self.path = getattr(self.backend, "path", None) or describe_target(path)
         self.processes = processes or 0
         self.concurrency = concurrency or max(self.processes, 4)
         self.loop = LoopThread(name="sitq-notebook")
@@ -72,7 +72,7 @@ class Runtime:
 
     def matches(self, path, concurrency, processes) -> bool:
         """Whether asking for these settings means this runtime (None: any)."""
-        return ((path is None or SQLiteBackend(path).path == self.path)
+        return ((path is None or _same_store(path, self.path))
                 and (concurrency is None or concurrency == self.concurrency)
                 and (processes is None or processes == self.processes))
 
@@ -270,3 +270,9 @@ def _stop_at_exit() -> None:
     # A kernel shutting down gets a few seconds; tasks still running then are
     # taken over by another worker once their lease expires.
     stop_worker(timeout=5)
+
+
+def _same_store(target, path: str) -> bool:
+    """Whether ``target`` names the store this runtime has open (``path``)."""
+    backend = open_backend(target)
+    return (getattr(backend, "path", None) or describe_target(target)) == path
