@@ -16,7 +16,7 @@ __all__ = ["SitqMagics"]
 
 
 @magic_arguments(name="%sitq start")
-@argument("path", nargs="?", default=None, metavar="TARGET",
+@argument("path", nargs="?", default=None,
           help="the store: a SQLite file path, sqlite:///path or postgresql://... "
                f"(default: {runtime.DEFAULT_PATH} in the working folder)")
 @argument("--concurrency", "-c", type=int, default=None, help="tasks run at once (default 4)")
