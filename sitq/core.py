@@ -51,6 +51,8 @@ class Result:
     object with ``TaskQueue.deserialize_result``. ``error`` reads
     ``"ExceptionType: message"`` and ``traceback`` is the formatted remote
     traceback. ``output`` is what the task printed, when the worker captured it.
+    ``value_signature`` is the worker's signature of ``value`` in a store used
+    with a secret key; ``deserialize_result`` checks it before unpickling.
     """
 
     task_id: str
@@ -64,6 +66,7 @@ class Result:
     finished_at: Optional[dt.datetime]
     attempts: int
     output: Optional[str] = None
+    value_signature: Optional[bytes] = None
 
     @property
     def duration(self) -> Optional[float]:
@@ -166,3 +169,4 @@ class Outcome:
     output: Optional[str] = None
     progress: Optional[tuple] = field(default=None)  # the last (done, total, message) reported
     retry_at: Optional[float] = None
+    value_signature: Optional[bytes] = None  # the worker's signature of value, with a key

@@ -9,7 +9,7 @@ subclasses it, so callers can catch what they already know::
     │   └── SerializationError                     something could not be (un)pickled
     ├── BackendError                               the store cannot be opened or used
     │   └── SchemaVersionError                     the database was made by a newer sitq
-    ├── SignatureError                             a payload's signature is missing or wrong
+    ├── SignatureError                             a signature or the store's key does not match
     ├── TaskTimeoutError (TimeoutError)            a task ran past its timeout
     ├── TaskNotFoundError (LookupError)            no task with that id (blocking façade)
     ├── TaskFailedError                            the task raised (blocking façade)
@@ -62,7 +62,8 @@ class SchemaVersionError(BackendError):
 
 
 class SignatureError(SitqError):
-    """A task's payload is not signed with the worker's key; it was not unpickled."""
+    """A payload or value is not signed for its task with this key (it was not unpickled),
+    or the store was set up with a key this process does not hold."""
 
 
 class TaskTimeoutError(SitqError, TimeoutError):

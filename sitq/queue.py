@@ -11,12 +11,12 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from sitq.backends import Backend, Target, open_backend
 from sitq.core import CANCELLED, FAILED, FINISHED_STATES, NewTask, QueueOverview, Result, TaskInfo
-from sitq.errors import InvalidTaskError, SerializationError, TaskCancelledError, TaskFailedError
+from sitq.errors import InvalidTaskError, SerializationError, SignatureError, TaskCancelledError, TaskFailedError
 from sitq.options import Task
 from sitq.serialization import CloudpickleSerializer, Serializer, describe_callable
-from sitq.signing import signer_from
+from sitq.signing import HOW_TO_SUPPLY, STORE_KEY_RECORD, Signer, check_store_key, signer_from
 
-__all__ = ["TaskQueue", "new_task_id"]
+__all__ = ["TaskQueue", "new_task_id", "deserialize_value"]
 
 
 def new_task_id(now: float) -> str:
@@ -34,7 +34,11 @@ class TaskQueue:
     The queue connects to its backend on first use. Use it as ``async with
     TaskQueue(...) as queue:`` or call ``await queue.close()`` when done.
     With ``secret_key`` (or ``SITQ_SECRET_KEY`` in the environment) every
-    payload is signed, for workers that only run signed tasks.
+    payload is signed, for workers that only run signed tasks, and only values
+    signed by such a worker are unpickled. A store that was used with a key
+    records it (its fingerprint): a queue without that key may still look at
+    tasks (``status``, ``statuses``, ``overview``, ``cancel``), but refuses to
+    enqueue into it or to fetch results from it, with :class:`SignatureError`.
     ``clock`` returns POSIX seconds; tests pass their own.
     """
 
@@ -51,6 +55,8 @@ class TaskQueue:
         self.clock = clock
         self._signer = signer_from(secret_key)
         self._connected = False
+        self._key_checked = False  # the store's key record was read (and, to enqueue, written)
+        self._store_signed = False  # the store records a key: unsigned values are not to be trusted
 
     def __repr__(self) -> str:
         return f"<TaskQueue backend={self.backend!r}>"
@@ -64,7 +70,7 @@ class TaskQueue:
 
     async def close(self) -> None:
         """Close the backend's connections. Stored tasks stay where they are."""
-        self._connected = False
+        self._connected = self._key_checked = False
         await self.backend.close()
 
     async def _ready(self) -> Backend:
@@ -72,6 +78,23 @@ class TaskQueue:
             await self.backend.connect()
             self._connected = True
         return self.backend
+
+    async def _checked(self, writing: bool) -> Backend:
+        """The backend, once this queue's key fits the store (see the class docstring).
+
+        The store is checked once per connection. A queue with a key records it in a store
+        that has none when it first enqueues: the store is then set up for signing, and its
+        older, unsigned tasks and values are refused by everyone who holds the key.
+        """
+        backend = await self._ready()
+        if not self._key_checked or (writing and self._signer is not None and not self._store_signed):
+            recorded = await backend.get_meta(STORE_KEY_RECORD)
+            if recorded is None and writing and self._signer is not None:
+                recorded = await backend.set_meta_if_absent(STORE_KEY_RECORD, self._signer.fingerprint)
+            check_store_key(self._signer, recorded, repr(backend), "this queue")
+            self._store_signed = recorded is not None
+            self._key_checked = True
+        return backend
 
     # -- enqueueing ----------------------------------------------------------
 
@@ -89,12 +112,12 @@ class TaskQueue:
         name, max_attempts = _describe(func)
         func_bytes = self.serializer.dumps_function(func)
         task = self._new_task(new_task_id(now), name, func_bytes, self.serializer.dumps_arguments(func, args, kwargs), start, now, max_attempts)
-        backend = await self._ready()
+        backend = await self._checked(writing=True)
         await backend.enqueue([task])
         return task.task_id
 
     def _new_task(self, task_id, name, func, args, eta, now, max_attempts) -> NewTask:
-        signature = self._signer.sign(func, args) if self._signer is not None else None
+        signature = self._signer.sign_task(task_id, func, args) if self._signer is not None else None
         return NewTask(task_id, name, func, args, eta, now, max_attempts, signature)
 
     async def map(self, func: Callable, *iterables: Iterable, eta: Any = None) -> list[str]:
@@ -121,7 +144,7 @@ class TaskQueue:
             for args in zip(*iterables)
         ]
         if tasks:
-            backend = await self._ready()
+            backend = await self._checked(writing=True)
             await backend.enqueue(tasks)
         return [task.task_id for task in tasks]
 
@@ -136,7 +159,7 @@ class TaskQueue:
         """
         _check_task_id(task_id)
         _check_timeout(timeout)
-        backend = await self._ready()
+        backend = await self._checked(writing=False)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
@@ -155,7 +178,10 @@ class TaskQueue:
         """The task's return value, unpickled.
 
         Raises :class:`TaskFailedError` or :class:`TaskCancelledError` when the
-        result has no value because the task failed or was cancelled.
+        result has no value because the task failed or was cancelled, and
+        :class:`SignatureError`, without unpickling, when this queue has a key
+        and the value is not signed for this task with it, or when the value
+        is signed and this queue has no key to check it.
         """
         if not isinstance(result, Result):
             got = "None (the task was not found, or get_result timed out)" if result is None else type(result).__name__
@@ -166,13 +192,7 @@ class TaskQueue:
             raise TaskCancelledError(result)
         if result.value is None:
             raise InvalidTaskError(f"task {result.task_id} is {result.status}; it has no value yet")
-        try:
-            return self.serializer.loads(result.value)
-        except Exception as exc:
-            raise SerializationError(
-                f"cannot unpickle the value of task {result.task_id} ({result.name}): "
-                f"{type(exc).__name__}: {exc}; this process needs the modules the value's classes come from"
-            ) from exc
+        return deserialize_value(result, self.serializer, self._signer, store_signed=self._store_signed)
 
     async def cancel(self, task_id: str) -> Optional[str]:
         """Cancel a task, and say what that did.
@@ -211,6 +231,32 @@ class TaskQueue:
             raise InvalidTaskError(f"overview(limit=...) takes a whole number >= 0, not {limit!r}")
         backend = await self._ready()
         return await backend.overview(limit)
+
+
+def deserialize_value(
+    result: Result, serializer: Serializer, signer: Optional[Signer], *, store_signed: bool = False
+) -> Any:
+    """Check and unpickle a result's value: the one place sitq turns stored value bytes into an object.
+
+    With a signer, the value must carry the worker's signature for this task. Without one,
+    a signed value, or any value of a store known to be signed (``store_signed``), is refused:
+    it could only be checked with the key.
+    """
+    if signer is not None:
+        signer.verify_value(result.task_id, result.name, result.value, result.value_signature)
+    elif result.value_signature is not None or store_signed:
+        raise SignatureError(
+            f"refused to unpickle the value of task {result.task_id} ({result.name}): its store "
+            "signs what it keeps, and without the secret key this process cannot check it; "
+            f"{HOW_TO_SUPPLY}"
+        )
+    try:
+        return serializer.loads(result.value)
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot unpickle the value of task {result.task_id} ({result.name}): "
+            f"{type(exc).__name__}: {exc}; this process needs the modules the value's classes come from"
+        ) from exc
 
 
 def _check_callable(func: Any) -> None:

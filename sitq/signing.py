@@ -1,11 +1,23 @@
-"""Signing payloads, so a worker unpickles only what a holder of the key enqueued.
+"""Signing what sitq stores, so nothing is unpickled that a holder of the key did not write.
 
-Unpickling runs code: anyone who can write to the queue's store can make a
-worker run anything. With a secret key, the queue signs each task's payload
-(HMAC-SHA256 over the function and argument blobs) and the worker refuses,
-and marks failed, every task whose signature is missing or wrong, before
-unpickling it. The key comes from the ``secret_key`` argument or the
-``SITQ_SECRET_KEY`` environment variable.
+Unpickling runs code: anyone who can write to the queue's store could make a
+worker, or the process that reads a result, run anything. With a secret key
+(the ``secret_key`` argument, or the ``SITQ_SECRET_KEY`` environment variable)
+every pickle sitq stores is signed with HMAC-SHA256 and checked before it is
+unpickled:
+
+- a task's payload (function and argument blobs), signed by the queue and
+  checked by the worker;
+- a task's return value, signed by the worker and checked by
+  ``deserialize_result`` (and everything built on it).
+
+Each signature covers the task id and says what it signs (a payload or a
+value), so a payload or value copied into another row, or a value passed off
+as a payload, does not verify. A store that has been used with a key records
+the key's fingerprint (an HMAC of a fixed label, never the key), so a worker
+or queue without the key, or with another key, refuses it at once instead of
+running or reading what it cannot check. ``docs/reliability.md`` has the
+trust model: what this protects and what it does not.
 """
 
 from __future__ import annotations
@@ -17,12 +29,21 @@ from typing import Optional, Union
 
 from sitq.errors import InvalidTaskError, SignatureError
 
-__all__ = ["Signer", "signer_from"]
+__all__ = ["Signer", "signer_from", "check_store_key", "ENVIRONMENT_VARIABLE", "HOW_TO_SUPPLY", "STORE_KEY_RECORD"]
 
 ENVIRONMENT_VARIABLE = "SITQ_SECRET_KEY"
+HOW_TO_SUPPLY = f"pass secret_key=... or set the {ENVIRONMENT_VARIABLE} environment variable"
+STORE_KEY_RECORD = "signing_key_fingerprint"  # the store's meta key for the fingerprint
+
+# What each kind of signature signs; no label is a prefix of another.
+_TASK = b"sitq task payload\x00"
+_VALUE = b"sitq task value\x00"
+_FINGERPRINT = b"sitq key fingerprint\x00"
 
 
 class Signer:
+    """Signs and checks what sitq stores, with one secret key (never shown)."""
+
     def __init__(self, key: bytes) -> None:
         if len(key) < 16:
             raise InvalidTaskError("a secret key for signing must be at least 16 bytes long")
@@ -31,24 +52,61 @@ class Signer:
     def __repr__(self) -> str:
         return "<Signer (key hidden)>"
 
-    def sign(self, func: bytes, args: bytes) -> bytes:
-        mac = hmac.new(self._key, digestmod=hashlib.sha256)
-        mac.update(len(func).to_bytes(8, "big"))
-        mac.update(func)
-        mac.update(args)
+    def _mac(self, label: bytes, task_id: str, *blobs: bytes) -> bytes:
+        """HMAC of the label, the task id and the blobs; each part but the last carries its
+        length, so no two different sequences of parts sign the same bytes."""
+        mac = hmac.new(self._key, label, hashlib.sha256)
+        *framed, last = (task_id.encode("utf-8", "surrogatepass"), *blobs)
+        for part in framed:
+            mac.update(len(part).to_bytes(8, "big"))
+            mac.update(part)
+        mac.update(last)
         return mac.digest()
 
-    def verify(self, func: bytes, args: bytes, signature: Optional[bytes]) -> None:
+    @property
+    def fingerprint(self) -> str:
+        """What a store records about its key: it tells keys apart and reveals nothing of them."""
+        return "hmac-sha256:" + hmac.new(self._key, _FINGERPRINT, hashlib.sha256).hexdigest()
+
+    def sign_task(self, task_id: str, func: bytes, args: bytes) -> bytes:
+        return self._mac(_TASK, task_id, func, args)
+
+    def sign_value(self, task_id: str, value: bytes) -> bytes:
+        return self._mac(_VALUE, task_id, value)
+
+    def verify_task(self, task_id: str, func: bytes, args: bytes, signature: Optional[bytes]) -> None:
+        """Raise :class:`SignatureError` unless ``signature`` signs this payload for this task."""
         if signature is None:
             raise SignatureError(
                 "refused to unpickle this task: it is not signed, and this worker only runs signed "
                 f"tasks; enqueue it with the same secret_key (or {ENVIRONMENT_VARIABLE})"
             )
-        if not hmac.compare_digest(self.sign(func, args), signature):
+        if not _equal(self.sign_task(task_id, func, args), signature):
             raise SignatureError(
-                "refused to unpickle this task: its signature does not match its payload; it was "
-                "changed after it was enqueued, or signed with another key"
+                "refused to unpickle this task: its signature does not match its payload and task id; "
+                "the payload was changed or copied from another task after it was enqueued, or it "
+                "was signed with another key"
             )
+
+    def verify_value(self, task_id: str, name: str, value: bytes, signature: Optional[bytes]) -> None:
+        """Raise :class:`SignatureError` unless ``signature`` signs this value for this task."""
+        if signature is None:
+            raise SignatureError(
+                f"refused to unpickle the value of task {task_id} ({name}): it is not signed, and "
+                "with a secret key sitq only unpickles signed values; it was stored by a worker "
+                "without the key, or before the store was first used with one. Run the task again "
+                "on a worker that has the key."
+            )
+        if not _equal(self.sign_value(task_id, value), signature):
+            raise SignatureError(
+                f"refused to unpickle the value of task {task_id} ({name}): its signature does not "
+                "match the value and task id; the value was changed or copied from another task in "
+                "the store, or it was signed with another key"
+            )
+
+
+def _equal(expected: bytes, signature) -> bool:
+    return isinstance(signature, bytes) and hmac.compare_digest(expected, signature)
 
 
 def signer_from(secret_key: Union[str, bytes, None]) -> Optional[Signer]:
@@ -62,3 +120,24 @@ def signer_from(secret_key: Union[str, bytes, None]) -> Optional[Signer]:
     if not isinstance(secret_key, bytes):
         raise InvalidTaskError(f"secret_key must be str or bytes, not {type(secret_key).__name__}")
     return Signer(secret_key)
+
+
+def check_store_key(signer: Optional[Signer], recorded: Optional[str], store: str, who: str) -> None:
+    """Raise :class:`SignatureError` if ``who`` (``"this worker"``, ``"this queue"``) may not use
+    the store: it has no key for a store that records one, or a key other than the recorded one.
+
+    ``recorded`` is the fingerprint the store holds, None if it was never used with a key.
+    """
+    if recorded is None:
+        return
+    if signer is None:
+        raise SignatureError(
+            f"the store {store} is set up for signed tasks (it was first used with a secret key), "
+            f"and {who} has no key, so it could not check what it unpickles; give it the key the "
+            f"store's other workers and queues use: {HOW_TO_SUPPLY}"
+        )
+    if not hmac.compare_digest(signer.fingerprint.encode(), str(recorded).encode("utf-8", "replace")):
+        raise SignatureError(
+            f"the secret key of {who} does not match the one the store {store} was set up with; "
+            f"give it the key the store's other workers and queues use: {HOW_TO_SUPPLY}"
+        )

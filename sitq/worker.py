@@ -38,7 +38,7 @@ from sitq.errors import InvalidTaskError, SerializationError, SignatureError, Si
 from sitq.options import Task, TaskOptions
 from sitq.output import CapturedOutput, OutputCapture, capture_into
 from sitq.serialization import CloudpickleSerializer, Serializer
-from sitq.signing import signer_from
+from sitq.signing import STORE_KEY_RECORD, check_store_key, signer_from
 
 __all__ = ["Worker", "progress"]
 
@@ -162,7 +162,11 @@ class Worker:
     expires. With ``capture_output`` what a task prints is stored with its
     result instead of going to this process's stdout and stderr. With
     ``secret_key`` (or ``SITQ_SECRET_KEY``) the worker refuses every task whose
-    payload is not signed with that key, without unpickling it.
+    payload is not signed with that key for that task, without unpickling it,
+    and signs the values it stores. It refuses to start, with
+    :class:`SignatureError`, on a store that was used with a key (see
+    :mod:`sitq.signing`) when it has no key or another one; a worker with a
+    key records it in a store that has none.
     """
 
     def __init__(
@@ -249,6 +253,11 @@ class Worker:
         self._stopping = False
         backend = self.backend
         await backend.connect()
+        try:
+            await self._check_key(backend)
+        except BaseException:
+            self._done.set()  # refused: not running, and free to start again with the right key
+            raise
         capture = OutputCapture.install() if self.capture_output else None
         side = loop.create_task(self._side_tasks(), name=f"sitq-side-{self.worker_id}")
         try:
@@ -262,6 +271,13 @@ class Worker:
             if capture is not None:
                 capture.uninstall()
             self._done.set()
+
+    async def _check_key(self, backend: Backend) -> None:
+        """Refuse a store whose recorded key this worker does not hold; record ours in a store without one."""
+        recorded = await backend.get_meta(STORE_KEY_RECORD)
+        if recorded is None and self._signer is not None:
+            recorded = await backend.set_meta_if_absent(STORE_KEY_RECORD, self._signer.fingerprint)
+        check_store_key(self._signer, recorded, repr(backend), f"worker {self.worker_id}")
 
     async def _main(self, backend: Backend, until_empty: bool) -> None:
         while True:
@@ -366,7 +382,7 @@ class Worker:
         self._active[task.seq] = running
         try:
             if self._signer is not None:
-                self._signer.verify(task.func, task.args, task.signature)
+                self._signer.verify_task(task.task_id, task.func, task.args, task.signature)
             func, args, kwargs = self.serializer.loads_call(task.func, task.args)
         except (SignatureError, SerializationError) as exc:
             self._settle(running, self._failure(running, exc, skip_frames=0))
@@ -498,7 +514,8 @@ class Worker:
             data = self.serializer.dumps_value(value)
         except SerializationError as exc:
             return self._failure(running, exc, skip_frames=0)
-        return self._outcome(running, SUCCESS, value=data)
+        signature = self._signer.sign_value(running.task.task_id, data) if self._signer is not None else None
+        return self._outcome(running, SUCCESS, value=data, value_signature=signature)
 
     def _failure(self, running: _Running, exc: BaseException, skip_frames: int = 1) -> Outcome:
         tb = exc.__traceback__

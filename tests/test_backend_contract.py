@@ -212,3 +212,30 @@ def test_waiters_wake_on_a_write_in_this_process(make_backend, run):
         await asyncio.wait_for(backend.wait_for_change(token, 30), 1)
 
     run(go())
+
+
+def test_a_fact_about_the_store_is_recorded_once_and_never_overwritten(make_backend, run):
+    async def go():
+        backend = make_backend()
+        await backend.connect()
+        assert await backend.get_meta("fact") is None
+        assert await backend.set_meta_if_absent("fact", "first") == "first"
+        assert await backend.set_meta_if_absent("fact", "second") == "first"  # the first one stays
+        assert await backend.get_meta("fact") == "first"
+        assert await backend.get_meta("another fact") is None
+
+    run(go())
+
+
+def test_outcomes_keep_the_value_signature(make_backend, run):
+    async def go():
+        backend = make_backend()
+        now = time.time()
+        (task,) = new_tasks(1, now)
+        await backend.enqueue([task])
+        (claimed,) = await backend.claim("w", 1, now, now + 30)
+        await backend.finish("w", [Outcome(claimed.seq, claimed.attempts, "success", now, value=b"v", value_signature=b"s")])
+        result = await backend.fetch_result(task.task_id)
+        assert (result.value, result.value_signature) == (b"v", b"s")
+
+    run(go())

@@ -3,6 +3,7 @@ them (ipywidgets models work without a kernel), plus the promise that the core
 never needs IPython."""
 
 import datetime as dt
+import linecache
 import pickle
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import pytest
 
 from sitq.core import Result, TaskInfo
 from sitq.notebook.render import board_html, result_html, task_html, traceback_html
-from sitq.notebook.rows import TaskRow, format_seconds, short_repr, task_row
+from sitq.notebook.rows import TaskRow, format_seconds, load_value, short_repr, task_row
+from sitq.serialization import CloudpickleSerializer
 from notebook_support import visible_text
 
 T0 = dt.datetime(2026, 11, 28, 12, 0, 0, tzinfo=dt.timezone.utc)
@@ -135,6 +137,32 @@ def test_value_that_cannot_be_loaded_is_described():
     broken = Result(task_id="t", name="f", status="success", value=b"not a pickle", error=None,
                     traceback=None, enqueued_at=T0, started_at=T0, finished_at=T0, attempts=1)
     assert "value cannot be loaded here" in visible_text(result_html(broken))
+
+
+def notebook_class():
+    """A class as a notebook cell defines it: in ``__main__``, its source only in linecache."""
+    source = ("class Point:\n"
+              "    def __init__(self, x, y):\n"
+              "        self.x, self.y = x, y\n"
+              "    def __repr__(self):\n"
+              "        return f'Point({self.x}, {self.y})'\n")
+    filename = "<ipython-input-7-5e1f0c2b>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace = {"__name__": "__main__"}
+    exec(compile(source, filename, "exec"), namespace)
+    return namespace["Point"]
+
+
+def test_a_value_of_a_notebook_defined_class_shows_as_itself():
+    """Such a value is stored with its class's source (for tracebacks); the view loads it the
+    way sitq does, so it shows the value, not the wrapper that carries the source."""
+    value = CloudpickleSerializer().dumps(notebook_class()(3, 4))
+    assert type(pickle.loads(value)).__name__ == "ShippedSource"  # what a bare pickle.loads shows
+    shown = Result(task_id="t", name="f", status="success", value=value, error=None, traceback=None,
+                   enqueued_at=T0, started_at=T0, finished_at=T0, attempts=1)
+    assert repr(load_value(shown)) == "Point(3, 4)"
+    assert "Point(3, 4)" in visible_text(result_html(shown))
+    assert "ShippedSource" not in result_html(shown)
 
 
 # -- widgets (no kernel: ipywidgets uses a dummy comm) ---------------------------------

@@ -153,6 +153,24 @@ class Backend:
         """Counts per state and the ``limit`` most recently enqueued tasks."""
         raise NotImplementedError
 
+    # -- facts about the store -------------------------------------------------
+
+    async def get_meta(self, key: str) -> Optional[str]:
+        """The text recorded under ``key`` about the store itself, or None if nothing is.
+
+        Reads only: it works on a store opened read-only, and on a store made by an
+        older sitq that has nowhere to record such facts (None).
+        """
+        raise NotImplementedError
+
+    async def set_meta_if_absent(self, key: str, value: str) -> str:
+        """Record ``value`` under ``key`` unless something is recorded there already, atomically,
+        and return what is recorded now: ``value``, or the earlier value if another process got
+        there first. A recorded fact is never overwritten (sitq records the signing key's
+        fingerprint this way: the first key a store is used with is its key).
+        """
+        raise NotImplementedError
+
     # -- change notification -------------------------------------------------
 
     @property

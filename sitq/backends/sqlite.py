@@ -129,7 +129,8 @@ SELECT 1 FROM sitq_tasks INDEXED BY sitq_tasks_suspects WHERE status = 'pending'
 
 FINISH_TASK = """
 UPDATE sitq_tasks
-SET status = ?, finished_at = ?, value = ?, error = ?, traceback = ?, output = ?, lease_until = NULL,
+SET status = ?, finished_at = ?, value = ?, value_signature = ?, error = ?, traceback = ?, output = ?,
+    lease_until = NULL,
     progress_done = coalesce(?, progress_done), progress_total = coalesce(?, progress_total),
     progress_message = coalesce(?, progress_message)
 WHERE seq = ? AND attempts = ? AND status = 'running' AND worker_id = ?
@@ -187,7 +188,8 @@ WHERE seq = ? AND attempts = ? AND status = 'running' AND worker_id = ?
 NEXT_ETA = "SELECT min(eta) FROM sitq_tasks INDEXED BY sitq_tasks_state WHERE status = 'pending'"
 
 SELECT_RESULT = """
-SELECT id, name, status, value, error, traceback, enqueued_at, started_at, finished_at, attempts, output
+SELECT id, name, status, value, error, traceback, enqueued_at, started_at, finished_at, attempts, output,
+    value_signature
 FROM sitq_tasks WHERE id = ?
 """
 
@@ -201,6 +203,10 @@ SELECT_INFO = f"SELECT {INFO_COLUMNS} FROM sitq_tasks WHERE id IN (SELECT value 
 SELECT_RECENT = f"SELECT {INFO_COLUMNS} FROM sitq_tasks ORDER BY seq DESC LIMIT ?"
 
 COUNT_BY_STATUS = "SELECT status, count(*) FROM sitq_tasks GROUP BY status"
+
+SELECT_META = "SELECT value FROM sitq_meta WHERE key = ?"
+
+INSERT_META_IF_ABSENT = "INSERT INTO sitq_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING"
 
 MEMORY = ":memory:"
 NO_PROGRESS = (None, None, None)
@@ -386,7 +392,7 @@ class SQLiteBackend(Backend):
     # -- readers -----------------------------------------------------------
 
     async def fetch_result(self, task_id):
-        row = await self._run(_fetch_one, SELECT_RESULT, (task_id,))
+        row = await self._run(_fetch_result, task_id)
         return None if row is None else _result(row)
 
     async def fetch_info(self, task_ids):
@@ -400,6 +406,14 @@ class SQLiteBackend(Backend):
         full = dict.fromkeys(STATES, 0)
         full.update(counts)
         return QueueOverview(counts=full, recent=[_info(row) for row in rows])
+
+    # -- facts about the store -------------------------------------------------
+
+    async def get_meta(self, key):
+        return await self._run(_get_meta, key)
+
+    async def set_meta_if_absent(self, key, value):
+        return await self._write(_set_meta_if_absent, key, value)
 
     # -- change notification -------------------------------------------------
 
@@ -451,10 +465,9 @@ def _outcome_statement(o: Outcome, worker_id: str) -> tuple:
     if o.status == PENDING:  # another attempt is due at o.retry_at
         return RETRY_TASK, (o.finished_at, o.retry_at, o.error, o.traceback, o.output, o.seq, o.attempts, worker_id)
     progress = o.progress or NO_PROGRESS
-    return FINISH_TASK, (o.status, o.finished_at, o.value, o.error, o.traceback, o.output, *progress) + (
-        o.seq,
-        o.attempts,
-        worker_id,
+    return FINISH_TASK, (
+        o.status, o.finished_at, o.value, o.value_signature, o.error, o.traceback, o.output, *progress,
+        o.seq, o.attempts, worker_id,
     )
 
 
@@ -480,6 +493,34 @@ def _cancel(conn, task_id, now):
         state = None
     conn.execute("COMMIT")
     return state, state in ("cancelled", "requested")
+
+
+def _fetch_result(conn, task_id):
+    try:
+        return conn.execute(SELECT_RESULT, (task_id,)).fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such column: value_signature" not in str(exc):
+            raise
+    # A version 1 file opened read-only (nothing upgrades it): it never had signed values.
+    return conn.execute(SELECT_RESULT.replace("value_signature", "NULL"), (task_id,)).fetchone()
+
+
+def _get_meta(conn, key):
+    try:
+        row = conn.execute(SELECT_META, (key,)).fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return None  # a version 1 file opened read-only: it has no meta table, so no facts
+        raise
+    return None if row is None else row[0]
+
+
+def _set_meta_if_absent(conn, key, value):
+    conn.execute("BEGIN IMMEDIATE")
+    added = conn.execute(INSERT_META_IF_ABSENT, (key, value)).rowcount == 1
+    (recorded,) = conn.execute(SELECT_META, (key,)).fetchone()
+    conn.execute("COMMIT")
+    return recorded, added
 
 
 def _execute_count(conn, sql, params) -> int:
@@ -515,7 +556,7 @@ def _overview(conn, limit):
 
 
 def _result(row) -> Result:
-    task_id, name, status, value, error, tb, enqueued, started, finished, attempts, output = row
+    task_id, name, status, value, error, tb, enqueued, started, finished, attempts, output, value_signature = row
     return Result(
         task_id=task_id,
         name=name,
@@ -528,6 +569,7 @@ def _result(row) -> Result:
         finished_at=to_datetime(finished),
         attempts=attempts,
         output=output,
+        value_signature=value_signature,
     )
 
 

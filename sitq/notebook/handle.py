@@ -111,7 +111,7 @@ class TaskHandle:
         runtime = self.runtime
         if info.finished:
             result = runtime.run(runtime.queue.get_result(self.task_id, 0))
-            return {"text/plain": repr(self), "text/html": result_html(result)}
+            return {"text/plain": repr(self), "text/html": result_html(result, runtime.queue.deserialize_result)}
         html = task_html(task_row(info))
         if not widgets_enabled():
             return {"text/plain": repr(self), "text/html": html}

@@ -100,7 +100,7 @@ class Refresher:
                 if info.finished:
                     result = await self.queue.get_result(task_id, 0)
                     for widget in widgets:
-                        widget.finish(result)
+                        widget.finish(result, self.queue.deserialize_result)
                     del self.tasks[task_id]
         for board in self.boards:
             overview = await self.queue.overview(board.limit)
@@ -118,5 +118,5 @@ class Refresher:
             board.widget.show_detail(task_html(task_row(info)), cancellable=True)
         elif board.detail_of != (task_id, info.status) or not board.widget.detail.value:
             result = await self.queue.get_result(task_id, 0)
-            board.widget.show_detail(result_html(result), cancellable=False)
+            board.widget.show_detail(result_html(result, self.queue.deserialize_result), cancellable=False)
         board.detail_of = (task_id, info.status)

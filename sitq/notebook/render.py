@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import html
 import io
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from sitq.notebook.rows import TaskRow, format_seconds, load_value, short_repr, task_row
 
@@ -116,9 +116,10 @@ def board_html(counts: Mapping[str, int], rows: Iterable[TaskRow]) -> str:
     return f'<div class="sitq-board-view">{counts_html(counts)}{table_html(rows)}</div>'
 
 
-def result_html(result: Any) -> str:
+def result_html(result: Any, deserialize: Optional[Callable[[Any], Any]] = None) -> str:
     """A finished task: state, timings, a short repr of the value, the remote
-    traceback of a failure, and what the task printed."""
+    traceback of a failure, and what the task printed. ``deserialize`` loads the
+    value (the queue's ``deserialize_result``; see ``rows.load_value``)."""
     row = task_row(result)
     times = [f"enqueued {result.enqueued_at.astimezone():%H:%M:%S}"]
     if result.started_at is not None:
@@ -132,7 +133,7 @@ def result_html(result: Any) -> str:
              f'<span style="{_MUTED}">{e(" · ".join(times))}</span></div>']
     if result.status == "success":
         parts.append(f'<pre class="sitq-value" style="{_PRE.format(colour=STATE_COLOURS["success"])}">'
-                     f"{e(_value_repr(result))}</pre>")
+                     f"{e(_value_repr(result, deserialize))}</pre>")
     elif result.traceback:
         parts.append(traceback_html(result.traceback))
     elif result.error:
@@ -215,8 +216,8 @@ def _traceback_theme():
     return _THEME
 
 
-def _value_repr(result: Any) -> str:
+def _value_repr(result: Any, deserialize: Optional[Callable[[Any], Any]]) -> str:
     try:
-        return short_repr(load_value(result))
-    except Exception as exc:  # e.g. the value's class is not importable here
+        return short_repr(load_value(result, deserialize))
+    except Exception as exc:  # e.g. the value's class is not importable here, or its signature is wrong
         return f"<value cannot be loaded here: {type(exc).__name__}: {exc}>"

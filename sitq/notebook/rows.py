@@ -9,10 +9,13 @@ here, and a ``Result`` simply has no progress.
 from __future__ import annotations
 
 import datetime as dt
-import pickle
 import reprlib
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+from sitq.queue import deserialize_value
+from sitq.serialization import CloudpickleSerializer
+from sitq.signing import signer_from
 
 __all__ = ["TaskRow", "task_row", "short_repr", "load_value", "format_seconds"]
 
@@ -109,9 +112,19 @@ def task_row(record: Any, now: Optional[dt.datetime] = None) -> TaskRow:
     )
 
 
-def load_value(result: Any) -> Any:
-    """Unpickle a successful result's value (the store keeps bytes)."""
-    return None if result.value is None else pickle.loads(result.value)
+def load_value(result: Any, deserialize: Optional[Callable[[Any], Any]] = None) -> Any:
+    """A successful result's value, loaded as sitq loads values, never with a bare ``pickle.loads``.
+
+    ``deserialize`` is the queue's ``deserialize_result`` when the view has the queue the result
+    came from (its serializer, its key). Without it, sitq's default serializer and the key in
+    ``SITQ_SECRET_KEY`` are used. Either way a signed value is checked before it is unpickled,
+    and values of notebook-defined classes come back as themselves, with their source.
+    """
+    if result.value is None:
+        return None
+    if deserialize is not None:
+        return deserialize(result)
+    return deserialize_value(result, CloudpickleSerializer(), signer_from(None))
 
 
 def short_repr(value: Any) -> str:

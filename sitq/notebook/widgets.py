@@ -45,15 +45,16 @@ class TaskWidget:
             self.bar.layout.display = None
         self.bar.bar_style = _BAR_STYLE.get(row.status, "info")
 
-    def finish(self, result: Any) -> None:
-        """Replace the live view by the result (or traceback) and captured output."""
+    def finish(self, result: Any, deserialize: Optional[Callable[[Any], Any]] = None) -> None:
+        """Replace the live view by the result (or traceback) and captured output;
+        ``deserialize`` loads the value (the queue's ``deserialize_result``)."""
         self.finished = True
         self.bar.bar_style = _BAR_STYLE.get(result.status, "info")
         if result.status == "success" and self.bar.layout.display != "none":
             self.bar.value = 1.0
         self.header.value = ""
         self.header.layout.display = "none"
-        self.body.value = result_html(result)
+        self.body.value = result_html(result, deserialize)
         self.box.add_class(f"sitq-done-{result.status}")
 
     def __repr__(self) -> str:
