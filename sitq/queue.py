@@ -10,8 +10,8 @@ import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from sitq.backends.base import Backend
-from sitq.core import CANCELLED, FAILED, FINISHED_STATES, NewTask, QueueOverview, Result, TaskInfo
-from sitq.errors import InvalidTaskError, SerializationError, TaskCancelledError, TaskFailedError
+from sitq.core import CANCELLED, FAILED, FINISHED_STATES, STATES, NewTask, QueueOverview, Result, TaskInfo
+from sitq.errors import BackendError, InvalidTaskError, SerializationError, TaskCancelledError, TaskFailedError
 from sitq.options import Task
 from sitq.serialization import CloudpickleSerializer, Serializer, describe_callable
 from sitq.signing import signer_from
@@ -133,6 +133,8 @@ class TaskQueue:
         Returns ``None`` at once if no task has this id, and ``None`` if the
         task has not finished within ``timeout`` seconds (``0`` checks without
         waiting; ``None`` waits as long as it takes). Never raises on timeout.
+        Raises ``BackendError`` if the stored status is not one sitq writes: such
+        a task would never finish.
         """
         _check_task_id(task_id)
         _check_timeout(timeout)
@@ -144,6 +146,8 @@ class TaskQueue:
             result = await backend.fetch_result(task_id)
             if result is None or result.status in FINISHED_STATES:
                 return result
+            if result.status not in STATES:
+                raise _unknown_status(result)
             remaining = None
             if deadline is not None:
                 remaining = deadline - loop.time()
@@ -166,6 +170,12 @@ class TaskQueue:
             raise TaskCancelledError(result)
         if result.value is None:
             raise InvalidTaskError(f"task {result.task_id} is {result.status}; it has no value yet")
+        if not isinstance(result.value, bytes):
+            raise SerializationError(
+                f"cannot unpickle the value of task {result.task_id} ({result.name}): the stored row has "
+                f"{'text' if isinstance(result.value, str) else 'a number'} in column 'value' where sitq "
+                "stores bytes; it was not written by sitq, or was changed by hand"
+            )
         try:
             return self.serializer.loads(result.value)
         except Exception as exc:
@@ -234,6 +244,14 @@ def _check_task_id(task_id: Any) -> None:
         raise InvalidTaskError(
             f"task ids are strings as returned by enqueue, got {type(task_id).__name__} {task_id!r}"
         )
+
+
+def _unknown_status(result: Result) -> BackendError:
+    return BackendError(
+        f"task {result.task_id} has {result.status!r} in column 'status', a status sitq does not write "
+        f"({', '.join(STATES)}); the row was not written by sitq, or was changed by hand, and sitq cannot "
+        "wait for it to finish. Set its status to 'pending' to run it again, or delete the row."
+    )
 
 
 def _check_timeout(timeout: Any) -> None:

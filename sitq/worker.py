@@ -353,6 +353,9 @@ class Worker:
     def _prepare(self, task: ClaimedTask) -> Optional[_Running]:
         running = _Running(task, self)
         self._active[task.seq] = running
+        if task.problem is not None:  # a row sitq did not write: fail it alone, unpickle nothing
+            self._settle(running, self._outcome(running, FAILED, error=f"BackendError: {task.problem}"))
+            return None
         try:
             if self._signer is not None:
                 self._signer.verify(task.func, task.args, task.signature)

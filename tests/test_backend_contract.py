@@ -212,3 +212,21 @@ def test_waiters_wake_on_a_write_in_this_process(make_backend, run):
         await asyncio.wait_for(backend.wait_for_change(token, 30), 1)
 
     run(go())
+
+
+def test_a_claimed_row_with_values_sitq_does_not_write_comes_with_a_problem(make_backend, run):
+    """The backend names the column; the worker fails that task alone (tests/test_odd_rows.py)."""
+
+    async def go():
+        backend = make_backend()
+        await backend.connect()
+        now = time.time()
+        good, bad = new_tasks(2, now)
+        bad.signature = "text"  # as a hand edit could store it
+        await backend.enqueue([good, bad])
+        claimed = {c.task_id: c for c in await backend.claim("w1", 10, now, now + 30)}
+        assert claimed[good.task_id].problem is None
+        problem = claimed[bad.task_id].problem
+        assert "column 'signature'" in problem and "where sitq stores bytes (or NULL)" in problem
+
+    run(go())

@@ -81,7 +81,9 @@ class Backend:
         """Deal with running tasks whose lease has expired. Returns how many.
 
         Cancelled if a cancel was requested; failed if the task has lost its
-        worker too often; otherwise pending again, to be claimed anew.
+        worker too often; otherwise pending again, to be claimed anew. Rows a
+        backend cannot order by time (a row sitq did not write, with an eta or
+        lease that is not a time) are dealt with here too, so that none waits forever.
         """
         raise NotImplementedError
 

@@ -13,11 +13,19 @@ measurements behind this design.
 Other processes' writes are noticed by a small thread that checks
 ``PRAGMA data_version`` (a counter read from shared memory) every millisecond
 while someone is waiting, backing off to 25 ms after a quiet second.
+
+SQLite lets any value into any column, so a row may hold what sitq never wrote
+(a hand edit, another program). Reading never fails on such a row: a claimed
+one comes back with ``ClaimedTask.problem`` naming the column, for the worker to
+fail that task alone; readers get what can be shown (see ``sitq.core``); text
+that is not UTF-8 is read with replacement characters instead of failing the
+whole statement.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import sqlite3
@@ -41,6 +49,8 @@ from sitq.core import (
 from sitq.errors import BackendError, SchemaVersionError
 
 __all__ = ["SQLiteBackend"]
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 APPLICATION_ID = 0x73697471  # "sitq"
@@ -185,6 +195,23 @@ SELECT_INFO = f"SELECT {INFO_COLUMNS} FROM sitq_tasks WHERE id IN (SELECT value 
 SELECT_RECENT = f"SELECT {INFO_COLUMNS} FROM sitq_tasks ORDER BY seq DESC LIMIT ?"
 
 COUNT_BY_STATUS = "SELECT status, count(*) FROM sitq_tasks GROUP BY status"
+
+# Rows sitq did not write. SQLite orders text and bytes after every number, so a pending task
+# whose eta is not a number is never due, and a running one whose lease is not a number never
+# expires. The first are failed, naming the column; the second count as long expired, so the
+# usual rules for expired leases take them on. Both statements look at the end of an index
+# range (or at the few running rows), which is empty unless someone wrote such a row.
+FAIL_UNREADABLE_ETA = """
+UPDATE sitq_tasks SET status = 'failed', finished_at = ?, error = 'BackendError: the stored row of this task has '
+    || CASE typeof(eta) WHEN 'text' THEN 'text ' || quote(substr(eta, 1, 40)) ELSE 'bytes' END
+    || ' in column ''eta'' where sitq stores a time (POSIX seconds); it was not written by sitq, or was '
+    || 'changed by hand'
+WHERE status = 'pending' AND eta >= ''
+"""
+
+END_UNREADABLE_LEASES = """
+UPDATE sitq_tasks SET lease_until = 0 WHERE status = 'running' AND (lease_until IS NULL OR lease_until >= '')
+"""
 
 MEMORY = ":memory:"
 # How many times a task may lose its worker (beyond its retries) before it fails.
@@ -348,7 +375,9 @@ class SQLiteBackend(Backend):
         return await self._write(_finish_and_claim, worker_id, outcomes, limit, now, lease_until)
 
     async def next_eta(self):
-        return (await self._run(_fetch_one, NEXT_ETA, ()))[0]
+        eta = (await self._run(_fetch_one, NEXT_ETA, ()))[0]
+        # Numbers sort first, so anything else means only tasks with unreadable etas are pending.
+        return eta if isinstance(eta, (int, float)) else None
 
     async def renew(self, worker_id, lease_until):
         return await self._run(_execute_count, RENEW_LEASES, (lease_until, worker_id))
@@ -381,7 +410,9 @@ class SQLiteBackend(Backend):
     async def overview(self, limit):
         counts, rows = await self._run(_overview, limit)
         full = dict.fromkeys(STATES, 0)
-        full.update(counts)
+        for status, count in counts:
+            status = _text(status)  # a status sitq does not know is counted under its own name
+            full[status] = full.get(status, 0) + count
         return QueueOverview(counts=full, recent=[_info(row) for row in rows])
 
     # -- change notification -------------------------------------------------
@@ -419,8 +450,8 @@ def _finish_and_claim(conn, worker_id, outcomes, limit, now, lease_until):
     stored = [conn.execute(*_outcome_statement(o, worker_id)).rowcount == 1 for o in outcomes]
     claimed = []
     if limit > 0:
-        rows = conn.execute(CLAIM_TASKS, (worker_id, now, lease_until, now, limit)).fetchall()
-        claimed = sorted((ClaimedTask(*row) for row in rows), key=lambda t: t.seq)
+        rows = _claimed_rows(conn, conn.execute(CLAIM_TASKS, (worker_id, now, lease_until, now, limit)))
+        claimed = sorted(map(_claimed, rows), key=lambda t: t.seq)
     if batch:
         conn.execute("COMMIT")
     return (stored, claimed), any(stored) or bool(claimed)
@@ -444,11 +475,22 @@ def _requeue_expired(conn, now) -> int:
         "it is not run again"
     )
     conn.execute("BEGIN IMMEDIATE")
+    _settle_unreadable_times(conn, now)
     count = conn.execute(EXPIRED_CANCELLED, (now, now)).rowcount
     count += conn.execute(EXPIRED_TOO_OFTEN, (now, lost, now, LOST_WORKER_LIMIT)).rowcount
     count += conn.execute(EXPIRED_REQUEUED, (now,)).rowcount
     conn.execute("COMMIT")
     return count, count > 0
+
+
+def _settle_unreadable_times(conn, now) -> None:
+    failed = conn.execute(FAIL_UNREADABLE_ETA, (now,)).rowcount
+    ended = conn.execute(END_UNREADABLE_LEASES).rowcount
+    if failed:
+        log.warning("failed %d pending task(s) whose stored eta is not a time (a row sitq did not write)", failed)
+    if ended:
+        log.warning("%d running task(s) had a stored lease that is not a time (a row sitq did not write); "
+                    "it counts as expired", ended)
 
 
 def _cancel(conn, task_id, now):
@@ -480,18 +522,18 @@ def _execute_many(conn, sql, rows) -> tuple:
 
 
 def _fetch_one(conn, sql, params):
-    return conn.execute(sql, params).fetchone()
+    return _read(conn, lambda: conn.execute(sql, params).fetchone())
 
 
 def _fetch_all(conn, sql, params):
-    return conn.execute(sql, params).fetchall()
+    return _read(conn, lambda: conn.execute(sql, params).fetchall())
 
 
 def _overview(conn, limit):
     conn.execute("BEGIN")  # one snapshot for counts and rows
     try:
-        counts = dict(conn.execute(COUNT_BY_STATUS).fetchall())
-        rows = conn.execute(SELECT_RECENT, (limit,)).fetchall()
+        counts = _read(conn, lambda: conn.execute(COUNT_BY_STATUS).fetchall())
+        rows = _read(conn, lambda: conn.execute(SELECT_RECENT, (limit,)).fetchall())
     finally:
         conn.execute("COMMIT")
     return counts, rows
@@ -500,37 +542,162 @@ def _overview(conn, limit):
 def _result(row) -> Result:
     task_id, name, status, value, error, tb, enqueued, started, finished, attempts, output = row
     return Result(
-        task_id=task_id,
-        name=name,
-        status=status,
-        value=value,
-        error=error,
-        traceback=tb,
+        task_id=task_id if type(task_id) is str else _text(task_id),
+        name=name if type(name) is str else _text(name),
+        status=status if type(status) is str else _text(status),
+        value=value,  # as stored: deserialize_result names it if it is not bytes
+        error=_text(error),
+        traceback=_text(tb),
         enqueued_at=to_datetime(enqueued),
         started_at=to_datetime(started),
         finished_at=to_datetime(finished),
-        attempts=attempts,
-        output=output,
+        attempts=attempts if type(attempts) is int else _whole(attempts),
+        output=_text(output),
     )
 
 
 def _info(row) -> TaskInfo:
     (task_id, name, status, enqueued, eta, started, finished, attempts, worker_id, done, total, message, error) = row
+    # The inline checks keep the usual row, which holds only what sitq writes, fast.
     return TaskInfo(
-        task_id=task_id,
-        name=name,
-        status=status,
+        task_id=task_id if type(task_id) is str else _text(task_id),
+        name=name if type(name) is str else _text(name),
+        status=status if type(status) is str else _text(status),
         enqueued_at=to_datetime(enqueued),
         eta=to_datetime(eta),
         started_at=to_datetime(started),
         finished_at=to_datetime(finished),
-        attempts=attempts,
-        worker_id=worker_id,
-        progress_done=done,
-        progress_total=total,
-        progress_message=message,
-        error=error,
+        attempts=attempts if type(attempts) is int else _whole(attempts),
+        worker_id=worker_id if type(worker_id) is str else _text(worker_id),
+        progress_done=done if done is None or type(done) is float else _number(done),
+        progress_total=total if total is None or type(total) is float else _number(total),
+        progress_message=message if message is None else _text(message),
+        error=error if error is None else _text(error),
     )
+
+
+# -- rows sitq did not write ---------------------------------------------------
+
+# The columns a claim returns after seq, with the Python type sitq stores in each and whether NULL is one.
+CLAIMED_COLUMNS = (
+    ("id", str, False),
+    ("name", str, False),
+    ("func", bytes, False),
+    ("args", bytes, False),
+    ("signature", bytes, True),
+    ("attempts", int, False),
+)
+_KINDS = {str: "text", bytes: "bytes", int: "a whole number"}
+
+
+class _UndecodableText(str):
+    """Stored text that is not UTF-8, read with replacement characters; only a row sitq did not write holds it."""
+
+
+def _lenient_text(data: bytes) -> str:
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return _UndecodableText(data.decode("utf-8", "replace"))
+
+
+def _is_undecodable(exc: sqlite3.Error) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and "Could not decode to UTF-8" in str(exc)
+
+
+def _read(conn: sqlite3.Connection, read):
+    """``read()``; if some stored text is not UTF-8, ``read()`` again with text read leniently.
+
+    The lenient reader costs a Python call per text value, so it is used only when needed.
+    """
+    try:
+        return read()
+    except sqlite3.OperationalError as exc:
+        if not _is_undecodable(exc):
+            raise
+    conn.text_factory = _lenient_text
+    try:
+        return read()
+    finally:
+        conn.text_factory = str
+
+
+def _claimed_rows(conn: sqlite3.Connection, cursor: sqlite3.Cursor) -> list:
+    """The rows a claim returns. The claim has happened by now, so it cannot be run again: after
+    text that is not UTF-8, reading resumes at the row that failed, with text read leniently."""
+    rows: list = []
+    try:
+        rows.extend(cursor)  # keeps the rows read before a failure
+    except sqlite3.OperationalError as exc:
+        if not _is_undecodable(exc):
+            raise
+        conn.text_factory = _lenient_text
+        try:
+            rows.extend(cursor)
+        finally:
+            conn.text_factory = str
+    return rows
+
+
+def _claimed(row) -> ClaimedTask:
+    task = ClaimedTask(*row)
+    _, task_id, name, func, args, signature, attempts = row
+    if (
+        type(task_id) is str
+        and type(name) is str
+        and type(func) is bytes
+        and type(args) is bytes
+        and (signature is None or type(signature) is bytes)
+        and type(attempts) is int
+    ):
+        return task
+    for (column, kind, nullable), value in zip(CLAIMED_COLUMNS, row[1:]):
+        if type(value) is not kind and not (nullable and value is None):
+            expected = _KINDS[kind] + (" (or NULL)" if nullable else "")
+            task.problem = (
+                f"the stored row of this task has {_describe(value)} in column {column!r} where sitq "
+                f"stores {expected}; it was not written by sitq, or was changed by hand"
+            )
+            break
+    return task
+
+
+def _describe(value) -> str:
+    """What a stored value is, for messages: ``text 'abc'``, ``bytes``, ``NULL``, ``the number 2.5``."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, _UndecodableText):
+        return "text that is not valid UTF-8"
+    if isinstance(value, str):
+        return f"text {value[:40]!r}" + ("..." if len(value) > 40 else "")
+    if isinstance(value, bytes):
+        return "bytes"
+    return f"the number {value!r}"
+
+
+def _text(value) -> Optional[str]:
+    """Stored text as it is; anything else in a text column as a short description of it."""
+    if type(value) is str or value is None:
+        return value
+    if isinstance(value, str):
+        return str(value)  # read leniently: already shown with replacement characters
+    if isinstance(value, bytes):
+        return repr(value[:40]) + ("..." if len(value) > 40 else "")
+    return str(value)
+
+
+def _number(value) -> Optional[float]:
+    """A stored number as a float; None for anything else."""
+    return float(value) if type(value) is float or type(value) is int else None
+
+
+def _whole(value) -> Optional[int]:
+    """A stored whole number; None for anything else."""
+    if type(value) is int:
+        return value
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return None
 
 
 # -- opening and checking the file -------------------------------------------
