@@ -214,6 +214,18 @@ def test_waiters_wake_on_a_write_in_this_process(make_backend, run):
     run(go())
 
 
+def test_a_store_that_stayed_where_it_was_passes_the_same_store_check(make_backend, run):
+    async def go():
+        backend = make_backend()
+        await backend.connect()
+        await backend.enqueue(new_tasks(3, time.time()))
+        await backend.ensure_same_store()  # the worker calls it every few tenths of a second: it must not raise
+        await backend.close()
+        await backend.ensure_same_store()  # nothing open, nothing to check
+
+    run(go())
+
+
 def test_a_claimed_row_with_values_sitq_does_not_write_comes_with_a_problem(make_backend, run):
     """The backend names the column; the worker fails that task alone (tests/test_odd_rows.py)."""
 

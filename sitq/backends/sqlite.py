@@ -255,6 +255,7 @@ class SQLiteBackend(Backend):
         self.change_check_interval = change_check_interval
         self._lock = threading.RLock()
         self._conn: Optional[sqlite3.Connection] = None
+        self._opened: Optional[tuple] = None  # (absolute path, device, inode) of the file at open
         self._watcher: Optional[_ChangeWatcher] = None
 
     def __repr__(self) -> str:
@@ -280,6 +281,7 @@ class SQLiteBackend(Backend):
         with self._lock:
             if self._conn is None:
                 self._conn = _open(self.path, self.read_only)
+                self._opened = _file_identity(self.path)
 
     async def close(self) -> None:
         watcher, self._watcher = self._watcher, None
@@ -287,8 +289,49 @@ class SQLiteBackend(Backend):
             watcher.stop()
         with self._lock:
             conn, self._conn = self._conn, None
+            self._opened = None
             if conn is not None:
                 conn.close()
+
+    async def ensure_same_store(self) -> None:
+        """One ``os.stat``: raise ``BackendError`` if the file at the path is not the one opened."""
+        what = self._moved()
+        if what is not None:
+            self._empty_wal()
+            raise BackendError(
+                f"the database file {self._opened[0]!r} was {what} while this worker ran; it stopped so "
+                "that it does not write to a file no one can see; restart it on the file you mean. Tasks "
+                "it was running stay claimed in the old file until their lease expires."
+            )
+
+    def _empty_wal(self) -> None:
+        """Copy the WAL into the file this connection still holds, and empty the WAL.
+
+        The WAL is named after the path, so it now pairs with whatever file took the path,
+        and SQLite would lay these pages over that file when it next opens it. Emptied, it
+        cannot; and a file moved away (``mv tasks.db old.db``) keeps all it had. Best effort:
+        another process reading the WAL makes SQLite give up, and that process then does it.
+        """
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                except sqlite3.Error:
+                    pass
+
+    def _moved(self) -> Optional[str]:
+        """How the file at the path stopped being the one opened, or None if it did not (or cannot tell)."""
+        opened = self._opened
+        if opened is None:  # ':memory:' has no file; a closed backend has nothing open
+            return None
+        path, device, inode = opened
+        try:
+            now = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return "deleted (or moved away)"
+        except OSError:
+            return None  # cannot look just now (a network file system, say); the next look decides
+        return None if (now.st_dev, now.st_ino) == (device, inode) else "replaced by another file"
 
     async def _retry_while_busy(self, attempt):
         """Call ``attempt()`` until it does not fail with SQLite's busy error, sleeping between tries."""
@@ -718,11 +761,13 @@ def _parse_path(path: Union[str, os.PathLike]) -> str:
     return path
 
 
-def _connect(path: str, read_only: bool) -> sqlite3.Connection:
-    """A raw connection: read-only ones cannot write to the file, create it, or change its mode."""
-    if read_only and path != MEMORY:
+def _connect(path: str, read_only: bool, create: bool = True) -> sqlite3.Connection:
+    """A raw connection: read-only ones cannot write to the file, create it, or change its mode;
+    with ``create=False`` a missing file is an error rather than a new empty database."""
+    if (read_only or not create) and path != MEMORY:
+        mode = "ro" if read_only else "rw"
         return sqlite3.connect(
-            Path(path).resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            Path(path).resolve().as_uri() + f"?mode={mode}", uri=True, isolation_level=None, check_same_thread=False
         )
     return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
 
@@ -833,6 +878,18 @@ def _schema_version(conn: sqlite3.Connection, path: str) -> int:
     return 0
 
 
+def _file_identity(path: str) -> Optional[tuple]:
+    """(absolute path, device, inode) of the file just opened; absolute because a task may chdir."""
+    if path == MEMORY:
+        return None
+    absolute = os.path.abspath(path)
+    try:
+        st = os.stat(absolute)
+    except OSError:
+        return None
+    return absolute, st.st_dev, st.st_ino
+
+
 def _execute_script(conn: sqlite3.Connection, script: str) -> None:
     for statement in script.split(";"):
         if statement.strip():
@@ -889,9 +946,16 @@ class _ChangeWatcher(threading.Thread):
     def run(self) -> None:
         backend = self.backend
         try:
-            conn = _connect(backend.path, backend.read_only)
+            # It opens the path later than the main connection did: a task may have changed the
+            # working folder (use the path as resolved then), and the file may have been deleted
+            # (never create an empty one) or replaced (leave another file alone).
+            opened = backend._opened
+            conn = _connect(opened[0] if opened else backend.path, backend.read_only, create=False)
         except sqlite3.Error:
             return  # the main connection reports the problem; waiters fall back to their timeouts
+        if backend._moved() is not None:  # SQLite reads nothing before the first statement
+            conn.close()
+            return
         try:
             # No baseline: a write that landed after a waiter read its token but before this
             # connection first looked must still wake it, so the first look always notifies.
