@@ -207,9 +207,14 @@ class TaskQueue:
 
     async def statuses(self, task_ids: Sequence[str]) -> dict[str, TaskInfo]:
         """Current state of many tasks at once, keyed by id; unknown ids are left out."""
-        if isinstance(task_ids, str):
+        if isinstance(task_ids, (str, bytes)):
             raise InvalidTaskError("statuses() takes a list of task ids; use status() for one id")
-        ids = list(task_ids)
+        try:
+            ids = list(task_ids)
+        except TypeError:
+            raise InvalidTaskError(
+                f"statuses() takes a list of task ids, not {type(task_ids).__name__} {task_ids!r}"
+            ) from None
         for task_id in ids:
             _check_task_id(task_id)
         backend = await self._ready()
@@ -244,6 +249,14 @@ def _check_task_id(task_id: Any) -> None:
         raise InvalidTaskError(
             f"task ids are strings as returned by enqueue, got {type(task_id).__name__} {task_id!r}"
         )
+    if not task_id.isascii():  # sitq's own ids are hex; others must at least be storable text
+        try:
+            task_id.encode()
+        except UnicodeEncodeError as exc:
+            raise InvalidTaskError(
+                f"task id {task_id!r} is not valid text: it holds {task_id[exc.start:exc.end]!r}, a lone "
+                "surrogate, which cannot be stored or looked up; pass the id enqueue returned"
+            ) from None
 
 
 def _unknown_status(result: Result) -> BackendError:
