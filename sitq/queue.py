@@ -75,11 +75,12 @@ class TaskQueue:
 
     # -- enqueueing ----------------------------------------------------------
 
-    async def enqueue(self, func: Callable, *args: Any, eta: Any = None, **kwargs: Any) -> str:
+    async def enqueue(self, func: Callable, /, *args: Any, eta: Any = None, **kwargs: Any) -> str:
         """Store a call of ``func(*args, **kwargs)`` and return its task id.
 
         ``eta`` (a timezone-aware datetime, or a timedelta from now) delays the
-        start; it is the only keyword ``enqueue`` keeps for itself. Task
+        start; it is the only keyword ``enqueue`` keeps for itself, so every
+        other keyword (``func=``, ``self=`` included) goes to the task. Task
         options (name, retries, timeout) travel with the function: see
         :func:`sitq.task`.
         """
@@ -97,7 +98,7 @@ class TaskQueue:
         signature = self._signer.sign(func, args) if self._signer is not None else None
         return NewTask(task_id, name, func, args, eta, now, max_attempts, signature)
 
-    async def map(self, func: Callable, *iterables: Iterable, eta: Any = None) -> list[str]:
+    async def map(self, func: Callable, /, *iterables: Iterable, eta: Any = None) -> list[str]:
         """Enqueue ``func(*items)`` for each item of ``zip(*iterables)``, in one transaction.
 
         The function is pickled once; either every task is stored or none is.
