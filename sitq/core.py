@@ -40,7 +40,7 @@ FAILED = "failed"
 CANCELLED = "cancelled"
 STATES = (PENDING, RUNNING, SUCCESS, FAILED, CANCELLED)
 FINISHED_STATES = frozenset((SUCCESS, FAILED, CANCELLED))
-UTC = dt.timezone.utc
+_UTC = dt.timezone.utc
 
 
 def to_datetime(seconds: Optional[float]) -> Optional[dt.datetime]:
@@ -48,7 +48,7 @@ def to_datetime(seconds: Optional[float]) -> Optional[dt.datetime]:
     if type(seconds) is not float and type(seconds) is not int:  # None, or not a number
         return None
     try:
-        return dt.datetime.fromtimestamp(seconds, UTC)
+        return dt.datetime.fromtimestamp(seconds, _UTC)
     except (OverflowError, ValueError, OSError):  # out of range, or not a number (nan)
         return None
 

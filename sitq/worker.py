@@ -569,7 +569,7 @@ class Worker:
         """False, with the worker told to stop at once, if the store was deleted or replaced."""
         try:
             await self.backend.ensure_same_store()
-        except BackendError as exc:  # raised by the worker's start() or drain(), which says it
+        except BackendError as exc:  # start() or drain() raises it once the main loop sees it
             self._fatal = exc
             self._signal()
             return False
