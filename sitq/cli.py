@@ -137,7 +137,11 @@ async def run_status(args: argparse.Namespace) -> int:
 
 
 def _counts_line(overview: QueueOverview) -> str:
+    from rich.markup import escape
+
     parts = [f"[{STATE_STYLES[s]}]{s} {overview.counts.get(s, 0)}[/]" for s in STATES]
+    # statuses sitq does not write (a row changed by hand) are shown, not hidden in the total
+    parts += [f"[bold red]{escape(str(s))} {n}[/]" for s, n in overview.counts.items() if s not in STATE_STYLES and n]
     return f"[bold]{overview.total} tasks[/]: " + "  ".join(parts)
 
 
@@ -154,16 +158,17 @@ def _recent_table(overview: QueueOverview, title: str):
         if info.started_at and info.finished_at:
             duration = f"{(info.finished_at - info.started_at).total_seconds():.2f} s"
         detail = info.error or ""
-        if not detail and info.progress_done is not None:
-            total = f"/{info.progress_total:g}" if info.progress_total is not None else ""
+        if not detail and isinstance(info.progress_done, (int, float)):
+            total = f"/{info.progress_total:g}" if isinstance(info.progress_total, (int, float)) else ""
             detail = f"{info.progress_done:g}{total} {info.progress_message or ''}"
+        # Every field is escaped: a row changed by hand may hold anything, rich markup included.
         table.add_row(
-            info.task_id,
-            escape(info.name),
-            f"[{STATE_STYLES[info.status]}]{info.status}[/]",
-            str(info.attempts),
+            escape(str(info.task_id)),
+            escape(str(info.name)),
+            f"[{STATE_STYLES.get(info.status, 'bold red')}]{escape(str(info.status))}[/]",
+            "?" if info.attempts is None else str(info.attempts),
             duration,
-            escape(detail),
+            escape(str(detail)),
         )
     return table
 

@@ -3,6 +3,12 @@
 Backends store bytes and rows; these plain dataclasses are those rows. Times
 are stored as POSIX seconds (floats) and shown to users as timezone-aware UTC
 datetimes.
+
+A store can hold values sitq never wrote (SQLite lets any value into any column,
+and another program or a hand edit can put it there). Readers never fail on
+them: a time or number that cannot be read is None, text that is not text is
+shown as a short description of what is there, and an unknown status is kept
+as it is, so it shows.
 """
 
 from __future__ import annotations
@@ -34,12 +40,17 @@ FAILED = "failed"
 CANCELLED = "cancelled"
 STATES = (PENDING, RUNNING, SUCCESS, FAILED, CANCELLED)
 FINISHED_STATES = frozenset((SUCCESS, FAILED, CANCELLED))
+_UTC = dt.timezone.utc
 
 
 def to_datetime(seconds: Optional[float]) -> Optional[dt.datetime]:
-    if seconds is None:
+    """The time as a UTC datetime; None for None and for anything that is not a time one can show."""
+    if type(seconds) is not float and type(seconds) is not int:  # None, or not a number
         return None
-    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
+    try:
+        return dt.datetime.fromtimestamp(seconds, _UTC)
+    except (OverflowError, ValueError, OSError):  # out of range, or not a number (nan)
+        return None
 
 
 @dataclass(frozen=True)
@@ -143,7 +154,12 @@ class NewTask:
 
 @dataclass
 class ClaimedTask:
-    """A task a worker has claimed and must finish while its lease holds."""
+    """A task a worker has claimed and must finish while its lease holds.
+
+    ``problem`` is set by the backend when the stored row holds values sitq does
+    not write (text where bytes belong, say). It names the column and what was
+    found; the worker then fails the task with it, without unpickling anything.
+    """
 
     seq: int
     task_id: str
@@ -153,6 +169,7 @@ class ClaimedTask:
     signature: Optional[bytes]
     attempts: int
     lost: int = 0  # times it lost its worker before: a suspect, run alone (see backends.base)
+    problem: Optional[str] = None
 
 
 @dataclass

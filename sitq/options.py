@@ -98,7 +98,7 @@ class Task:
         self.task_options = options
         functools.update_wrapper(self, func)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         return self.func(*args, **kwargs)
 
     def options(self, **changes: Any) -> "Task":

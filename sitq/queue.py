@@ -10,8 +10,15 @@ import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from sitq.backends import Backend, Target, open_backend
-from sitq.core import CANCELLED, FAILED, FINISHED_STATES, NewTask, QueueOverview, Result, TaskInfo
-from sitq.errors import InvalidTaskError, SerializationError, SignatureError, TaskCancelledError, TaskFailedError
+from sitq.core import CANCELLED, FAILED, FINISHED_STATES, STATES, NewTask, QueueOverview, Result, TaskInfo
+from sitq.errors import (
+    BackendError,
+    InvalidTaskError,
+    SerializationError,
+    SignatureError,
+    TaskCancelledError,
+    TaskFailedError,
+)
 from sitq.options import Task
 from sitq.serialization import CloudpickleSerializer, Serializer, describe_callable
 from sitq.signing import HOW_TO_SUPPLY, STORE_KEY_RECORD, Signer, check_store_key, signer_from
@@ -98,11 +105,12 @@ class TaskQueue:
 
     # -- enqueueing ----------------------------------------------------------
 
-    async def enqueue(self, func: Callable, *args: Any, eta: Any = None, **kwargs: Any) -> str:
+    async def enqueue(self, func: Callable, /, *args: Any, eta: Any = None, **kwargs: Any) -> str:
         """Store a call of ``func(*args, **kwargs)`` and return its task id.
 
         ``eta`` (a timezone-aware datetime, or a timedelta from now) delays the
-        start; it is the only keyword ``enqueue`` keeps for itself. Task
+        start; it is the only keyword ``enqueue`` keeps for itself, so every
+        other keyword (``func=``, ``self=`` included) goes to the task. Task
         options (name, retries, timeout) travel with the function: see
         :func:`sitq.task`.
         """
@@ -120,7 +128,7 @@ class TaskQueue:
         signature = self._signer.sign_task(task_id, func, args) if self._signer is not None else None
         return NewTask(task_id, name, func, args, eta, now, max_attempts, signature)
 
-    async def map(self, func: Callable, *iterables: Iterable, eta: Any = None) -> list[str]:
+    async def map(self, func: Callable, /, *iterables: Iterable, eta: Any = None) -> list[str]:
         """Enqueue ``func(*items)`` for each item of ``zip(*iterables)``, in one transaction.
 
         The function is pickled once; either every task is stored or none is.
@@ -156,6 +164,8 @@ class TaskQueue:
         Returns ``None`` at once if no task has this id, and ``None`` if the
         task has not finished within ``timeout`` seconds (``0`` checks without
         waiting; ``None`` waits as long as it takes). Never raises on timeout.
+        Raises ``BackendError`` if the stored status is not one sitq writes: such
+        a task would never finish.
         """
         _check_task_id(task_id)
         _check_timeout(timeout)
@@ -167,6 +177,8 @@ class TaskQueue:
             result = await backend.fetch_result(task_id)
             if result is None or result.status in FINISHED_STATES:
                 return result
+            if result.status not in STATES:
+                raise _unknown_status(result)
             remaining = None
             if deadline is not None:
                 remaining = deadline - loop.time()
@@ -217,9 +229,14 @@ class TaskQueue:
 
     async def statuses(self, task_ids: Sequence[str]) -> dict[str, TaskInfo]:
         """Current state of many tasks at once, keyed by id; unknown ids are left out."""
-        if isinstance(task_ids, str):
+        if isinstance(task_ids, (str, bytes)):
             raise InvalidTaskError("statuses() takes a list of task ids; use status() for one id")
-        ids = list(task_ids)
+        try:
+            ids = list(task_ids)
+        except TypeError:
+            raise InvalidTaskError(
+                f"statuses() takes a list of task ids, not {type(task_ids).__name__} {task_ids!r}"
+            ) from None
         for task_id in ids:
             _check_task_id(task_id)
         backend = await self._ready()
@@ -242,6 +259,12 @@ def deserialize_value(
     a signed value, or any value of a store known to be signed (``store_signed``), is refused:
     it could only be checked with the key.
     """
+    if not isinstance(result.value, bytes):
+        raise SerializationError(
+            f"cannot unpickle the value of task {result.task_id} ({result.name}): the stored row has "
+            f"{'text' if isinstance(result.value, str) else 'a number'} in column 'value' where sitq "
+            "stores bytes; it was not written by sitq, or was changed by hand"
+        )
     if signer is not None:
         signer.verify_value(result.task_id, result.name, result.value, result.value_signature)
     elif result.value_signature is not None or store_signed:
@@ -280,6 +303,22 @@ def _check_task_id(task_id: Any) -> None:
         raise InvalidTaskError(
             f"task ids are strings as returned by enqueue, got {type(task_id).__name__} {task_id!r}"
         )
+    if not task_id.isascii():  # sitq's own ids are hex; others must at least be storable text
+        try:
+            task_id.encode()
+        except UnicodeEncodeError as exc:
+            raise InvalidTaskError(
+                f"task id {task_id!r} is not valid text: it holds {task_id[exc.start:exc.end]!r}, a lone "
+                "surrogate, which cannot be stored or looked up; pass the id enqueue returned"
+            ) from None
+
+
+def _unknown_status(result: Result) -> BackendError:
+    return BackendError(
+        f"task {result.task_id} has {result.status!r} in column 'status', a status sitq does not write "
+        f"({', '.join(STATES)}); the row was not written by sitq, or was changed by hand, and sitq cannot "
+        "wait for it to finish. Set its status to 'pending' to run it again, or delete the row."
+    )
 
 
 def _check_timeout(timeout: Any) -> None:

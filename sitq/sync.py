@@ -137,10 +137,10 @@ class SyncTaskQueue:
     def close(self) -> None:
         self._loop.run(self.queue.close())
 
-    def enqueue(self, func: Callable, *args: Any, eta: Any = None, **kwargs: Any) -> str:
+    def enqueue(self, func: Callable, /, *args: Any, eta: Any = None, **kwargs: Any) -> str:
         return self._loop.run(self.queue.enqueue(func, *args, eta=eta, **kwargs))
 
-    def map(self, func: Callable, *iterables, eta: Any = None) -> list[str]:
+    def map(self, func: Callable, /, *iterables, eta: Any = None) -> list[str]:
         return self._loop.run(self.queue.map(func, *iterables, eta=eta))
 
     def result(self, task_id: str, timeout: Optional[float] = None) -> Optional[Result]:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 
 from sitq.backends import Backend, Target, open_backend
 from sitq.core import CANCELLED, FAILED, PENDING, SUCCESS, ClaimedTask, Outcome
-from sitq.errors import InvalidTaskError, SerializationError, SignatureError, SitqError, TaskTimeoutError
+from sitq.errors import BackendError, InvalidTaskError, SerializationError, SignatureError, SitqError, TaskTimeoutError
 from sitq.options import Task, TaskOptions
 from sitq.output import CapturedOutput, OutputCapture, capture_into
 from sitq.serialization import CloudpickleSerializer, Serializer
@@ -211,6 +211,7 @@ class Worker:
         self._suspect: Optional[int] = None  # the seq of a suspect running alone here
         self._suspects_waiting = False
         self._stopping = False
+        self._fatal: Optional[BaseException] = None  # why the worker must stop at once
         self._done: Optional[asyncio.Event] = None
         self._threads: Optional[_Threads] = None
 
@@ -228,7 +229,12 @@ class Worker:
         return len(self._active)
 
     async def start(self) -> None:
-        """Run tasks until :meth:`stop` is called."""
+        """Run tasks until :meth:`stop` is called.
+
+        Raises ``BackendError`` if the store is deleted or replaced meanwhile (see
+        ``Backend.ensure_same_store``): the worker stops at once, and the tasks it was
+        running stay claimed in the old store until their lease expires.
+        """
         await self._run(until_empty=False)
 
     async def drain(self) -> None:
@@ -251,6 +257,7 @@ class Worker:
         self._loop = loop
         self._done = asyncio.Event()
         self._stopping = False
+        self._fatal = None
         backend = self.backend
         await backend.connect()
         try:
@@ -281,6 +288,8 @@ class Worker:
 
     async def _main(self, backend: Backend, until_empty: bool) -> None:
         while True:
+            if self._fatal is not None:
+                raise self._fatal
             # Read before looking: a change after this moment, ours or anyone's, ends the wait below.
             # (Writes that change nothing move no token, so an idle worker does not wake itself.)
             token = backend.change_token
@@ -329,7 +338,7 @@ class Worker:
         if token is not None and not self.backend.watch(fut, token):
             return  # the store changed while we were looking
         self._wake = fut
-        if self._outcomes or (self._stopping and token is not None):
+        if self._outcomes or self._fatal is not None or (self._stopping and token is not None):
             _resolve(fut)  # it happened while we were getting ready to wait (to claim more)
         timer = loop.call_later(timeout, _resolve, fut) if timeout is not None else None
         try:
@@ -380,6 +389,9 @@ class Worker:
     def _prepare(self, task: ClaimedTask) -> Optional[_Running]:
         running = _Running(task, self)
         self._active[task.seq] = running
+        if task.problem is not None:  # a row sitq did not write: fail it alone, unpickle nothing
+            self._settle(running, self._outcome(running, FAILED, error=f"BackendError: {task.problem}"))
+            return None
         try:
             if self._signer is not None:
                 self._signer.verify_task(task.task_id, task.func, task.args, task.signature)
@@ -563,6 +575,8 @@ class Worker:
         beat = self.lease / 3
         next_beat = loop.time()
         while True:
+            if not await self._store_still_there():
+                return
             try:
                 await self._flush_progress()
                 if self._active:
@@ -584,6 +598,16 @@ class Worker:
             except SitqError:
                 log.exception("worker %s: side task failed; trying again shortly", self.worker_id)
             await asyncio.sleep(min(self.progress_interval, beat))
+
+    async def _store_still_there(self) -> bool:
+        """False, with the worker told to stop at once, if the store was deleted or replaced."""
+        try:
+            await self.backend.ensure_same_store()
+        except BackendError as exc:  # start() or drain() raises it once the main loop sees it
+            self._fatal = exc
+            self._signal()
+            return False
+        return True
 
     async def _flush_progress(self) -> None:
         if not self._progress_changed:

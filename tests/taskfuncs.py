@@ -16,6 +16,11 @@ def echo(x):
     return x
 
 
+def arguments(*args, **kwargs):
+    """Returns what it was called with: keywords named like sitq's own parameters must arrive here."""
+    return args, kwargs
+
+
 def fail(message="boom"):
     raise ValueError(message)
 

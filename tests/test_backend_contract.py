@@ -227,6 +227,18 @@ def test_a_fact_about_the_store_is_recorded_once_and_never_overwritten(make_back
     run(go())
 
 
+def test_a_store_that_stayed_where_it_was_passes_the_same_store_check(make_backend, run):
+    async def go():
+        backend = make_backend()
+        await backend.connect()
+        await backend.enqueue(new_tasks(3, time.time()))
+        await backend.ensure_same_store()  # the worker calls it every few tenths of a second: it must not raise
+        await backend.close()
+        await backend.ensure_same_store()  # nothing open, nothing to check
+
+    run(go())
+
+
 def test_outcomes_keep_the_value_signature(make_backend, run):
     async def go():
         backend = make_backend()
@@ -237,5 +249,23 @@ def test_outcomes_keep_the_value_signature(make_backend, run):
         await backend.finish("w", [Outcome(claimed.seq, claimed.attempts, "success", now, value=b"v", value_signature=b"s")])
         result = await backend.fetch_result(task.task_id)
         assert (result.value, result.value_signature) == (b"v", b"s")
+
+    run(go())
+
+
+def test_a_claimed_row_with_values_sitq_does_not_write_comes_with_a_problem(make_backend, run):
+    """The backend names the column; the worker fails that task alone (tests/test_odd_rows.py)."""
+
+    async def go():
+        backend = make_backend()
+        await backend.connect()
+        now = time.time()
+        good, bad = new_tasks(2, now)
+        bad.signature = "text"  # as a hand edit could store it
+        await backend.enqueue([good, bad])
+        claimed = {c.task_id: c for c in await backend.claim("w1", 10, now, now + 30)}
+        assert claimed[good.task_id].problem is None
+        problem = claimed[bad.task_id].problem
+        assert "column 'signature'" in problem and "where sitq stores bytes (or NULL)" in problem
 
     run(go())

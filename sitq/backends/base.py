@@ -58,6 +58,17 @@ class Backend:
         """Release connections and helper threads. The backend may be reopened."""
         raise NotImplementedError
 
+    async def ensure_same_store(self) -> None:
+        """Raise ``BackendError`` if the store at the backend's address is no longer the one it opened.
+
+        A file deleted or replaced (``rm tasks.db``, ``mv other.db tasks.db``) under an open
+        connection still takes its writes, but no one else can see them. Workers call this on
+        their periodic schedule and stop with the error, so it must be cheap (SQLite: one
+        ``os.stat``). A store with nothing to replace (``:memory:``, a server) returns at once;
+        so does one that cannot tell just now: only a definite change raises.
+        """
+        raise NotImplementedError
+
     # -- producers ---------------------------------------------------------
 
     async def enqueue(self, tasks: Sequence[NewTask]) -> None:
@@ -119,7 +130,9 @@ class Backend:
 
         Cancelled if a cancel was requested; failed with ``lost_worker_error`` if this is
         its ``LOST_WORKER_LIMIT``-th lost worker; otherwise pending again, to be claimed
-        anew, with its count of lost workers raised by one (a suspect).
+        anew, with its count of lost workers raised by one (a suspect). Rows a backend
+        cannot order by time (a row sitq did not write, with an eta or lease that is not
+        a time) are dealt with here too, so that none waits forever.
         """
         raise NotImplementedError
 

@@ -13,11 +13,19 @@ measurements behind this design.
 Other processes' writes are noticed by a small thread that checks
 ``PRAGMA data_version`` (a counter read from shared memory) every millisecond
 while someone is waiting, backing off to 25 ms after a quiet second.
+
+SQLite lets any value into any column, so a row may hold what sitq never wrote
+(a hand edit, another program). Reading never fails on such a row: a claimed
+one comes back with ``ClaimedTask.problem`` naming the column, for the worker to
+fail that task alone; readers get what can be shown (see ``sitq.core``); text
+that is not UTF-8 is read with replacement characters instead of failing the
+whole statement.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import sqlite3
@@ -41,6 +49,8 @@ from sitq.core import (
 from sitq.errors import BackendError, SchemaVersionError
 
 __all__ = ["SQLiteBackend"]
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 APPLICATION_ID = 0x73697471  # "sitq"
@@ -208,6 +218,23 @@ SELECT_META = "SELECT value FROM sitq_meta WHERE key = ?"
 
 INSERT_META_IF_ABSENT = "INSERT INTO sitq_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING"
 
+# Rows sitq did not write. SQLite orders text and bytes after every number, so a pending task
+# whose eta is not a number is never due, and a running one whose lease is not a number never
+# expires. The first are failed, naming the column; the second count as long expired, so the
+# usual rules for expired leases take them on. Both statements look at the end of an index
+# range (or at the few running rows), which is empty unless someone wrote such a row.
+FAIL_UNREADABLE_ETA = """
+UPDATE sitq_tasks SET status = 'failed', finished_at = ?, error = 'BackendError: the stored row of this task has '
+    || CASE typeof(eta) WHEN 'text' THEN 'text ' || quote(substr(eta, 1, 40)) ELSE 'bytes' END
+    || ' in column ''eta'' where sitq stores a time (POSIX seconds); it was not written by sitq, or was '
+    || 'changed by hand'
+WHERE status = 'pending' AND eta >= ''
+"""
+
+END_UNREADABLE_LEASES = """
+UPDATE sitq_tasks SET lease_until = 0 WHERE status = 'running' AND (lease_until IS NULL OR lease_until >= '')
+"""
+
 MEMORY = ":memory:"
 NO_PROGRESS = (None, None, None)
 
@@ -248,6 +275,7 @@ class SQLiteBackend(Backend):
         self.change_check_interval = change_check_interval
         self._lock = threading.RLock()
         self._conn: Optional[sqlite3.Connection] = None
+        self._opened: Optional[tuple] = None  # (absolute path, device, inode) of the file at open
         self._watcher: Optional[_ChangeWatcher] = None
 
     def __repr__(self) -> str:
@@ -273,6 +301,7 @@ class SQLiteBackend(Backend):
         with self._lock:
             if self._conn is None:
                 self._conn = _open(self.path, self.read_only)
+                self._opened = _file_identity(self.path)
 
     async def close(self) -> None:
         watcher, self._watcher = self._watcher, None
@@ -280,8 +309,49 @@ class SQLiteBackend(Backend):
             watcher.stop()
         with self._lock:
             conn, self._conn = self._conn, None
+            self._opened = None
             if conn is not None:
                 conn.close()
+
+    async def ensure_same_store(self) -> None:
+        """One ``os.stat``: raise ``BackendError`` if the file at the path is not the one opened."""
+        what = self._moved()
+        if what is not None:
+            self._empty_wal()
+            raise BackendError(
+                f"the database file {self._opened[0]!r} was {what} while this worker ran; it stopped so "
+                "that it does not write to a file no one can see; restart it on the file you mean. Tasks "
+                "it was running stay claimed in the old file until their lease expires."
+            )
+
+    def _empty_wal(self) -> None:
+        """Copy the WAL into the file this connection still holds, and empty the WAL.
+
+        The WAL is named after the path, so it now pairs with whatever file took the path,
+        and SQLite would lay these pages over that file when it next opens it. Emptied, it
+        cannot; and a file moved away (``mv tasks.db old.db``) keeps all it had. Best effort:
+        another process reading the WAL makes SQLite give up, and that process then does it.
+        """
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                except sqlite3.Error:
+                    pass
+
+    def _moved(self) -> Optional[str]:
+        """How the file at the path stopped being the one opened, or None if it did not (or cannot tell)."""
+        opened = self._opened
+        if opened is None:  # ':memory:' has no file; a closed backend has nothing open
+            return None
+        path, device, inode = opened
+        try:
+            now = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return "deleted (or moved away)"
+        except OSError:
+            return None  # cannot look just now (a network file system, say); the next look decides
+        return None if (now.st_dev, now.st_ino) == (device, inode) else "replaced by another file"
 
     async def _retry_while_busy(self, attempt):
         """Call ``attempt()`` until it does not fail with SQLite's busy error, sleeping between tries."""
@@ -371,7 +441,9 @@ class SQLiteBackend(Backend):
         return await self._run(_fetch_one, SUSPECTS_WAITING, (now,)) is not None
 
     async def next_eta(self):
-        return (await self._run(_fetch_one, NEXT_ETA, ()))[0]
+        eta = (await self._run(_fetch_one, NEXT_ETA, ()))[0]
+        # Numbers sort first, so anything else means only tasks with unreadable etas are pending.
+        return eta if isinstance(eta, (int, float)) else None
 
     async def renew(self, worker_id, lease_until):
         return await self._run(_execute_count, RENEW_LEASES, (lease_until, worker_id))
@@ -404,7 +476,9 @@ class SQLiteBackend(Backend):
     async def overview(self, limit):
         counts, rows = await self._run(_overview, limit)
         full = dict.fromkeys(STATES, 0)
-        full.update(counts)
+        for status, count in counts:
+            status = _text(status)  # a status sitq does not know is counted under its own name
+            full[status] = full.get(status, 0) + count
         return QueueOverview(counts=full, recent=[_info(row) for row in rows])
 
     # -- facts about the store -------------------------------------------------
@@ -452,10 +526,10 @@ def _finish_and_claim(conn, worker_id, outcomes, limit, now, lease_until, alone)
     if limit > 0:
         rows = []
         if alone:
-            rows = conn.execute(CLAIM_SUSPECT, (worker_id, now, lease_until, now)).fetchall()
+            rows = _claimed_rows(conn, conn.execute(CLAIM_SUSPECT, (worker_id, now, lease_until, now)))
         if not rows:
-            rows = conn.execute(CLAIM_TASKS, (worker_id, now, lease_until, now, limit)).fetchall()
-        claimed = sorted((ClaimedTask(*row) for row in rows), key=lambda t: t.seq)
+            rows = _claimed_rows(conn, conn.execute(CLAIM_TASKS, (worker_id, now, lease_until, now, limit)))
+        claimed = sorted(map(_claimed, rows), key=lambda t: t.seq)
     if batch:
         conn.execute("COMMIT")
     return (stored, claimed), any(stored) or bool(claimed)
@@ -474,11 +548,22 @@ def _outcome_statement(o: Outcome, worker_id: str) -> tuple:
 def _requeue_expired(conn, now) -> int:
     lost = lost_worker_error(LOST_WORKER_LIMIT)
     conn.execute("BEGIN IMMEDIATE")
+    _settle_unreadable_times(conn, now)
     count = conn.execute(EXPIRED_CANCELLED, (now, now)).rowcount
     count += conn.execute(EXPIRED_TOO_OFTEN, (now, lost, now, LOST_WORKER_LIMIT)).rowcount
     count += conn.execute(EXPIRED_REQUEUED, (now,)).rowcount
     conn.execute("COMMIT")
     return count, count > 0
+
+
+def _settle_unreadable_times(conn, now) -> None:
+    failed = conn.execute(FAIL_UNREADABLE_ETA, (now,)).rowcount
+    ended = conn.execute(END_UNREADABLE_LEASES).rowcount
+    if failed:
+        log.warning("failed %d pending task(s) whose stored eta is not a time (a row sitq did not write)", failed)
+    if ended:
+        log.warning("%d running task(s) had a stored lease that is not a time (a row sitq did not write); "
+                    "it counts as expired", ended)
 
 
 def _cancel(conn, task_id, now):
@@ -497,12 +582,12 @@ def _cancel(conn, task_id, now):
 
 def _fetch_result(conn, task_id):
     try:
-        return conn.execute(SELECT_RESULT, (task_id,)).fetchone()
+        return _fetch_one(conn, SELECT_RESULT, (task_id,))
     except sqlite3.OperationalError as exc:
         if "no such column: value_signature" not in str(exc):
             raise
     # A version 1 file opened read-only (nothing upgrades it): it never had signed values.
-    return conn.execute(SELECT_RESULT.replace("value_signature", "NULL"), (task_id,)).fetchone()
+    return _fetch_one(conn, SELECT_RESULT.replace("value_signature", "NULL"), (task_id,))
 
 
 def _get_meta(conn, key):
@@ -538,18 +623,18 @@ def _execute_many(conn, sql, rows) -> tuple:
 
 
 def _fetch_one(conn, sql, params):
-    return conn.execute(sql, params).fetchone()
+    return _read(conn, lambda: conn.execute(sql, params).fetchone())
 
 
 def _fetch_all(conn, sql, params):
-    return conn.execute(sql, params).fetchall()
+    return _read(conn, lambda: conn.execute(sql, params).fetchall())
 
 
 def _overview(conn, limit):
     conn.execute("BEGIN")  # one snapshot for counts and rows
     try:
-        counts = dict(conn.execute(COUNT_BY_STATUS).fetchall())
-        rows = conn.execute(SELECT_RECENT, (limit,)).fetchall()
+        counts = _read(conn, lambda: conn.execute(COUNT_BY_STATUS).fetchall())
+        rows = _read(conn, lambda: conn.execute(SELECT_RECENT, (limit,)).fetchall())
     finally:
         conn.execute("COMMIT")
     return counts, rows
@@ -558,38 +643,163 @@ def _overview(conn, limit):
 def _result(row) -> Result:
     task_id, name, status, value, error, tb, enqueued, started, finished, attempts, output, value_signature = row
     return Result(
-        task_id=task_id,
-        name=name,
-        status=status,
-        value=value,
-        error=error,
-        traceback=tb,
+        task_id=task_id if type(task_id) is str else _text(task_id),
+        name=name if type(name) is str else _text(name),
+        status=status if type(status) is str else _text(status),
+        value=value,  # as stored: deserialize_result names it if it is not bytes
+        error=_text(error),
+        traceback=_text(tb),
         enqueued_at=to_datetime(enqueued),
         started_at=to_datetime(started),
         finished_at=to_datetime(finished),
-        attempts=attempts,
-        output=output,
-        value_signature=value_signature,
+        attempts=attempts if type(attempts) is int else _whole(attempts),
+        output=_text(output),
+        value_signature=value_signature if isinstance(value_signature, bytes) else None,
     )
 
 
 def _info(row) -> TaskInfo:
     (task_id, name, status, enqueued, eta, started, finished, attempts, worker_id, done, total, message, error) = row
+    # The inline checks keep the usual row, which holds only what sitq writes, fast.
     return TaskInfo(
-        task_id=task_id,
-        name=name,
-        status=status,
+        task_id=task_id if type(task_id) is str else _text(task_id),
+        name=name if type(name) is str else _text(name),
+        status=status if type(status) is str else _text(status),
         enqueued_at=to_datetime(enqueued),
         eta=to_datetime(eta),
         started_at=to_datetime(started),
         finished_at=to_datetime(finished),
-        attempts=attempts,
-        worker_id=worker_id,
-        progress_done=done,
-        progress_total=total,
-        progress_message=message,
-        error=error,
+        attempts=attempts if type(attempts) is int else _whole(attempts),
+        worker_id=worker_id if type(worker_id) is str else _text(worker_id),
+        progress_done=done if done is None or type(done) is float else _number(done),
+        progress_total=total if total is None or type(total) is float else _number(total),
+        progress_message=message if message is None else _text(message),
+        error=error if error is None else _text(error),
     )
+
+
+# -- rows sitq did not write ---------------------------------------------------
+
+# The columns a claim returns after seq, with the Python type sitq stores in each and whether NULL is one.
+CLAIMED_COLUMNS = (
+    ("id", str, False),
+    ("name", str, False),
+    ("func", bytes, False),
+    ("args", bytes, False),
+    ("signature", bytes, True),
+    ("attempts", int, False),
+)
+_KINDS = {str: "text", bytes: "bytes", int: "a whole number"}
+
+
+class _UndecodableText(str):
+    """Stored text that is not UTF-8, read with replacement characters; only a row sitq did not write holds it."""
+
+
+def _lenient_text(data: bytes) -> str:
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return _UndecodableText(data.decode("utf-8", "replace"))
+
+
+def _is_undecodable(exc: sqlite3.Error) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and "Could not decode to UTF-8" in str(exc)
+
+
+def _read(conn: sqlite3.Connection, read):
+    """``read()``; if some stored text is not UTF-8, ``read()`` again with text read leniently.
+
+    The lenient reader costs a Python call per text value, so it is used only when needed.
+    """
+    try:
+        return read()
+    except sqlite3.OperationalError as exc:
+        if not _is_undecodable(exc):
+            raise
+    conn.text_factory = _lenient_text
+    try:
+        return read()
+    finally:
+        conn.text_factory = str
+
+
+def _claimed_rows(conn: sqlite3.Connection, cursor: sqlite3.Cursor) -> list:
+    """The rows a claim returns. The claim has happened by now, so it cannot be run again: after
+    text that is not UTF-8, reading resumes at the row that failed, with text read leniently."""
+    rows: list = []
+    try:
+        rows.extend(cursor)  # keeps the rows read before a failure
+    except sqlite3.OperationalError as exc:
+        if not _is_undecodable(exc):
+            raise
+        conn.text_factory = _lenient_text
+        try:
+            rows.extend(cursor)
+        finally:
+            conn.text_factory = str
+    return rows
+
+
+def _claimed(row) -> ClaimedTask:
+    task = ClaimedTask(*row)
+    _, task_id, name, func, args, signature, attempts, *_ = row
+    if (
+        type(task_id) is str
+        and type(name) is str
+        and type(func) is bytes
+        and type(args) is bytes
+        and (signature is None or type(signature) is bytes)
+        and type(attempts) is int
+    ):
+        return task
+    for (column, kind, nullable), value in zip(CLAIMED_COLUMNS, row[1:]):
+        if type(value) is not kind and not (nullable and value is None):
+            expected = _KINDS[kind] + (" (or NULL)" if nullable else "")
+            task.problem = (
+                f"the stored row of this task has {_describe(value)} in column {column!r} where sitq "
+                f"stores {expected}; it was not written by sitq, or was changed by hand"
+            )
+            break
+    return task
+
+
+def _describe(value) -> str:
+    """What a stored value is, for messages: ``text 'abc'``, ``bytes``, ``NULL``, ``the number 2.5``."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, _UndecodableText):
+        return "text that is not valid UTF-8"
+    if isinstance(value, str):
+        return f"text {value[:40]!r}" + ("..." if len(value) > 40 else "")
+    if isinstance(value, bytes):
+        return "bytes"
+    return f"the number {value!r}"
+
+
+def _text(value) -> Optional[str]:
+    """Stored text as it is; anything else in a text column as a short description of it."""
+    if type(value) is str or value is None:
+        return value
+    if isinstance(value, str):
+        return str(value)  # read leniently: already shown with replacement characters
+    if isinstance(value, bytes):
+        return repr(value[:40]) + ("..." if len(value) > 40 else "")
+    return str(value)
+
+
+def _number(value) -> Optional[float]:
+    """A stored number as a float; None for anything else."""
+    return float(value) if type(value) is float or type(value) is int else None
+
+
+def _whole(value) -> Optional[int]:
+    """A stored whole number; None for anything else."""
+    if type(value) is int:
+        return value
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return None
 
 
 # -- opening and checking the file -------------------------------------------
@@ -610,11 +820,13 @@ def _parse_path(path: Union[str, os.PathLike]) -> str:
     return path
 
 
-def _connect(path: str, read_only: bool) -> sqlite3.Connection:
-    """A raw connection: read-only ones cannot write to the file, create it, or change its mode."""
-    if read_only and path != MEMORY:
+def _connect(path: str, read_only: bool, create: bool = True) -> sqlite3.Connection:
+    """A raw connection: read-only ones cannot write to the file, create it, or change its mode;
+    with ``create=False`` a missing file is an error rather than a new empty database."""
+    if (read_only or not create) and path != MEMORY:
+        mode = "ro" if read_only else "rw"
         return sqlite3.connect(
-            Path(path).resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            Path(path).resolve().as_uri() + f"?mode={mode}", uri=True, isolation_level=None, check_same_thread=False
         )
     return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
 
@@ -725,6 +937,18 @@ def _schema_version(conn: sqlite3.Connection, path: str) -> int:
     return 0
 
 
+def _file_identity(path: str) -> Optional[tuple]:
+    """(absolute path, device, inode) of the file just opened; absolute because a task may chdir."""
+    if path == MEMORY:
+        return None
+    absolute = os.path.abspath(path)
+    try:
+        st = os.stat(absolute)
+    except OSError:
+        return None
+    return absolute, st.st_dev, st.st_ino
+
+
 def _execute_script(conn: sqlite3.Connection, script: str) -> None:
     for statement in script.split(";"):
         if statement.strip():
@@ -781,9 +1005,16 @@ class _ChangeWatcher(threading.Thread):
     def run(self) -> None:
         backend = self.backend
         try:
-            conn = _connect(backend.path, backend.read_only)
+            # It opens the path later than the main connection did: a task may have changed the
+            # working folder (use the path as resolved then), and the file may have been deleted
+            # (never create an empty one) or replaced (leave another file alone).
+            opened = backend._opened
+            conn = _connect(opened[0] if opened else backend.path, backend.read_only, create=False)
         except sqlite3.Error:
             return  # the main connection reports the problem; waiters fall back to their timeouts
+        if backend._moved() is not None:  # SQLite reads nothing before the first statement
+            conn.close()
+            return
         try:
             # No baseline: a write that landed after a waiter read its token but before this
             # connection first looked must still wake it, so the first look always notifies.

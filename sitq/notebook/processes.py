@@ -51,7 +51,7 @@ class InProcess:
     def __repr__(self) -> str:
         return f"<{self.__qualname__} in a process>"
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         __tracebackhide__ = True  # noqa: F841 - remote tracebacks start at the user's code
         if _pool is not None:
             return _pool.call(self.func, args, kwargs)

@@ -121,13 +121,16 @@ def result_html(result: Any, deserialize: Optional[Callable[[Any], Any]] = None)
     traceback of a failure, and what the task printed. ``deserialize`` loads the
     value (the queue's ``deserialize_result``; see ``rows.load_value``)."""
     row = task_row(result)
-    times = [f"enqueued {result.enqueued_at.astimezone():%H:%M:%S}"]
-    if result.started_at is not None:
-        times.append(f"waited {format_seconds((result.started_at - result.enqueued_at).total_seconds())}")
+    times = []
+    enqueued, started = result.enqueued_at, result.started_at
+    if enqueued is not None:  # None only in a row sitq did not write
+        times.append(f"enqueued {enqueued.astimezone():%H:%M:%S}")
+        if started is not None:
+            times.append(f"waited {format_seconds((started - enqueued).total_seconds())}")
     if row.elapsed is not None:
         times.append(f"ran {format_seconds(row.elapsed)}")
-    if result.attempts > 1:
-        times.append(f"{result.attempts} attempts")
+    if row.attempts > 1:
+        times.append(f"{row.attempts} attempts")
     parts = [f'<div style="{_FONT}">{state_badge(row.status)} <b>{e(row.name)}</b> '
              f'<code class="sitq-id" style="{_MUTED}">{e(row.task_id)}</code> '
              f'<span style="{_MUTED}">{e(" · ".join(times))}</span></div>']
@@ -141,7 +144,7 @@ def result_html(result: Any, deserialize: Optional[Callable[[Any], Any]] = None)
                      f"{e(result.error)}</pre>")
     if result.output:
         parts.append(output_html(result.output))
-    return f'<div class="sitq-result" data-state="{e(result.status)}">{"".join(parts)}</div>'
+    return f'<div class="sitq-result" data-state="{e(row.status)}">{"".join(parts)}</div>'
 
 
 def output_html(text: str) -> str:

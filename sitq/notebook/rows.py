@@ -3,7 +3,9 @@
 The views (HTML in render.py, live widgets in widgets.py, one-line text) only
 draw :class:`TaskRow`; they never look at records from the store themselves.
 A row is built from a ``TaskInfo`` or a ``Result``; both have the fields read
-here, and a ``Result`` simply has no progress.
+here, and a ``Result`` simply has no progress. Building a row never fails on
+odd values (a row changed by hand in the store): a field that is not what sitq
+writes is shown as text, or left out.
 """
 
 from __future__ import annotations
@@ -91,25 +93,42 @@ class TaskRow:
 def task_row(record: Any, now: Optional[dt.datetime] = None) -> TaskRow:
     """Build a row from a ``TaskInfo`` or ``Result`` (duck-typed)."""
     now = now or dt.datetime.now(dt.timezone.utc)
-    started = getattr(record, "started_at", None)
-    finished = getattr(record, "finished_at", None)
+    started = _moment(getattr(record, "started_at", None))
+    finished = _moment(getattr(record, "finished_at", None))
     elapsed = None
     if started is not None:
         elapsed = max(0.0, ((finished or now) - started).total_seconds())
-    eta = getattr(record, "eta", None)
+    eta = _moment(getattr(record, "eta", None))
     wait = (eta - now).total_seconds() if eta is not None and started is None else None
+    attempts = getattr(record, "attempts", 0)
     return TaskRow(
-        task_id=record.task_id,
-        name=record.name,
-        status=record.status,
-        attempts=getattr(record, "attempts", 0),
+        task_id=_text(record.task_id),
+        name=_text(record.name),
+        status=_text(record.status),
+        attempts=attempts if type(attempts) is int else 0,
         elapsed=elapsed,
         wait=wait,
-        progress_done=getattr(record, "progress_done", None),
-        progress_total=getattr(record, "progress_total", None),
-        progress_message=getattr(record, "progress_message", None),
-        error=getattr(record, "error", None),
+        progress_done=_amount(getattr(record, "progress_done", None)),
+        progress_total=_amount(getattr(record, "progress_total", None)),
+        progress_message=_optional_text(getattr(record, "progress_message", None)),
+        error=_optional_text(getattr(record, "error", None)),
     )
+
+
+def _moment(value: Any) -> Optional[dt.datetime]:
+    return value if isinstance(value, dt.datetime) and value.tzinfo is not None else None
+
+
+def _amount(value: Any) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else short_repr(value)
+
+
+def _optional_text(value: Any) -> Optional[str]:
+    return None if value is None else _text(value)
 
 
 def load_value(result: Any, deserialize: Optional[Callable[[Any], Any]] = None) -> Any:

@@ -122,7 +122,7 @@ class Runtime:
         """Run a coroutine on the runtime's loop and wait for its value."""
         return self.loop.run(coro, timeout)
 
-    def enqueue(self, func: Callable, *args: Any, eta: Any = None, **kwargs: Any) -> TaskHandle:
+    def enqueue(self, func: Callable, /, *args: Any, eta: Any = None, **kwargs: Any) -> TaskHandle:
         """Store a call and return its :class:`TaskHandle`."""
         if self.pool is not None:
             from sitq.notebook.processes import InProcess
@@ -209,7 +209,7 @@ def current(required: bool = True) -> Optional[Runtime]:
     return runtime
 
 
-def submit(func: Callable, *args: Any, eta: Any = None, **kwargs: Any):
+def submit(func: Callable, /, *args: Any, eta: Any = None, **kwargs: Any):
     """Enqueue ``func(*args, **kwargs)`` on the kernel's queue; returns a
     :class:`TaskHandle` that shows itself live in a cell."""
     return current().enqueue(func, *args, eta=eta, **kwargs)
