@@ -94,9 +94,9 @@ class Task:
     def __init__(self, func: Callable, options: TaskOptions) -> None:
         if not callable(func):
             raise InvalidTaskError(f"sitq.task() wraps a callable, not {type(func).__name__} {func!r}")
+        functools.update_wrapper(self, func)  # first: it copies func's __dict__, which may hold a "func" too
         self.func = func
         self.task_options = options
-        functools.update_wrapper(self, func)
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         return self.func(*args, **kwargs)

@@ -13,6 +13,16 @@ one after another, so that the store's round trips and the hops between the
 loop and a thread are shared by the run; a run is sized to stay within a few
 milliseconds of work, so no task waits long behind another and other workers
 are not starved. ``docs/performance.md`` has the measurements.
+
+A task is data whatever it does: anything it raises (``KeyboardInterrupt``
+and other ``BaseException`` subclasses included) and anything that goes wrong
+while sitq records its outcome (an exception whose ``str()`` raises, a value
+that cannot be pickled) ends the task as failed, and the thread or coroutine
+that ran it carries on. A timeout or cancel stops a coroutine by cancelling
+it; one that ignores the cancel for ``cancel_grace`` seconds is abandoned: its
+outcome is recorded, its slot freed and whatever it does later discarded. A
+thread cannot be stopped, so the same happens to it at once; code that runs a
+task elsewhere (a process pool) watches :func:`stop_event` and stops it there.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import inspect
 import logging
 import os
@@ -34,7 +45,7 @@ from typing import Any, Callable, Optional
 
 from sitq.backends import Backend, Target, open_backend
 from sitq.core import CANCELLED, FAILED, PENDING, SUCCESS, ClaimedTask, Outcome
-from sitq.errors import BackendError, InvalidTaskError, SerializationError, SignatureError, SitqError, TaskTimeoutError
+from sitq.errors import BackendError, InvalidTaskError, SerializationError, SitqError, TaskTimeoutError
 from sitq.options import Task, TaskOptions
 from sitq.output import CapturedOutput, OutputCapture, capture_into
 from sitq.serialization import CloudpickleSerializer, Serializer
@@ -67,6 +78,16 @@ class _Running:
     context: Optional[contextvars.Context] = field(default=None, repr=False)
     is_async: bool = False
     run: Optional["_Run"] = field(default=None, repr=False)
+    timer: Any = field(default=None, repr=False)  # the timeout's timer, cancelled once settled
+    grace: Any = field(default=None, repr=False)  # the timer that abandons a coroutine ignoring its cancel
+    waiter: Optional[asyncio.Future] = field(default=None, repr=False)  # resolved once settled (runs on the loop)
+    stopped: Optional[threading.Event] = field(default=None, repr=False)  # see stop_event()
+
+    def release(self) -> None:
+        """Drop what a settled task no longer needs: its arguments, context and output may be
+        large, and an abandoned thread or coroutine (or a run) may keep this record alive."""
+        self.call = self.context = self.output = self.handle = None
+        self.timer = self.grace = self.waiter = None
 
 
 class _Run:
@@ -74,6 +95,7 @@ class _Run:
 
     def __init__(self, jobs: list) -> None:
         self.jobs = jobs
+        self.on_loop = False  # run by a coroutine on the loop (else by a thread)
         self.unsettled = len(jobs)
         self.next = 0  # index of the next job to start
         self.lock = threading.Lock()
@@ -102,6 +124,7 @@ class _Run:
 
 _current: contextvars.ContextVar[Optional[_Running]] = contextvars.ContextVar("sitq_current_task", default=None)
 _reporter: contextvars.ContextVar[Optional[Callable]] = contextvars.ContextVar("sitq_progress_reporter", default=None)
+_stop_lock = threading.Lock()  # between a task's thread asking for its stop event and the loop setting it
 
 
 @contextlib.contextmanager
@@ -116,6 +139,26 @@ def reporting_progress(report: Callable[[float, Optional[float], Optional[str]],
         yield
     finally:
         _reporter.reset(token)
+
+
+def stop_event() -> Optional[threading.Event]:
+    """The event set once the worker stops waiting for the task running in this context.
+
+    The worker sets it when the task's timeout passes or the task is
+    cancelled; by then its outcome is recorded and anything the task does
+    later is discarded. For runners that execute a task somewhere they can
+    stop it (a child process) and wait for it in the task's thread. None
+    outside a task.
+    """
+    running = _current.get()
+    if running is None:
+        return None
+    with _stop_lock:
+        if running.stopped is None:  # made on demand: most tasks never need one
+            running.stopped = threading.Event()
+            if running.stop_reason is not None:
+                running.stopped.set()
+        return running.stopped
 
 
 def progress(done: float, total: Optional[float] = None, message: Optional[str] = None) -> bool:
@@ -167,6 +210,13 @@ class Worker:
     :class:`SignatureError`, on a store that was used with a key (see
     :mod:`sitq.signing`) when it has no key or another one; a worker with a
     key records it in a store that has none.
+
+
+    A coroutine that is timed out or cancelled gets ``cancel_grace`` seconds
+    to end after its ``CancelledError``; one that catches it and goes on is
+    then abandoned: the task is recorded as timed out or cancelled, its slot
+    goes to the next task, and whatever the coroutine does later is
+    discarded (it is cancelled once more when the worker stops).
     """
 
     def __init__(
@@ -181,11 +231,14 @@ class Worker:
         progress_interval: float = 0.2,
         capture_output: bool = True,
         secret_key: Optional[Any] = None,
+        cancel_grace: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise InvalidTaskError(f"max_concurrency must be a whole number >= 1, not {max_concurrency!r}")
-        for label, seconds in (("poll_interval", poll_interval), ("lease", lease), ("progress_interval", progress_interval)):
+        timings = (("poll_interval", poll_interval), ("lease", lease), ("progress_interval", progress_interval),
+                   ("cancel_grace", cancel_grace))
+        for label, seconds in timings:
             if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
                 raise InvalidTaskError(f"{label} must be a number of seconds > 0, not {seconds!r}")
         self.backend = open_backend(backend)
@@ -194,6 +247,7 @@ class Worker:
         self.serializer = serializer or CloudpickleSerializer()
         self.lease = float(lease)
         self.progress_interval = float(progress_interval)
+        self.cancel_grace = float(cancel_grace)
         self.capture_output = capture_output
         self.clock = clock
         self._signer = signer_from(secret_key)
@@ -203,6 +257,7 @@ class Worker:
         self._active: dict[int, _Running] = {}
         self._busy_slots = 0
         self._loop_runs: set[asyncio.Task] = set()
+        self._abandoned: set[asyncio.Task] = set()  # coroutines that ignored their cancel, kept to cancel on stop
         self._average_run = None  # moving average of task run times, in seconds
         self._outcomes: list[Outcome] = []
         self._progress_changed: set[_Running] = set()
@@ -255,15 +310,15 @@ class Worker:
             raise SitqError(f"worker {self.worker_id} is already running")
         loop = asyncio.get_running_loop()
         self._loop = loop
-        self._done = asyncio.Event()
+        self._done = done = asyncio.Event()
         self._stopping = False
         self._fatal = None
         backend = self.backend
-        await backend.connect()
         try:
+            await backend.connect()
             await self._check_key(backend)
         except BaseException:
-            self._done.set()  # refused: not running, and free to start again with the right key
+            done.set()  # never started (or refused): stop() returns at once and start() may be tried again
             raise
         capture = OutputCapture.install() if self.capture_output else None
         side = loop.create_task(self._side_tasks(), name=f"sitq-side-{self.worker_id}")
@@ -272,6 +327,7 @@ class Worker:
         finally:
             side.cancel()
             await asyncio.gather(side, return_exceptions=True)
+            await self._cancel_abandoned()
             if self._threads is not None:
                 self._threads.shutdown()
                 self._threads = None
@@ -396,15 +452,15 @@ class Worker:
             if self._signer is not None:
                 self._signer.verify_task(task.task_id, task.func, task.args, task.signature)
             func, args, kwargs = self.serializer.loads_call(task.func, task.args)
-        except (SignatureError, SerializationError) as exc:
-            self._settle(running, self._failure(running, exc, skip_frames=0))
+            if isinstance(func, Task):
+                running.options, func = func.task_options, func.func
+            running.is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+                getattr(func, "__call__", None)
+            )
+        except BaseException as exc:  # whatever unpickling a payload raises fails its task, not the worker
+            self._settle(running, self._record(running, exc, failed=True, skip_frames=0))
             return None
-        if isinstance(func, Task):
-            running.options, func = func.task_options, func.func
         running.call = (func, args, kwargs)
-        running.is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
-            getattr(func, "__call__", None)
-        )
         running.context = context = contextvars.copy_context()
         context.run(_current.set, running)
         if self.capture_output:
@@ -415,6 +471,7 @@ class Worker:
     def _start_run(self, run: _Run) -> None:
         self._busy_slots += 1
         if any(job.is_async for job in run.jobs):
+            run.on_loop = True
             task = self._loop.create_task(self._run_on_loop(run))
             self._loop_runs.add(task)  # owned: asyncio keeps only weak references to tasks
             task.add_done_callback(self._loop_runs.discard)
@@ -427,92 +484,167 @@ class Worker:
         return self._threads
 
     async def _run_on_loop(self, run: _Run) -> None:
-        """Run a run's jobs in order: coroutines here, plain functions in a thread."""
+        """Run a run's jobs in order: coroutines here, plain functions in a thread.
+
+        Each job holds the slot until it is settled, not until its code ends:
+        a stopped thread or an abandoned coroutine does not hold up the rest.
+        """
         while (job := run.take()) is not None:
+            waiter = job.waiter = self._loop.create_future()
             self._arm_timeout(job)
             if job.is_async:
                 job.handle = job.context.run(self._loop.create_task, self._run_coroutine(job))
-                await asyncio.wait([job.handle])
+                job.handle.add_done_callback(functools.partial(self._coroutine_ended, job))
             else:
-                done = self._loop.create_future()
-                self._thread_pool().submit(lambda: self._settle_from_thread([(job, self._call_in_thread(job))], done))
-                await done
+                self._thread_pool().submit(
+                    lambda job=job: self._settle_from_thread([(job, self._call_in_thread(job))])
+                )
+            await waiter
 
     async def _run_coroutine(self, running: _Running) -> None:
         func, args, kwargs = running.call
         started = time.perf_counter()
+        cancelled = None
         try:
             value = await func(*args, **kwargs)
-        except asyncio.CancelledError:
-            if running.stop_reason is None:
-                raise  # not ours: let it propagate
-            outcome = self._stopped_outcome(running)
-        except (Exception, SystemExit) as exc:
-            outcome = self._failure(running, exc)
+        except asyncio.CancelledError as exc:
+            if running.stop_reason is None and _cancelled_from_outside():
+                cancelled = exc  # not sitq's doing (the loop is closing): settle, then let it propagate
+            outcome = self._record(running, exc, failed=True)
+        except BaseException as exc:  # KeyboardInterrupt and SystemExit too: they must not end the worker
+            outcome = self._record(running, exc, failed=True)
         else:
-            outcome = self._success(running, value)
+            outcome = self._record(running, value)
+        del func, args, kwargs
         self._timed(time.perf_counter() - started)
         self._settle(running, outcome)
+        if cancelled is not None:
+            raise cancelled
+
+    def _coroutine_ended(self, running: _Running, handle: asyncio.Task) -> None:
+        if not running.settled:  # cancelled before its first step: _run_coroutine never ran to settle it
+            self._settle(running, self._record(running, asyncio.CancelledError(), failed=True, skip_frames=0))
 
     def _run_in_thread(self, run: _Run) -> None:
         """Run a run of plain functions in this thread; settle them on the loop in one hop."""
         settled = []
-        while (job := run.take()) is not None:
-            if job.options.timeout is not None:
-                self._loop.call_soon_threadsafe(self._arm_timeout, job)
-            settled.append((job, self._call_in_thread(job)))
-        self._settle_from_thread(settled)
+        try:
+            while (job := run.take()) is not None:
+                if job.options.timeout is not None:
+                    self._loop.call_soon_threadsafe(self._arm_timeout, job)
+                settled.append((job, self._call_in_thread(job)))
+        finally:
+            self._settle_from_thread(settled)
 
-    def _call_in_thread(self, running: _Running) -> Outcome:
-        return running.context.run(self._call_sync, running)
+    def _call_in_thread(self, running: _Running) -> Optional[Outcome]:
+        call, context = running.call, running.context
+        if call is None or context is None:
+            return None  # stopped just as this thread took it: its outcome is recorded already
+        return context.run(self._call_sync, running, call)
 
-    def _call_sync(self, running: _Running) -> Outcome:
-        func, args, kwargs = running.call
+    def _call_sync(self, running: _Running, call: tuple) -> Outcome:
+        func, args, kwargs = call
+        del call
         started = time.perf_counter()
         try:
             value = func(*args, **kwargs)
             if inspect.isawaitable(value):
                 value = asyncio.run(_awaited(value))
-        except (Exception, SystemExit) as exc:
-            outcome = self._failure(running, exc)
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt, ... would end this thread
+            outcome = self._record(running, exc, failed=True)
         else:
-            outcome = self._success(running, value)
+            outcome = self._record(running, value)
         running.elapsed = time.perf_counter() - started
         return outcome
 
-    def _settle_from_thread(self, settled: list, done: Optional[asyncio.Future] = None) -> None:
+    def _settle_from_thread(self, settled: list) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._settle_all, settled, done)
+            self._loop.call_soon_threadsafe(self._settle_all, settled)
         except RuntimeError:
             pass  # the worker stopped and its loop closed while an abandoned thread ran on
 
-    def _settle_all(self, settled: list, done: Optional[asyncio.Future]) -> None:
+    def _settle_all(self, settled: list) -> None:
         for job, outcome in settled:
             self._timed(job.elapsed)
             self._settle(job, outcome)
-        if done is not None:
-            _resolve(done)
 
     def _arm_timeout(self, running: _Running) -> None:
         if running.options.timeout is not None and not running.settled:
-            self._loop.call_later(running.options.timeout, self._stop_task, running, "timeout")
+            running.timer = self._loop.call_later(running.options.timeout, self._stop_task, running, "timeout")
 
     def _stop_task(self, running: _Running, reason: str) -> None:
         """Stop waiting for a task (timeout or cancel): cancel a coroutine, abandon a thread."""
         if running.settled or running.stop_reason is not None:
             return
-        running.stop_reason = reason
+        with _stop_lock:
+            running.stop_reason = reason
+            if running.stopped is not None:
+                running.stopped.set()  # a process runner terminates the task's process
         if running.handle is not None:
-            running.handle.cancel()  # _run_coroutine records the outcome
+            running.handle.cancel()  # _run_coroutine records the outcome, or _abandon does
+            running.grace = self._loop.call_later(self.cancel_grace, self._abandon, running)
             return
         # Not started yet (its run skips it), or a thread, which cannot be stopped: record the
         # outcome now and discard whatever the thread returns later. The tasks queued behind a
         # thread's task in its run move to another thread and slot; this one's slot is freed.
+        # (A run on the loop goes on to its next task by itself once this one is settled.)
         run = running.run
-        rest = run.take_rest() if run is not None and running.started and not running.is_async else []
+        rest = run.take_rest() if run is not None and running.started and not run.on_loop else []
         self._settle(running, self._stopped_outcome(running))
         if rest:
             self._start_run(_Run(rest))
+
+    def _abandon(self, running: _Running) -> None:
+        """A coroutine went on for ``cancel_grace`` seconds after its cancel: stop waiting for it."""
+        if running.settled:
+            return
+        handle = running.handle
+        log.warning(
+            "task #%s: its coroutine caught the CancelledError of its %s and went on for %g s; "
+            "it is recorded as stopped and left running, and whatever it does from now on is discarded",
+            running.task.seq, running.stop_reason, self.cancel_grace,
+        )
+        self._abandoned.add(handle)
+        handle.add_done_callback(self._abandoned.discard)
+        self._settle(running, self._stopped_outcome(running))
+
+    async def _cancel_abandoned(self) -> None:
+        """Cancel abandoned coroutines once more as the worker stops, and give them ``cancel_grace`` to end."""
+        if not self._abandoned:
+            return
+        for task in self._abandoned:
+            task.cancel()
+        _, pending = await asyncio.wait(set(self._abandoned), timeout=self.cancel_grace)
+        if pending:
+            log.warning(
+                "worker %s: %d abandoned coroutine(s) ignore cancellation; they keep running on this event loop",
+                self.worker_id, len(pending),
+            )
+
+    def _record(self, running: _Running, result: Any, failed: bool = False, skip_frames: int = 1) -> Outcome:
+        """The outcome of a call that returned ``result`` (or raised it, if ``failed``).
+
+        Never raises: whatever goes wrong while building the outcome (an
+        exception whose ``str()`` raises, a serializer or retry rule that
+        fails) fails the task with a message that says so.
+        """
+        try:
+            if running.stop_reason is not None:
+                return self._stopped_outcome(running)  # also when a coroutine caught its cancel and returned
+            if failed:
+                return self._failure(running, result, skip_frames=skip_frames)
+            return self._success(running, result)
+        except BaseException as exc:
+            return self._unrecordable(running, exc)
+
+    def _unrecordable(self, running: _Running, exc: BaseException) -> Outcome:
+        log.error("task #%s: could not record its outcome: %s", running.task.seq, _describe(exc))
+        error = f"SitqError: sitq could not record the outcome of this task: {_describe(exc)}"
+        try:
+            return self._outcome(running, FAILED, error=error)
+        except BaseException:
+            task = running.task
+            return Outcome(task.seq, task.attempts, FAILED, time.time(), error=error)
 
     def _stopped_outcome(self, running: _Running) -> Outcome:
         if running.stop_reason == "cancel":
@@ -526,6 +658,12 @@ class Worker:
             data = self.serializer.dumps_value(value)
         except SerializationError as exc:
             return self._failure(running, exc, skip_frames=0)
+        except BaseException as exc:  # the value's __reduce__ or __repr__ raised something else
+            error = SerializationError(
+                f"cannot pickle the return value, a {type(value).__name__}: {_describe(exc)}. "
+                "Return plain data instead."
+            )
+            return self._failure(running, error, skip_frames=0)
         signature = self._signer.sign_value(running.task.task_id, data) if self._signer is not None else None
         return self._outcome(running, SUCCESS, value=data, value_signature=signature)
 
@@ -536,23 +674,26 @@ class Worker:
                 tb = tb.tb_next
         while tb is not None and tb.tb_next is not None and tb.tb_frame.f_locals.get("__tracebackhide__"):
             tb = tb.tb_next  # wrappers (notebook cells, process runners) hide themselves, as in pytest
-        text = "".join(traceback.format_exception(type(exc), exc, tb)) if tb is not None else None
-        message = str(exc)
-        error = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+        text = _format_traceback(exc, tb) if tb is not None else None
+        error = _describe(exc)
         delay = running.options.retry_after(running.task.attempts, exc)
         if delay is not None:
             return self._outcome(running, PENDING, error=error, traceback=text, retry_at=self.clock() + delay)
         return self._outcome(running, FAILED, error=error, traceback=text)
 
     def _outcome(self, running: _Running, status: str, **fields) -> Outcome:
-        output = running.output.text() if running.output is not None else None
+        captured = running.output  # read once: the loop may release it while an abandoned thread gets here
+        output = captured.text() if captured is not None else None
         task = running.task
         return Outcome(task.seq, task.attempts, status, self.clock(), output=output, progress=running.progress, **fields)
 
-    def _settle(self, running: _Running, outcome: Outcome) -> None:
+    def _settle(self, running: _Running, outcome: Optional[Outcome]) -> None:
         if running.settled:
-            return  # a thread that returned after its timeout or cancel: discard
+            return  # a thread or coroutine that returned after its timeout or cancel: discard
         running.settled = True
+        for timer in (running.timer, running.grace):
+            if timer is not None:
+                timer.cancel()  # a cancelled timer lets go of the task at once, not at its deadline
         self._active.pop(running.task.seq, None)
         if running.task.seq == self._suspect:
             self._suspect = None
@@ -564,6 +705,9 @@ class Worker:
             run.unsettled -= 1
             if run.unsettled == 0:
                 self._busy_slots -= 1
+        if running.waiter is not None:
+            _resolve(running.waiter)
+        running.release()
         self._signal()
 
     # -- side tasks --------------------------------------------------------
@@ -643,8 +787,15 @@ class _Threads:
         self._jobs.put(job)
 
     def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            job()
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                job()
+            except BaseException:  # a bug in sitq: the thread, and with it the slot, must survive it
+                log.exception("sitq thread %s: running a task failed", threading.current_thread().name)
+            job = None  # let go of the finished run's tasks now, not when the next one comes
             with self._lock:
                 self._idle += 1
 
@@ -657,6 +808,35 @@ class _Threads:
 
 async def _awaited(awaitable):
     return await awaitable
+
+
+def _message(exc: BaseException) -> str:
+    """``str(exc)``, or a note saying it raised (an exception's ``__str__`` is user code)."""
+    try:
+        return str(exc)
+    except BaseException as inner:
+        return f"<str() of the exception raised {type(inner).__name__}>"
+
+
+def _describe(exc: BaseException) -> str:
+    """``"Type: message"`` for any exception, also one whose ``__str__`` raises."""
+    message = _message(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _format_traceback(exc: BaseException, tb) -> Optional[str]:
+    try:
+        return "".join(traceback.format_exception(type(exc), exc, tb))
+    except BaseException as inner:
+        return f"{_describe(exc)}\n(sitq could not format its traceback: {_describe(inner)})\n"
+
+
+def _cancelled_from_outside() -> bool:
+    """Whether the current asyncio task was cancelled (the loop is closing), as opposed to its
+    code raising ``CancelledError`` by itself. Before Python 3.11 there is no telling: assume it was."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0
 
 
 def _resolve(fut: asyncio.Future) -> None:

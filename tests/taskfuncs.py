@@ -215,3 +215,182 @@ def kill_own_worker(path, x, after):
         f.write(f"start {x} {os.getpid()}\n")
     time.sleep(after)
     os._exit(70)
+
+
+# -- tasks that misbehave ------------------------------------------------------------
+
+
+class Interrupt(BaseException):
+    """A user's own BaseException subclass."""
+
+
+class BadStr(Exception):
+    def __str__(self):
+        raise ValueError("no text for you")
+
+    def __repr__(self):
+        raise ValueError("no repr either")
+
+
+class HoldsLock(Exception):
+    """Cannot be pickled: it carries a lock."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class NeedsDetail(Exception):
+    """Pickles, but cannot be rebuilt: its __init__ needs an argument that its args do not hold."""
+
+    def __init__(self, code, detail):
+        super().__init__(f"failed with code {code}")
+        self.detail = detail
+
+
+class Unrebuildable:
+    """A value that pickles but cannot be unpickled."""
+
+    def __reduce__(self):
+        return (NeedsDetail, (1,))
+
+
+def unrebuildable_value():
+    return Unrebuildable()
+
+
+class ReduceInterrupts:
+    """A value whose pickling raises KeyboardInterrupt."""
+
+    def __reduce__(self):
+        raise KeyboardInterrupt("pickling interrupted")
+
+
+class _Meta(type):
+    def __instancecheck__(cls, obj):
+        raise RuntimeError("broken isinstance check")
+
+
+class BrokenRetryRule(Exception, metaclass=_Meta):
+    """As retry_on, it makes the worker's own retry decision raise."""
+
+
+MISBEHAVIOURS = {
+    # kind: (what the task raises or returns, how the task's error reads)
+    "keyboard-interrupt": (lambda: KeyboardInterrupt("pressed in a task"), "KeyboardInterrupt: pressed in a task"),
+    "generator-exit": (lambda: GeneratorExit("closed early"), "GeneratorExit: closed early"),
+    "system-exit": (lambda: SystemExit(3), "SystemExit: 3"),
+    "base-exception": (lambda: Interrupt("my own BaseException"), "Interrupt: my own BaseException"),
+    "bad-str": (lambda: BadStr("hidden"), "BadStr: <str() of the exception raised ValueError>"),
+    "unpicklable-exception": (lambda: HoldsLock("holds a lock"), "HoldsLock: holds a lock"),
+    "unrebuildable-exception": (lambda: NeedsDetail(3, "x"), "NeedsDetail: failed with code 3"),
+    "unpicklable-value": (threading.Lock, "SerializationError: cannot pickle the return value, a lock"),
+    "value-pickling-interrupts": (
+        ReduceInterrupts, "SerializationError: cannot pickle the return value, a ReduceInterrupts"
+    ),
+}
+
+
+def misbehave(kind):
+    made = MISBEHAVIOURS[kind][0]()
+    if isinstance(made, BaseException):
+        raise made
+    return made
+
+
+async def async_misbehave(kind):
+    await asyncio.sleep(0)
+    return misbehave(kind)
+
+
+async def async_raise_cancelled():
+    """Raise CancelledError without anyone cancelling the task (as awaiting a cancelled future does)."""
+    await asyncio.sleep(0)
+    raise asyncio.CancelledError()
+
+
+SWALLOWED = {}  # name -> what happened to the coroutine, in order
+
+
+async def async_swallow_cancel(name, then, started):
+    """Catch the first CancelledError and go on: ``then`` is "return" (a value, at once) or "keep-running".
+
+    The file ``started`` is created once the coroutine runs (a cancel before that stops it before it starts)."""
+    notes = SWALLOWED.setdefault(name, [])
+    open(started, "w").close()
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        notes.append("swallowed")
+        if then == "return":
+            return "finished anyway"
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        notes.append("cancelled again")
+        raise
+    notes.append("ran to the end")
+    return "ran to the end"
+
+
+def write_pid_and_wait(path, seconds=60):
+    """Note this process's id in a file, then block: a task to stop."""
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+    return "not stopped"
+
+
+def child_pid():
+    return os.getpid()
+
+
+def meet(folder, name, count):
+    """Wait until ``count`` tasks have arrived in ``folder``: they run side by side."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    (folder / f"{name}.here").touch()
+    deadline = time.monotonic() + 60
+    while len(list(folder.glob("*.here"))) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the other tasks never arrived")
+        time.sleep(0.01)
+
+
+def meet_then(folder, name, count, then="return"):
+    """Meet the others, then return this process's id, exit, or segfault."""
+    import signal
+
+    meet(folder, name, count)
+    if then == "exit":
+        os._exit(7)
+    if then == "segfault":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return os.getpid()
+
+
+BLOB_REFS = []
+
+
+class Blob:
+    """An argument the test can watch with a weak reference (in the worker's process)."""
+
+    def __init__(self, size):
+        self.data = b"x" * size
+
+
+def keep_blob(blob):
+    import weakref
+
+    from sitq.output import capture_into
+
+    BLOB_REFS.append(weakref.ref(blob))
+    BLOB_REFS.append(weakref.ref(capture_into.get()))  # what the task prints
+    print("some output", len(blob.data))
+    return len(blob.data)
+
+
+async def async_keep_blob(blob):
+    await asyncio.sleep(0)
+    return keep_blob(blob)

@@ -126,7 +126,7 @@ class Runtime:
         """Store a call and return its :class:`TaskHandle`."""
         if self.pool is not None:
             from sitq.notebook.processes import InProcess
-            func = InProcess(func)
+            func = InProcess.around(func)
         task_id = self.run(self.queue.enqueue(func, *args, eta=eta, **kwargs))
         return TaskHandle(self, task_id, describe_callable(func))
 
