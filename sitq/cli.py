@@ -29,12 +29,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        return asyncio.run(args.run(args))
+        return _run_to_end(args.run(args))
     except SitqError as exc:
         print(f"sitq: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _run_to_end(main_coroutine) -> int:
+    """``asyncio.run``, except that coroutines which ignore cancellation cannot keep the command alive.
+
+    A worker abandons a task coroutine that swallows its cancel; such a coroutine may swallow
+    the last cancel at shutdown as well. ``asyncio.run`` would wait for it for ever; here it
+    gets a moment, and is then left behind with the loop (all outcomes are stored by then).
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(main_coroutine)
+    finally:
+        leftover = asyncio.all_tasks(loop)
+        for task in leftover:
+            task.cancel()
+        if leftover:
+            loop.run_until_complete(asyncio.wait(leftover, timeout=1.0))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", "-c", type=_positive_int, default=1, help="tasks at a time (default 1)")
     worker.add_argument("--poll-interval", type=float, default=1.0, help="longest idle wait in seconds (default 1)")
     worker.add_argument("--lease", type=float, default=60.0, help="seconds a claim lasts without renewal (default 60)")
+    worker.add_argument(
+        "--cancel-grace",
+        type=float,
+        default=5.0,
+        help="seconds a cancelled or timed-out coroutine gets to end before it is abandoned (default 5)",
+    )
     worker.add_argument("--drain", action="store_true", help="exit once no task is ready or running")
     worker.add_argument("--quiet", "-q", action="store_true", help="log warnings only")
     worker.set_defaults(run=run_worker)
@@ -90,7 +116,11 @@ async def run_worker(args: argparse.Namespace) -> int:
     )
     backend = open_backend(args.path)
     worker = Worker(
-        backend, max_concurrency=args.concurrency, poll_interval=args.poll_interval, lease=args.lease
+        backend,
+        max_concurrency=args.concurrency,
+        poll_interval=args.poll_interval,
+        lease=args.lease,
+        cancel_grace=args.cancel_grace,
     )
     loop = asyncio.get_running_loop()
     stops: list = []  # the stop tasks, kept until the worker has stopped

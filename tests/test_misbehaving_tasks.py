@@ -285,6 +285,30 @@ def test_a_worker_process_abandons_a_coroutine_that_swallows_its_cancel(db_path,
     assert "caught the CancelledError of its cancel" in stderr  # the worker says what it did
 
 
+def test_a_worker_process_stops_even_with_a_coroutine_that_ignores_every_cancel(db_path, run):
+    worker = subprocess.Popen(
+        sitq_command("worker", str(db_path), "--quiet", "--poll-interval", "0.05", "--cancel-grace", "0.2"),
+        env=worker_env(), stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        async def go():
+            async with TaskQueue(SQLiteBackend(db_path)) as queue:
+                started = db_path.parent / "started"
+                task_id = await queue.enqueue(taskfuncs.async_ignore_every_cancel, str(started))
+                await wait_for_file(started)
+                await queue.cancel(task_id)
+                return await queue.get_result(task_id, timeout=60)
+
+        cancelled = run(go())
+        worker.send_signal(signal.SIGTERM)  # once: no need to insist
+        _, stderr = worker.communicate(timeout=30)
+    finally:
+        worker.kill()
+    assert cancelled.status == "cancelled"
+    assert worker.returncode == 0, stderr
+    assert "ignore cancellation" in stderr
+
+
 @pytest.mark.parametrize("grace", [0, -1, "5", True, float("nan")])
 def test_cancel_grace_must_be_a_positive_number_of_seconds(db_path, grace):
     with pytest.raises(InvalidTaskError, match="cancel_grace must be a number of seconds > 0"):
