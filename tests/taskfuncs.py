@@ -202,3 +202,13 @@ def fail_at_gate_once(name, path):
         wait_at_gate(name)
         raise ValueError("the first call fails")
     return n
+
+
+# -- a stalled event loop -------------------------------------------------------
+
+
+async def record_blocking_the_loop(path, x, seconds):
+    """Record this run, then hold the worker's event loop for ``seconds`` (a stalled loop)."""
+    record(path, x)
+    time.sleep(seconds)  # deliberately blocking: nothing else on the worker's loop runs meanwhile
+    return x
