@@ -1,8 +1,11 @@
-"""Helpers the adapters share: one polling interval, latency percentiles and peak memory."""
+"""Helpers the adapters share: one polling interval, latency percentiles, peak memory, and a
+ticker that measures how long the event loop is blocked."""
 
+import asyncio
 import resource
 import statistics
 import sys
+import time
 
 POLL = 0.001
 """Seconds an idle worker or a result waiter sleeps between polls, for every system that polls."""
@@ -26,3 +29,34 @@ def check_stored(stored, n, system):
     if stored != n:
         raise RuntimeError(f"{system}: {stored} of {n} results readable after the drain")
     return stored
+
+
+class StallTicker:
+    """Measures how long an event loop is blocked, as a user of that loop feels it.
+
+    Used as ``async with StallTicker() as ticker:`` around a workload on the same loop: a task
+    wakes every `period` seconds and records the largest delay beyond its period, in ms. The
+    block lets the ticker run once more at its end, so a stall at the very end is counted too.
+    """
+
+    def __init__(self, period=0.001):
+        self.period = period
+        self.longest_ms = 0.0
+        self._task = None
+
+    async def _tick(self):
+        while True:
+            start = time.perf_counter()
+            await asyncio.sleep(self.period)
+            late = (time.perf_counter() - start - self.period) * 1e3
+            self.longest_ms = max(self.longest_ms, late)
+
+    async def __aenter__(self):
+        self._task = asyncio.get_running_loop().create_task(self._tick())
+        await asyncio.sleep(self.period * 5)  # running before the workload starts
+        return self
+
+    async def __aexit__(self, *exc_info):
+        await asyncio.sleep(self.period * 5)
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)

@@ -1,14 +1,16 @@
 """Run every workload on every system, side by side, and print one table.
 
     python -m benchmarks.run [--quick] [--repeat 3] [--systems sitq,floor,huey]
-        [--workloads W1,W2,W3,W4,W5] [--old-rows 1000000]
+        [--workloads W1,W2,W3,W4,W5,S] [--old-rows 1000000]
         [--markdown docs/performance.md] [--plot docs/performance.png] [--json out.json]
 
 Every (system, workload, repeat) cell runs in its own ``python -m benchmarks.cell`` process
 on its own fresh database file; repeats are interleaved so that a noisy moment hits every
 system alike. The table shows the median of the repeats with the min-max range, and
 sitq's median divided by the floor's and by huey's from this same run, next to the targets
-from the issue. With ``--old-rows N`` the W2 and W3 cells run again on a copy of a database
+from the issue. The S rows (sitq only) measure how long sitq blocks the caller's event loop:
+a ticker on the same loop records its longest delay while a workload runs; S0 is the
+ticker alone, the machine's own noise in the same run. With ``--old-rows N`` the W2 and W3 cells run again on a copy of a database
 already holding N finished tasks, and report the worker's peak RSS.
 """
 
@@ -42,13 +44,26 @@ WORKLOADS = [  # group, row label, adapter function, keyword arguments, metrics 
     ("W3", "W3 round trip cross-process", "round_trip", {"cross_process": True}, ("p50_ms", "p95_ms", "p99_ms")),
     ("W4", "W4 mixed 8 producers", "mixed", {"producers": 8}, ("wall_s",)),
     ("W5", "W5 bulk", "bulk", {}, ("tasks_s",)),
+    ("S", "S0 idle loop (noise)", "stall_idle", {}, ("stall_ms",)),
+    ("S", "S1 map", "stall_map", {}, ("stall_ms", "tasks_s")),
+    ("S", "S2 drain c=1", "stall_drain", {"concurrency": 1}, ("stall_ms", "tasks_s")),
+    ("S", "S2 drain c=8", "stall_drain", {"concurrency": 8}, ("stall_ms", "tasks_s")),
+    ("S", "S3 overview", "stall_overview", {}, ("stall_ms", "call_ms")),
+    ("S", "S4 statuses", "stall_statuses", {}, ("stall_ms", "call_ms")),
+    ("S", "S5 notebook refresh", "stall_refresh", {}, ("stall_ms", "call_ms")),
 ]
-SIZES = {  # tasks per cell (W3: round trips, W4: tasks per producer)
-    "full": {"enqueue": 5000, "drain": 5000, "round_trip": 200, "mixed": 500, "bulk": 10000},
-    "quick": {"enqueue": 200, "drain": 200, "round_trip": 20, "mixed": 25, "bulk": 200},
+STALLS_ON_BIG_STORE = ("stall_overview", "stall_statuses", "stall_refresh")  # read a prefilled store
+SIZES = {  # tasks per cell (W3: round trips, W4: tasks per producer, S0: ms, S3/S5: calls, S4: ids)
+    "full": {"enqueue": 5000, "drain": 5000, "round_trip": 200, "mixed": 500, "bulk": 10000,
+             "stall_idle": 1000, "stall_map": 100_000, "stall_drain": 20_000, "stall_overview": 5,
+             "stall_statuses": 10_000, "stall_refresh": 5, "big_store": 1_000_000},
+    "quick": {"enqueue": 200, "drain": 200, "round_trip": 20, "mixed": 25, "bulk": 200,
+              "stall_idle": 100, "stall_map": 2000, "stall_drain": 500, "stall_overview": 2,
+              "stall_statuses": 200, "stall_refresh": 2, "big_store": 2000},
 }
 UNITS = {"tasks_s": "tasks/s ↑", "p50_us": "p50 µs ↓", "p99_us": "p99 µs ↓", "p50_ms": "p50 ms ↓",
-         "p95_ms": "p95 ms ↓", "p99_ms": "p99 ms ↓", "wall_s": "wall s ↓", "rss_mb": "peak RSS MB ↓"}
+         "p95_ms": "p95 ms ↓", "p99_ms": "p99 ms ↓", "wall_s": "wall s ↓", "rss_mb": "peak RSS MB ↓",
+         "stall_ms": "longest stall ms ↓", "call_ms": "ms per call ↓"}
 TARGETS = {  # (row label, metric): [(reference, op, bound)]; reference None means an absolute bound
     ("W1 enqueue", "tasks_s"): [("floor", ">=", 0.5), ("huey", ">=", 4)],
     ("W2 drain c=1", "tasks_s"): [("floor", ">=", 0.5), ("huey", ">=", 5)],
@@ -57,6 +72,8 @@ TARGETS = {  # (row label, metric): [(reference, op, bound)]; reference None mea
     ("W3 round trip cross-process", "p50_ms"): [(None, "<=", 5)],
     ("W4 mixed 8 producers", "wall_s"): [("floor", "<=", 1.5)],
     ("W5 bulk", "tasks_s"): [(None, ">=", 100_000)],
+    **{(label, "stall_ms"): [(None, "<=", 20)] for _, label, fn, _, _ in WORKLOADS if fn.startswith("stall_")
+       and fn != "stall_idle"},
 }
 NOTES = """Settings: sitq uses its defaults (WAL, `synchronous=NORMAL`, the worker runs the plain
 function `f` in its threads; queue and worker share one backend in-process). The floor matches
@@ -65,7 +82,15 @@ default `synchronous=FULL`, so every commit waits for fsync) with consumer and `
 polling tuned to 1 ms, the interval the floor polls other processes at. Drains use huey's
 `Consumer` with threads in the benchmark process; the cross-process round trip runs
 `huey_consumer`. W4 producers are 8 threads for the floor and huey and 8 coroutines on one
-event loop for sitq; each W3 cell makes 5 untimed round trips first."""
+event loop for sitq; each W3 cell makes 5 untimed round trips first.
+
+S rows, sitq only: a ticker task wakes every 1 ms on the event loop sitq runs on and records
+the longest delay beyond that (`benchmarks/common.py`, `StallTicker`), while S1 maps {stall_map:,}
+calls, S2 drains {stall_drain:,} tasks, S3 calls `overview()` and S4 `statuses()` of {stall_statuses:,}
+ids on a store holding {big_store:,} finished tasks, and S5 refreshes the notebook's live views
+(a board of 20 and 20 task views, `sitq/notebook/refresher.py`) on that store. S0 is the ticker
+alone: what the machine's other work (other processes, the scheduler) costs the loop in the same
+run, so a stall near S0 is noise, not sitq."""
 OLD_TARGETS = {"tasks_s": [("no old rows", ">=", 0.8)], "p50_ms": [("no old rows", "<=", 1.25)],
                "rss_mb": [(None, "<=", 150)]}
 
@@ -76,7 +101,7 @@ def parse(argv):
     p.add_argument("--quick", action="store_true", help="small sizes and one repeat (CI smoke mode)")
     p.add_argument("--repeat", type=int, help="processes per cell (default 3, or 1 with --quick)")
     p.add_argument("--systems", default=",".join(SYSTEMS))
-    p.add_argument("--workloads", default="W1,W2,W3,W4,W5")
+    p.add_argument("--workloads", default="W1,W2,W3,W4,W5,S")
     p.add_argument("--old-rows", type=int, default=0, help="also run W2 and W3 with N finished tasks present")
     p.add_argument("--markdown", type=Path)
     p.add_argument("--plot", type=Path)
@@ -135,45 +160,61 @@ def fresh_db(tmp, name, template=None):
     return path
 
 
+def runs_on(system, fn):
+    """Whether `system` has the workload `fn`: the S rows measure sitq's own event loop only."""
+    return system == "sitq" or not fn.startswith("stall_")
+
+
+def prefill(tmp, system, n, console):
+    """A database holding `n` finished tasks of `system`, made once per run."""
+    template = fresh_db(tmp, f"template-{system}-{n}/bench.db")
+    t = time.perf_counter()
+    cell({"system": system, "workload": "prefill", "db": str(template), "n": n}, 3600)
+    console.print(f"[dim]prefilled {n:,} finished tasks for {system} in {time.perf_counter() - t:.1f} s")
+    return template
+
+
 def measure(args, rows, console):
     """Run all cells and return the list of cell records."""
     sizes = SIZES["quick" if args.quick else "full"]
     records = []
     with tempfile.TemporaryDirectory(prefix="sitq-bench-") as tmp:
         tmp = Path(tmp)
-        templates = {}
+        templates = {}  # (system, finished tasks) -> database
         if any(old for *_, old in rows):
             for system in args.systems:
-                templates[system] = fresh_db(tmp, f"template-{system}/bench.db")
-                t = time.perf_counter()
-                spec = {"system": system, "workload": "prefill", "db": str(templates[system]), "n": args.old_rows}
-                cell(spec, 3600)
-                console.print(f"[dim]prefilled {args.old_rows:,} finished tasks for {system} "
-                              f"in {time.perf_counter() - t:.1f} s")
-        total, done = args.repeat * len(rows) * len(args.systems), 0
-        for repeat in range(args.repeat):
-            for index, (label, fn, kw, metrics, old) in enumerate(rows):
-                for system in args.systems:
-                    done += 1
-                    db = fresh_db(tmp, f"{system}-{index}-{repeat}/bench.db", templates.get(system) if old else None)
-                    n = sizes[fn]
-                    spec = {"system": system, "workload": fn, "db": str(db), "n": n, "kw": kw}
-                    record = {"system": system, "row": label, "workload": fn, "n": n, "kw": kw,
-                              "old_rows": old, "repeat": repeat}
-                    try:
-                        figures = cell(spec, 30 if args.quick else 600)
-                    except Exception as exc:  # keep going; the run fails at the end
-                        record["error"] = str(exc)
-                        tail = "\n".join(str(exc).splitlines()[-3:])  # the whole stderr tail goes to --json
-                        console.print(f"[red]{done}/{total} {system} {label} failed:[/red]\n{tail}")
-                    else:
-                        if fn == "mixed":
-                            figures["tasks_s"] = n * kw["producers"] / figures["wall_s"]
-                        record["figures"] = figures
-                        shown = ", ".join(f"{m}={fmt(figures[m])}" for m in metrics)
-                        console.print(f"[dim]{done}/{total} {system:5} {label}: {shown}")
-                    records.append(record)
-                    shutil.rmtree(db.parent)
+                templates[system, args.old_rows] = prefill(tmp, system, args.old_rows, console)
+        big = sizes["big_store"]
+        if ("sitq", big) not in templates and "sitq" in args.systems and any(
+                fn in STALLS_ON_BIG_STORE for _, fn, *_ in rows):
+            templates["sitq", big] = prefill(tmp, "sitq", big, console)
+        cells = [(repeat, index, system) for repeat in range(args.repeat) for index in range(len(rows))
+                 for system in args.systems if runs_on(system, rows[index][1])]
+        for done, (repeat, index, system) in enumerate(cells, 1):
+            label, fn, kw, metrics, old = rows[index]
+            n = sizes[fn]
+            if fn in STALLS_ON_BIG_STORE:  # it only reads: the template itself
+                db = templates["sitq", big]
+            else:
+                db = fresh_db(tmp, f"{system}-{index}-{repeat}/bench.db", templates.get((system, old)) if old else None)
+            spec = {"system": system, "workload": fn, "db": str(db), "n": n, "kw": kw}
+            record = {"system": system, "row": label, "workload": fn, "n": n, "kw": kw,
+                      "old_rows": old, "repeat": repeat}
+            try:
+                figures = cell(spec, 30 if args.quick else 600)
+            except Exception as exc:  # keep going; the run fails at the end
+                record["error"] = str(exc)
+                tail = "\n".join(str(exc).splitlines()[-3:])  # the whole stderr tail goes to --json
+                console.print(f"[red]{done}/{len(cells)} {system} {label} failed:[/red]\n{tail}")
+            else:
+                if fn == "mixed":
+                    figures["tasks_s"] = n * kw["producers"] / figures["wall_s"]
+                record["figures"] = figures
+                shown = ", ".join(f"{m}={fmt(figures[m])}" for m in metrics)
+                console.print(f"[dim]{done}/{len(cells)} {system:5} {label}: {shown}")
+            records.append(record)
+            if fn not in STALLS_ON_BIG_STORE:
+                shutil.rmtree(db.parent)
     return records
 
 
@@ -201,12 +242,15 @@ def table_rows(rows, summary, systems, repeat):
     def median(row, system, metric):
         return summary.get(row, {}).get(system, {}).get(metric, {}).get("median")
 
-    for label, _, _, metrics, old in rows:
+    for label, fn, _, metrics, old in rows:
         base = label.split(" +")[0]
         for metric in metrics:
             cells = []
             for system in systems:
                 s = summary.get(label, {}).get(system, {}).get(metric)
+                if not runs_on(system, fn):
+                    cells.append("–")
+                    continue
                 cells.append("failed" if s is None else fmt(s["median"]) +
                              (f" ({fmt(s['min'])}–{fmt(s['max'])})" if repeat > 1 else ""))
             mine = median(label, "sitq", metric)
@@ -259,7 +303,7 @@ def markdown(path, table, meta, plot):
              "another day or machine.", "",
              "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
     lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
-    lines += ["", NOTES]
+    lines += ["", NOTES.format(**meta["sizes"])]
     if plot:
         lines += ["", f"![Throughput by workload and system]({os.path.relpath(plot, path.parent)})"]
     section = "\n".join(lines) + "\n"

@@ -6,13 +6,14 @@ plain function `f` runs in the worker's threads. Results are read back with
 """
 
 import asyncio
+import statistics
 import subprocess
 import sys
 import time
 
 from sitq import SQLiteBackend, TaskQueue, Worker
 
-from benchmarks.common import check_stored, latency, peak_rss_mb
+from benchmarks.common import StallTicker, check_stored, latency, peak_rss_mb
 from benchmarks.tasks import f
 
 
@@ -131,3 +132,101 @@ def prefill(db, n, chunk=100_000):
 def serve(db):
     """Run a worker with default settings until the process is terminated."""
     asyncio.run(Worker(SQLiteBackend(db)).start())
+
+
+# -- event-loop stalls: a ticker on the same loop records the longest delay (S rows) ------------
+
+
+def stall_idle(db, n):
+    """S0: the ticker alone for `n` ms, the noise floor of this machine at this moment."""
+    async def main():
+        async with StallTicker() as ticker:
+            await asyncio.sleep(n / 1000)
+        return {"stall_ms": ticker.longest_ms}
+    return asyncio.run(main())
+
+
+def stall_map(db, n):
+    """S1: one ``map`` of `n` calls; the longest stall and the throughput."""
+    async def main():
+        async with TaskQueue(backend=SQLiteBackend(db)) as queue:
+            async with StallTicker() as ticker:
+                start = time.perf_counter()
+                await queue.map(f, range(n))
+                rate = n / (time.perf_counter() - start)
+        return {"stall_ms": ticker.longest_ms, "tasks_s": rate}
+    return asyncio.run(main())
+
+
+def stall_drain(db, n, concurrency):
+    """S2: ``drain()`` of `n` queued tasks; the longest stall and the throughput."""
+    async def main():
+        backend = SQLiteBackend(db)
+        async with TaskQueue(backend=backend) as queue:
+            ids = await queue.map(f, range(n))
+            async with StallTicker() as ticker:
+                start = time.perf_counter()
+                await Worker(backend, max_concurrency=concurrency).drain()
+                rate = n / (time.perf_counter() - start)
+            return {"stall_ms": ticker.longest_ms, "tasks_s": rate,
+                    "stored": check_stored(await stored(queue, ids), n, "sitq")}
+    return asyncio.run(main())
+
+
+async def _timed_calls(n, call):
+    """Await `call()` `n` times under a ticker; the longest stall and the median ms per call."""
+    samples = []
+    async with StallTicker() as ticker:
+        for _ in range(n):
+            start = time.perf_counter()
+            await call()
+            samples.append(time.perf_counter() - start)
+            await asyncio.sleep(0.01)  # as a dashboard does between refreshes
+    return {"stall_ms": ticker.longest_ms, "call_ms": statistics.median(samples) * 1e3}
+
+
+def stall_overview(db, n):
+    """S3: `n` times ``overview()`` of a big store (counts per state and the 20 newest tasks)."""
+    async def main():
+        async with TaskQueue(backend=SQLiteBackend(db)) as queue:
+            return await _timed_calls(n, queue.overview)
+    return asyncio.run(main())
+
+
+def stall_statuses(db, n):
+    """S4: 5 times ``statuses()`` of the `n` newest task ids in a big store."""
+    async def main():
+        async with TaskQueue(backend=SQLiteBackend(db)) as queue:
+            wanted = [info.task_id for info in (await queue.overview(n)).recent]
+            return await _timed_calls(5, lambda: queue.statuses(wanted))
+    return asyncio.run(main())
+
+
+class _View:
+    """Stands in for a notebook widget: takes what the refresher shows and draws nothing."""
+
+    selected = None
+    task_id = None
+
+    def show(self, *rows):
+        self.rows = rows
+
+    def finish(self, result, deserialize=None):
+        self.result = result
+
+
+def stall_refresh(db, n):
+    """S5: `n` refreshes of the notebook's live views (a board and 20 task views) over a big store."""
+    from sitq.notebook.refresher import Refresher
+    from sitq.sync import LoopThread
+
+    async def main():
+        async with TaskQueue(backend=SQLiteBackend(db)) as queue:
+            refresher = Refresher(queue, LoopThread())
+            refresher._add_board(_View(), 20)
+            for info in (await queue.overview(20)).recent:
+                view = _View()
+                view.task_id = info.task_id
+                refresher._add_task(view)
+            return await _timed_calls(n, refresher.refresh)
+    return asyncio.run(main())

@@ -14,6 +14,7 @@ as it is, so it shows.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -29,6 +30,7 @@ __all__ = [
     "TaskInfo",
     "QueueOverview",
     "NewTask",
+    "NewTaskBatch",
     "ClaimedTask",
     "Outcome",
 ]
@@ -150,6 +152,37 @@ class NewTask:
     enqueued_at: float
     max_attempts: int = 1
     signature: Optional[bytes] = None
+
+
+@dataclass(eq=False)
+class NewTaskBatch(Sequence):
+    """Many new tasks of one function (``map``), kept as columns: a sequence of NewTask.
+
+    Why not a list of NewTask: each of those is an object the garbage collector tracks,
+    and with 100,000 of them alive a full collection pauses every thread of the process
+    for tens of milliseconds. Lists of strings and bytes cost it nothing. An item is
+    built when it is read; a backend may read the columns directly.
+    """
+
+    name: str
+    func: bytes
+    eta: float
+    enqueued_at: float
+    max_attempts: int
+    task_ids: list  # of str
+    args: list  # of bytes, one per task
+    signatures: list  # of bytes or None, one per task
+
+    def __len__(self) -> int:
+        return len(self.task_ids)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return NewTask(
+            self.task_ids[index], self.name, self.func, self.args[index], self.eta, self.enqueued_at,
+            self.max_attempts, self.signatures[index],
+        )
 
 
 @dataclass

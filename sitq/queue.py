@@ -10,7 +10,7 @@ import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from sitq.backends import Backend, Target, open_backend
-from sitq.core import CANCELLED, FAILED, FINISHED_STATES, STATES, NewTask, QueueOverview, Result, TaskInfo
+from sitq.core import CANCELLED, FAILED, FINISHED_STATES, STATES, NewTask, NewTaskBatch, QueueOverview, Result, TaskInfo
 from sitq.errors import (
     BackendError,
     InvalidTaskError,
@@ -24,6 +24,8 @@ from sitq.serialization import CloudpickleSerializer, Serializer, describe_calla
 from sitq.signing import HOW_TO_SUPPLY, STORE_KEY_RECORD, Signer, check_store_key, signer_from
 
 __all__ = ["TaskQueue", "new_task_id", "deserialize_value"]
+
+MAP_SLICE = 0.002  # seconds map() pickles arguments before it lets the event loop run
 
 
 def new_task_id(now: float) -> str:
@@ -125,14 +127,19 @@ class TaskQueue:
         return task.task_id
 
     def _new_task(self, task_id, name, func, args, eta, now, max_attempts) -> NewTask:
-        signature = self._signer.sign_task(task_id, func, args) if self._signer is not None else None
-        return NewTask(task_id, name, func, args, eta, now, max_attempts, signature)
+        return NewTask(task_id, name, func, args, eta, now, max_attempts, self._sign(task_id, func, args))
+
+    def _sign(self, task_id: str, func: bytes, args: bytes) -> Optional[bytes]:
+        """The payload's signature, or None without a key; ``enqueue`` and ``map`` both sign here."""
+        return self._signer.sign_task(task_id, func, args) if self._signer is not None else None
 
     async def map(self, func: Callable, /, *iterables: Iterable, eta: Any = None) -> list[str]:
         """Enqueue ``func(*items)`` for each item of ``zip(*iterables)``, in one transaction.
 
         The function is pickled once; either every task is stored or none is.
-        Returns the task ids in input order.
+        Returns the task ids in input order. The arguments are pickled a slice at a
+        time, letting the event loop run in between, and the backend stores a large
+        batch off the loop, so a big ``map`` does not freeze a notebook or a worker.
         """
         _check_callable(func)
         if not iterables:
@@ -142,19 +149,26 @@ class TaskQueue:
         name, max_attempts = _describe(func)
         func_bytes = self.serializer.dumps_function(func)
         dumps_arguments = self.serializer.dumps_arguments
-        new_task = self._new_task
+        sign = self._sign
         no_kwargs: dict = {}
         prefix = f"{int(now * 1000):012x}"
-        tasks = [
-            new_task(
-                prefix + secrets.token_hex(10), name, func_bytes, dumps_arguments(func, args, no_kwargs), start, now, max_attempts
-            )
-            for args in zip(*iterables)
-        ]
-        if tasks:
+        task_ids: list[str] = []
+        payloads: list[bytes] = []
+        signatures: list[Optional[bytes]] = []
+        pause_at = time.perf_counter() + MAP_SLICE
+        for call in zip(*iterables):
+            task_id = prefix + secrets.token_hex(10)
+            args = dumps_arguments(func, call, no_kwargs)
+            task_ids.append(task_id)
+            payloads.append(args)
+            signatures.append(sign(task_id, func_bytes, args))
+            if len(task_ids) % 64 == 0 and time.perf_counter() > pause_at:
+                await asyncio.sleep(0)  # let the loop run: a notebook's kernel, a worker's tasks
+                pause_at = time.perf_counter() + MAP_SLICE
+        if task_ids:
             backend = await self._checked(writing=True)
-            await backend.enqueue(tasks)
-        return [task.task_id for task in tasks]
+            await backend.enqueue(NewTaskBatch(name, func_bytes, start, now, max_attempts, task_ids, payloads, signatures))
+        return task_ids
 
     # -- results -------------------------------------------------------------
 

@@ -694,13 +694,15 @@ class Worker:
         for timer in (running.timer, running.grace):
             if timer is not None:
                 timer.cancel()  # a cancelled timer lets go of the task at once, not at its deadline
+        # Its context and its run refer back to it: unlinked, all are freed at once by reference
+        # counting instead of piling up for a full garbage collection, which would stall the loop.
+        run, running.run, running.context = running.run, None, None
         self._active.pop(running.task.seq, None)
         if running.task.seq == self._suspect:
             self._suspect = None
         with self._progress_lock:
             self._progress_changed.discard(running)
         self._outcomes.append(outcome)
-        run = running.run
         if run is not None:
             run.unsettled -= 1
             if run.unsettled == 0:
@@ -713,35 +715,41 @@ class Worker:
     # -- side tasks --------------------------------------------------------
 
     async def _side_tasks(self) -> None:
-        """Store progress, act on cancel requests, renew leases, and requeue tasks whose worker died."""
+        """Store progress, act on cancel requests, and requeue tasks whose worker died.
+
+        Leases are renewed by the backend's heartbeat, on a thread of its own: a task or a
+        statement that holds up this loop must not make a healthy worker lose its tasks.
+        """
         backend = self.backend
         loop = asyncio.get_running_loop()
         beat = self.lease / 3
         next_beat = loop.time()
-        while True:
-            if not await self._store_still_there():
-                return
-            try:
-                await self._flush_progress()
-                if self._active:
-                    for seq in await backend.cancel_requests(self.worker_id):
-                        if seq in self._active:
-                            self._stop_task(self._active[seq], "cancel")
-                now = loop.time()
-                if now >= next_beat:
-                    next_beat = now + beat
+        heartbeat = backend.start_heartbeat(self.worker_id, self.lease, self.clock)
+        try:
+            while True:
+                if not await self._store_still_there():
+                    return
+                try:
+                    await self._flush_progress()
                     if self._active:
-                        await backend.renew(self.worker_id, self.clock() + self.lease)
-                    requeued = await backend.requeue_expired(self.clock())
-                    if requeued:
-                        log.warning("requeued %d task(s) whose worker stopped renewing its lease", requeued)
-                    waiting = bool(self._active) and await backend.suspects_waiting(self.clock())
-                    if waiting != self._suspects_waiting:
-                        self._suspects_waiting = waiting
-                        self._signal()  # claim again once the suspects are gone
-            except SitqError:
-                log.exception("worker %s: side task failed; trying again shortly", self.worker_id)
-            await asyncio.sleep(min(self.progress_interval, beat))
+                        for seq in await backend.cancel_requests(self.worker_id):
+                            if seq in self._active:
+                                self._stop_task(self._active[seq], "cancel")
+                    now = loop.time()
+                    if now >= next_beat:
+                        next_beat = now + beat
+                        requeued = await backend.requeue_expired(self.clock())
+                        if requeued:
+                            log.warning("requeued %d task(s) whose worker stopped renewing its lease", requeued)
+                        waiting = bool(self._active) and await backend.suspects_waiting(self.clock())
+                        if waiting != self._suspects_waiting:
+                            self._suspects_waiting = waiting
+                            self._signal()  # claim again once the suspects are gone
+                except SitqError:
+                    log.exception("worker %s: side task failed; trying again shortly", self.worker_id)
+                await asyncio.sleep(min(self.progress_interval, beat))
+        finally:
+            heartbeat.stop()
 
     async def _store_still_there(self) -> bool:
         """False, with the worker told to stop at once, if the store was deleted or replaced."""

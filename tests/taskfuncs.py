@@ -404,3 +404,13 @@ async def async_ignore_every_cancel(started):
             await asyncio.sleep(60)
         except asyncio.CancelledError:
             pass
+
+
+# -- a stalled event loop -------------------------------------------------------
+
+
+async def record_blocking_the_loop(path, x, seconds):
+    """Record this run, then hold the worker's event loop for ``seconds`` (a stalled loop)."""
+    record(path, x)
+    time.sleep(seconds)  # deliberately blocking: nothing else on the worker's loop runs meanwhile
+    return x

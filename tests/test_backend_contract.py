@@ -9,7 +9,8 @@ import time
 import pytest
 
 from sitq import SQLiteBackend
-from sitq.core import NewTask, Outcome
+from sitq.core import NewTask, NewTaskBatch, Outcome
+from sitq.errors import BackendError
 from sitq.queue import new_task_id
 
 
@@ -194,6 +195,61 @@ def test_bulk_enqueue_is_one_transaction(make_backend, run):
         with pytest.raises(Exception):
             await backend.enqueue(tasks[1:] + [duplicate] + [tasks[0]])
         assert (await backend.overview(10)).total == 0
+
+    run(go())
+
+
+def test_a_big_batch_is_one_transaction_too_and_keeps_its_order(make_backend, run):
+    """Big batches may take another path (SQLite: a helper thread); the guarantees are the same."""
+
+    async def go():
+        backend = make_backend()
+        now = time.time()
+        ids = [new_task_id(now) for _ in range(2000)]
+
+        def batch(task_ids):
+            return NewTaskBatch("f", b"func", now, now, 1, task_ids, [b"args"] * len(task_ids), [None] * len(task_ids))
+
+        with pytest.raises(BackendError, match="UNIQUE"):
+            await backend.enqueue(batch(ids[:1500] + [ids[0]]))  # the last one repeats an id
+        assert (await backend.overview(10)).total == 0
+        token = backend.change_token
+        waiter = asyncio.ensure_future(backend.wait_for_change(token, 30))
+        await backend.enqueue(batch(ids))
+        await asyncio.wait_for(waiter, 5)  # the write woke this process's waiters
+        infos = await backend.fetch_info(ids + ["nope"])
+        assert sorted(infos) == sorted(ids) and {info.status for info in infos.values()} == {"pending"}
+        claimed = await backend.claim("w", 2000, now, now + 30)
+        assert [c.task_id for c in claimed] == ids
+
+    run(go())
+
+
+def test_a_heartbeat_renews_this_workers_leases_until_stopped(make_backend, run):
+    async def go():
+        backend = make_backend()
+        now = time.time()
+        await backend.enqueue(new_tasks(2, now))
+        await backend.claim("w1", 1, now, now + 1)
+        await backend.claim("w2", 1, now, now + 1)
+        renewals = []
+
+        def clock():  # the heartbeat asks for the time once per renewal
+            renewals.append(None)
+            return now + 100
+
+        heartbeat = backend.start_heartbeat("w1", 0.05, clock)
+        deadline = time.monotonic() + 30
+        while len(renewals) < 2:  # the first renewal has run to its end
+            assert time.monotonic() < deadline, "the heartbeat never renewed"
+            await asyncio.sleep(0.005)
+        assert await backend.requeue_expired(now + 50) == 1  # w2's lease ran out; w1's runs to now + 100
+        heartbeat.stop()
+        stopped_at = len(renewals)
+        assert await backend.requeue_expired(now + 200) == 1  # w1's: no longer renewed
+        overview = await backend.overview(10)
+        assert overview.counts["pending"] == 2 and len(renewals) == stopped_at
+        heartbeat.stop()  # twice is fine
 
     run(go())
 

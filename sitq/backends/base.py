@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Optional, Sequence
+import time
+from typing import Callable, Optional, Protocol, Sequence
 
 from sitq.core import ClaimedTask, NewTask, Outcome, QueueOverview, Result, TaskInfo
 
-__all__ = ["Backend", "LOST_WORKER_LIMIT", "lost_worker_error"]
+__all__ = ["Backend", "Heartbeat", "LOST_WORKER_LIMIT", "lost_worker_error"]
 
 # A task whose worker stops renewing its lease (killed, crashed, frozen) is put back, and
 # counted: it has "lost its worker". It might be the cause (os._exit, a segfault, the OOM
@@ -38,6 +39,14 @@ def lost_worker_error(losses: int) -> str:
         "the task is taken to be what kills its worker (os._exit, a crash in native code, running out "
         "of memory) and is not run again"
     )
+
+
+
+class Heartbeat(Protocol):
+    """What :meth:`Backend.start_heartbeat` returns."""
+
+    def stop(self) -> None:
+        """Stop renewing. Returns once a renewal in progress has ended; safe to call twice."""
 
 
 class Backend:
@@ -122,7 +131,20 @@ class Backend:
         raise NotImplementedError
 
     async def renew(self, worker_id: str, lease_until: float) -> int:
-        """Extend the lease of every task this worker is running. Returns how many."""
+        """Extend the lease of every task this worker is running, once. Returns how many.
+        Workers use :meth:`start_heartbeat`, which does this off the event loop."""
+        raise NotImplementedError
+
+    def start_heartbeat(self, worker_id: str, lease: float, clock: Callable[[], float] = time.time) -> Heartbeat:
+        """Renew ``worker_id``'s leases to ``clock() + lease`` now and a few times per lease,
+        until the returned heartbeat's ``stop()`` (or ``close()``).
+
+        The renewals must not depend on the caller's event loop: a worker whose loop is held
+        up by a long statement, a checkpoint or a task that blocks it is still alive, and its
+        leases must not expire while it is. So a backend renews from a thread of its own, with
+        a connection of its own, waiting out other processes' locks there. A heartbeat proves
+        only that the worker's process lives; a process that is stopped or killed stops it.
+        """
         raise NotImplementedError
 
     async def requeue_expired(self, now: float) -> int:

@@ -1,14 +1,33 @@
 """The embedded SQLite backend.
 
-Statements run on the calling thread, under a lock, with SQLite's busy
-timeout set to zero: a statement that finds the database locked by another
-process gives up at once, the lock is released and the coroutine sleeps
-(1 ms, doubling to 50 ms) before it tries again. So the event loop is never
-blocked waiting for a lock, and a statement costs what SQLite costs, with no
-hop to a helper thread (aiosqlite's hop alone costs more than the statement).
-Writes that belong together (a worker's finished outcomes and its next claim,
-or a bulk enqueue) share one transaction. ``docs/performance.md`` has the
-measurements behind this design.
+Small statements (an enqueue, a worker's finish-and-claim, a result) run on
+the calling thread, under a lock, with SQLite's busy timeout set to zero: a
+statement that finds the database locked by another process gives up at
+once, the lock is released and the coroutine sleeps (1 ms, doubling to
+50 ms) before it tries again. So the event loop is never blocked waiting for
+a lock, and a statement costs what SQLite costs, with no hop to a helper
+thread (aiosqlite's hop alone costs more than the statement). Writes that
+belong together (a worker's finished outcomes and its next claim, or a bulk
+enqueue) share one transaction. ``docs/performance.md`` has the measurements
+behind this design.
+
+Nothing may block the caller's event loop for long, so three kinds of work
+run on helper threads, each with a connection of its own, started on first
+use and stopped by ``close()``:
+
+- work that grows with the data: a bulk enqueue of more than ``OFFLOAD_ROWS``
+  tasks (still one transaction), ``overview()`` (its counts scan the table)
+  and ``fetch_info()`` for many ids, with the building of their records;
+- WAL checkpoints: the loop's connection never checkpoints (SQLite would do
+  it inside a COMMIT, which can take a second on a busy disk); a helper runs
+  a PASSIVE checkpoint once ``CHECKPOINT_ROWS`` rows changed;
+- lease renewal (``start_heartbeat``), so that a stalled loop, a slow
+  statement or a checkpoint cannot let a healthy worker's leases expire.
+
+A helper that finds the database locked sleeps in its own thread and tries
+again, as the loop's statements do. An in-memory store has one connection
+only: helpers use it under the lock, and the loop waits for the lock without
+blocking.
 
 Other processes' writes are noticed by a small thread that checks
 ``PRAGMA data_version`` (a counter read from shared memory) every millisecond
@@ -25,14 +44,19 @@ whole statement.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import json
 import logging
 import os
+import queue
 import random
 import sqlite3
 import threading
 import time
+from itertools import repeat
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 from sitq.backends.base import LOST_WORKER_LIMIT, Backend, lost_worker_error
 from sitq.core import (
@@ -40,6 +64,7 @@ from sitq.core import (
     STATES,
     ClaimedTask,
     NewTask,
+    NewTaskBatch,
     Outcome,
     QueueOverview,
     Result,
@@ -108,6 +133,22 @@ CREATE INDEX sitq_tasks_suspects ON sitq_tasks (eta, seq) WHERE status = 'pendin
 INSERT_TASK = """
 INSERT INTO sitq_tasks (id, name, status, func, args, signature, max_attempts, eta, enqueued_at)
 VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?)
+"""
+
+# A big batch is first written to a private temporary table, then copied in one statement:
+# the write lock, which every other process's writes and every worker's lease renewal wait
+# for, is held for the copy alone, a third to a half as long as inserting row by row.
+STAGE_TABLE = """
+CREATE TEMP TABLE IF NOT EXISTS sitq_new (id, name, func, args, signature, max_attempts, eta, enqueued_at)
+"""
+
+STAGE_TASK = "INSERT INTO temp.sitq_new VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+
+UNSTAGE = "DELETE FROM temp.sitq_new"
+
+INSERT_STAGED = """
+INSERT INTO main.sitq_tasks (id, name, status, func, args, signature, max_attempts, eta, enqueued_at)
+SELECT id, name, 'pending', func, args, signature, max_attempts, eta, enqueued_at FROM temp.sitq_new ORDER BY rowid
 """
 
 CLAIM_TASKS = """
@@ -235,8 +276,21 @@ END_UNREADABLE_LEASES = """
 UPDATE sitq_tasks SET lease_until = 0 WHERE status = 'running' AND (lease_until IS NULL OR lease_until >= '')
 """
 
+CHECKPOINT = "PRAGMA wal_checkpoint(PASSIVE)"
+
 MEMORY = ":memory:"
 NO_PROGRESS = (None, None, None)
+# Work on more rows than this runs on a helper thread: at a few microseconds a row, the loop
+# would otherwise be blocked for longer than a few milliseconds.
+OFFLOAD_ROWS = 500
+# A worker's finish-and-claim touching more rows than this is split into several transactions.
+BATCH_ROWS = 256
+# A checkpoint is due once the loop's connection changed this many rows since the last one
+# (SQLite's own automatic checkpoint, off here, comes every 1,000 pages written).
+CHECKPOINT_ROWS = 1000
+# A heartbeat renews leases this many times per lease: with a 1 s lease, a renewal that another
+# process's write transaction holds up for 0.8 s still comes in time.
+RENEWALS_PER_LEASE = 5
 
 
 class SQLiteBackend(Backend):
@@ -273,10 +327,15 @@ class SQLiteBackend(Backend):
             raise ValueError("a ':memory:' store cannot be opened read-only: it starts empty")
         self.lock_timeout = lock_timeout
         self.change_check_interval = change_check_interval
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # guards the loop's connection
         self._conn: Optional[sqlite3.Connection] = None
         self._opened: Optional[tuple] = None  # (absolute path, device, inode) of the file at open
         self._watcher: Optional[_ChangeWatcher] = None
+        self._threads_lock = threading.Lock()  # guards the helpers and heartbeats below
+        self._helpers: dict[str, _Helper] = {}
+        self._heartbeats: set[_Heartbeat] = set()
+        self._checkpoint_mark = 0  # the loop connection's total_changes at the last checkpoint request
+        self._checkpoint_queued = False
 
     def __repr__(self) -> str:
         mode = ", read_only=True" if self.read_only else ""
@@ -297,6 +356,15 @@ class SQLiteBackend(Backend):
         if self._conn is None:
             await self._retry_while_busy(self._open_once)
 
+    def _connection(self) -> sqlite3.Connection:
+        """The loop's connection, for code that runs after ``connect()``."""
+        conn = self._conn
+        if conn is None:
+            raise BackendError(
+                f"the sitq backend for {self.path!r} is not connected (or was closed); await connect() first"
+            )
+        return conn
+
     def _open_once(self) -> None:
         with self._lock:
             if self._conn is None:
@@ -307,9 +375,21 @@ class SQLiteBackend(Backend):
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.stop()
+        with self._threads_lock:
+            heartbeats, self._heartbeats = self._heartbeats, set()
+        for heartbeat in heartbeats:
+            heartbeat.stop()
+        # The offload helper first: its last write may still ask the checkpointer for a checkpoint.
+        for kind in ("offload", "checkpoint"):
+            with self._threads_lock:
+                helper = self._helpers.pop(kind, None)
+            if helper is not None:
+                helper.stop()
+                await asyncio.wrap_future(helper.exited)  # a statement in progress runs to its end
         with self._lock:
             conn, self._conn = self._conn, None
             self._opened = None
+            self._checkpoint_mark = 0
             if conn is not None:
                 conn.close()
 
@@ -383,17 +463,23 @@ class SQLiteBackend(Backend):
         if self._conn is None:
             await self.connect()
         conn = self._conn
+        lock = self._lock
         delay = 0.001
         deadline = None
         while True:
-            with self._lock:
+            # Never block the loop for the lock: a helper thread may hold it (in-memory stores),
+            # or another loop's thread sharing this backend; then wait as for another process.
+            if lock.acquire(blocking=False):
                 try:
                     result = fn(conn, *args)
-                    if not write:
-                        return result
-                    result, changed = result
-                    if changed:  # a write that changed nothing must not wake anyone, or idle workers spin
-                        self._mark_changed()
+                    if write:
+                        result, changed = result
+                        if changed:  # a write that changed nothing must not wake anyone, or idle workers spin
+                            self._mark_changed()
+                            if conn.total_changes - self._checkpoint_mark >= CHECKPOINT_ROWS:
+                                self._checkpoint_mark = conn.total_changes
+                                self._request_checkpoint()
+                    break
                 except sqlite3.Error as exc:
                     if conn.in_transaction:
                         conn.rollback()
@@ -403,8 +489,8 @@ class SQLiteBackend(Backend):
                     if conn.in_transaction:
                         conn.rollback()
                     raise
-                else:
-                    break
+                finally:
+                    lock.release()
             now = time.monotonic()
             if deadline is None:
                 deadline = now + self.lock_timeout
@@ -415,16 +501,136 @@ class SQLiteBackend(Backend):
         self._wake_watchers()
         return result
 
+    def _locked_error(self) -> BackendError:
+        return BackendError(
+            f"the sitq database {self.path!r} stayed locked by another process for "
+            f"{self.lock_timeout:g} s; a process may be stuck holding a write transaction "
+            "(look for it with `fuser`), or raise lock_timeout"
+        )
+
     async def _write(self, fn, *args):
         """Run ``fn(conn, *args) -> (result, changed)`` as ``_run`` does, and move the change
         token (waking waiters) if it changed anything."""
         return await self._run(fn, *args, write=True)
 
+    # -- helper threads ----------------------------------------------------
+
+    async def _offload(self, job: Callable[[sqlite3.Connection, threading.Event], object]):
+        """Run ``job(conn, stopped)`` on the helper thread and await its result; the loop stays free.
+
+        The job gets the helper's connection and its stop event, for ``_call_here``.
+        """
+        if self._conn is None:
+            await self.connect()  # the file is opened and checked by the loop's connection first
+        return await asyncio.wrap_future(self._helper("offload").submit(job))
+
+    def _helper(self, kind: str) -> "_Helper":
+        with self._threads_lock:
+            helper = self._helpers.get(kind)
+            if helper is None:
+                helper = self._helpers[kind] = _Helper(self, kind)
+                helper.start()
+            return helper
+
+    def _side_connection(self) -> sqlite3.Connection:
+        """A connection for a helper thread: no waiting inside SQLite, no automatic checkpoints.
+
+        It opens the file the loop's connection opened (by its path as resolved then: a task
+        may have changed the working folder), never creates one, and a read-only backend's
+        helpers are read-only too. An in-memory store has only the loop's connection;
+        ``_call_here`` takes the lock for it.
+        """
+        if self.is_memory:
+            return self._connection()
+        opened = self._opened
+        try:
+            conn = _connect(opened[0] if opened else self.path, self.read_only, create=False)
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from exc
+        try:
+            conn.execute("PRAGMA busy_timeout = 0")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            conn.execute("PRAGMA temp_store = MEMORY")  # a big map is staged in a temporary table
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _translate(exc, self.path) from exc
+        return conn
+
+    def _release_side_connection(self, conn: Optional[sqlite3.Connection]) -> None:
+        if conn is not None and conn is not self._conn:
+            conn.close()
+
+    def _call_here(self, conn, fn, args, stopped: threading.Event, *, write=False, slowest=0.05):
+        """Run ``fn(conn, *args)`` on this helper thread, sleeping here while another process
+        holds the lock, up to ``lock_timeout``; ``stopped`` ends the waiting early."""
+        shared = conn is self._conn  # an in-memory store's only connection
+        delay = 0.001
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            try:
+                with self._lock if shared else contextlib.nullcontext():
+                    try:
+                        result = fn(conn, *args)
+                    except BaseException:
+                        if conn.in_transaction:
+                            conn.rollback()
+                        raise
+            except sqlite3.Error as exc:
+                if not _is_busy(exc):
+                    raise _translate(exc, self.path) from exc
+            else:
+                if write:
+                    result, changed = result
+                    if changed:
+                        self.notify_change()
+                return result
+            if time.monotonic() >= deadline:
+                raise self._locked_error()
+            if stopped.wait(delay * (0.5 + random.random())):
+                raise BackendError(f"the sitq backend for {self.path!r} was closed while it waited for a lock")
+            delay = min(delay * 2, slowest)
+
+    def _request_checkpoint(self) -> None:
+        """Have the checkpoint helper copy the WAL into the database, unless it is about to."""
+        if self.is_memory or self._checkpoint_queued:
+            return
+        self._checkpoint_queued = True
+        try:
+            self._helper("checkpoint").submit(self._checkpoint).add_done_callback(_log_failure)
+        except BackendError:  # closing
+            self._checkpoint_queued = False
+
+    def _checkpoint(self, conn: sqlite3.Connection, stopped: threading.Event) -> None:
+        self._checkpoint_queued = False
+        # PASSIVE: copies what no reader still needs, without waiting for or blocking anyone.
+        # Another process checkpointing at the same time is not an error (it reports busy).
+        conn.execute(CHECKPOINT).fetchall()
+
+    def start_heartbeat(self, worker_id: str, lease: float, clock: Callable[[], float] = time.time) -> "_Heartbeat":
+        self._connection()
+        heartbeat = _Heartbeat(self, worker_id, lease, clock)
+        with self._threads_lock:
+            self._heartbeats.add(heartbeat)
+        heartbeat.start()
+        return heartbeat
+
     # -- producers ---------------------------------------------------------
 
     async def enqueue(self, tasks: Sequence[NewTask]) -> None:
-        rows = [(t.task_id, t.name, t.func, t.args, t.signature, t.max_attempts, t.eta, t.enqueued_at) for t in tasks]
-        await self._write(_insert, rows)
+        if len(tasks) <= OFFLOAD_ROWS:
+            await self._write(_insert, tasks)
+            return
+
+        def job(conn, stopped):  # still one statement: all tasks are stored or none is
+            self._call_here(conn, _stage, (tasks,), stopped)
+            try:
+                self._call_here(conn, _insert_staged, (), stopped, write=True)
+            finally:
+                self._call_here(conn, _execute_count, (UNSTAGE, ()), stopped)
+            self._request_checkpoint()
+
+        await self._offload(job)
 
     # -- workers -----------------------------------------------------------
 
@@ -435,7 +641,25 @@ class SQLiteBackend(Backend):
         return (await self.finish_and_claim(worker_id, outcomes, 0, 0.0, 0.0))[0]
 
     async def finish_and_claim(self, worker_id, outcomes, limit, now, lease_until, *, alone=True):
-        return await self._write(_finish_and_claim, worker_id, outcomes, limit, now, lease_until, alone)
+        if len(outcomes) + limit <= BATCH_ROWS:
+            return await self._write(_finish_and_claim, worker_id, outcomes, limit, now, lease_until, alone)
+        # A big batch (many slots taking runs of short tasks) runs in slices of BATCH_ROWS rows,
+        # each its own short transaction, and the loop runs in between: one transaction for
+        # everything would block it for tens of milliseconds.
+        stored: list[bool] = []
+        for first in range(0, len(outcomes), BATCH_ROWS):
+            await asyncio.sleep(0)
+            stored += (await self._write(_finish_and_claim, worker_id, outcomes[first : first + BATCH_ROWS], 0, now, 0, False))[0]
+        claimed: list[ClaimedTask] = []
+        while limit > 0:
+            await asyncio.sleep(0)
+            wanted = min(limit, BATCH_ROWS)
+            got = (await self._write(_finish_and_claim, worker_id, (), wanted, now, lease_until, alone and not claimed))[1]
+            claimed += got
+            limit -= wanted
+            if len(got) < wanted or got[0].lost:
+                break  # nothing more is ready, or it took a suspect, which runs alone
+        return stored, claimed
 
     async def suspects_waiting(self, now):
         return await self._run(_fetch_one, SUSPECTS_WAITING, (now,)) is not None
@@ -468,18 +692,24 @@ class SQLiteBackend(Backend):
         return None if row is None else _result(row)
 
     async def fetch_info(self, task_ids):
-        import json
+        if len(task_ids) <= OFFLOAD_ROWS:
+            return _infos(await self._run(_fetch_all, SELECT_INFO, (json.dumps(list(task_ids)),)))
 
-        rows = await self._run(_fetch_all, SELECT_INFO, (json.dumps(list(task_ids)),))
-        return {row[0]: _info(row) for row in rows}
+        def job(conn, stopped):
+            return _infos(self._call_here(conn, _fetch_all, (SELECT_INFO, (json.dumps(list(task_ids)),)), stopped))
+
+        return await self._offload(job)
 
     async def overview(self, limit):
-        counts, rows = await self._run(_overview, limit)
-        full = dict.fromkeys(STATES, 0)
-        for status, count in counts:
-            status = _text(status)  # a status sitq does not know is counted under its own name
-            full[status] = full.get(status, 0) + count
-        return QueueOverview(counts=full, recent=[_info(row) for row in rows])
+        def job(conn, stopped):  # the counts scan the whole table: never on the loop
+            counts, rows = self._call_here(conn, _overview, (limit,), stopped)
+            full = dict.fromkeys(STATES, 0)
+            for status, count in counts:
+                status = _text(status)  # a status sitq does not know is counted under its own name
+                full[status] = full.get(status, 0) + count
+            return QueueOverview(counts=full, recent=[_info(row) for row in rows])
+
+        return await self._offload(job)
 
     # -- facts about the store -------------------------------------------------
 
@@ -507,13 +737,36 @@ class SQLiteBackend(Backend):
 # -- statements run under the backend's lock ---------------------------------
 
 
-def _insert(conn: sqlite3.Connection, rows: list) -> tuple:
-    if len(rows) == 1:
-        conn.execute(INSERT_TASK, rows[0])
+def _task_rows(tasks: Sequence[NewTask]):
+    """The INSERT's parameters; for a batch, made one at a time from its columns."""
+    if isinstance(tasks, NewTaskBatch):
+        n = len(tasks)
+        t = tasks
+        return zip(t.task_ids, repeat(t.name, n), repeat(t.func, n), t.args, t.signatures, repeat(t.max_attempts, n),
+                   repeat(t.eta, n), repeat(t.enqueued_at, n))
+    return [(t.task_id, t.name, t.func, t.args, t.signature, t.max_attempts, t.eta, t.enqueued_at) for t in tasks]
+
+
+def _insert(conn: sqlite3.Connection, tasks: Sequence[NewTask]) -> tuple:
+    rows = _task_rows(tasks)
+    if len(tasks) == 1:
+        conn.execute(INSERT_TASK, next(iter(rows)))
         return None, True
     conn.execute("BEGIN IMMEDIATE")
     conn.executemany(INSERT_TASK, rows)
     conn.execute("COMMIT")
+    return None, True
+
+
+def _stage(conn: sqlite3.Connection, tasks: Sequence[NewTask]) -> None:
+    conn.execute(STAGE_TABLE)
+    conn.execute("BEGIN")  # the temporary database only: takes no lock on the shared file
+    conn.executemany(STAGE_TASK, _task_rows(tasks))
+    conn.execute("COMMIT")
+
+
+def _insert_staged(conn: sqlite3.Connection) -> tuple:
+    conn.execute(INSERT_STAGED)
     return None, True
 
 
@@ -638,6 +891,14 @@ def _overview(conn, limit):
     finally:
         conn.execute("COMMIT")
     return counts, rows
+
+
+def _renew(conn, worker_id, lease, clock) -> int:
+    return conn.execute(RENEW_LEASES, (clock() + lease, worker_id)).rowcount
+
+
+def _infos(rows) -> dict:
+    return {row[0]: _info(row) for row in rows}
 
 
 def _result(row) -> Result:
@@ -854,6 +1115,7 @@ def _open(path: str, read_only: bool) -> sqlite3.Connection:
         if path != MEMORY and not read_only:
             conn.execute("PRAGMA journal_mode = WAL")  # only now that the file is known to be sitq's
         conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")  # a helper checkpoints, off the event loop
     except sqlite3.Error as exc:
         conn.close()
         if _is_busy(exc):
@@ -1005,12 +1267,8 @@ class _ChangeWatcher(threading.Thread):
     def run(self) -> None:
         backend = self.backend
         try:
-            # It opens the path later than the main connection did: a task may have changed the
-            # working folder (use the path as resolved then), and the file may have been deleted
-            # (never create an empty one) or replaced (leave another file alone).
-            opened = backend._opened
-            conn = _connect(opened[0] if opened else backend.path, backend.read_only, create=False)
-        except sqlite3.Error:
+            conn = backend._side_connection()
+        except BackendError:
             return  # the main connection reports the problem; waiters fall back to their timeouts
         if backend._moved() is not None:  # SQLite reads nothing before the first statement
             conn.close()
@@ -1037,3 +1295,120 @@ class _ChangeWatcher(threading.Thread):
                     backend.notify_change()
         finally:
             conn.close()
+
+
+class _Helper(threading.Thread):
+    """A thread with a connection of its own, for work the event loop must not wait for.
+
+    Jobs run one at a time, in the order given. ``stop()`` lets the job in progress end
+    (a job waiting for another process's lock gives up at once) and fails the ones not
+    started; ``exited`` resolves when the thread is gone.
+    """
+
+    def __init__(self, backend: SQLiteBackend, kind: str) -> None:
+        super().__init__(name=f"sitq-{kind}-{Path(backend.path).name}", daemon=True)
+        self.backend = backend
+        self.stopped = threading.Event()
+        self.exited: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._closing = threading.Lock()
+        self._closed = False
+
+    def submit(self, job: Callable) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._closing:
+            if self._closed:
+                raise BackendError(f"the sitq backend for {self.backend.path!r} is closing")
+            self._jobs.put((job, fut))
+        return fut
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self._jobs.put(None)
+
+    def _serve(self, job: Callable, fut: concurrent.futures.Future, conn: Optional[sqlite3.Connection]):
+        if not fut.set_running_or_notify_cancel():
+            return conn  # its caller gave up before it started
+        try:
+            if conn is None:
+                conn = self.backend._side_connection()
+            result = job(conn, self.stopped)
+        except BaseException as exc:  # delivered to the caller, who decides
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+        return conn
+
+    def run(self) -> None:
+        conn = None
+        try:
+            while (item := self._jobs.get()) is not None:
+                conn = self._serve(*item, conn)
+                del item  # a job may hold a whole batch: free it now, not when the next job comes
+        finally:
+            with self._closing:
+                self._closed = True
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    item = self._jobs.get_nowait()
+                    if item is not None and item[1].set_running_or_notify_cancel():
+                        item[1].set_exception(BackendError(f"the sitq backend for {self.backend.path!r} was closed"))
+            self.backend._release_side_connection(conn)
+            self.exited.set_result(None)
+
+
+class _Heartbeat(threading.Thread):
+    """Renews a worker's leases every ``lease / RENEWALS_PER_LEASE`` seconds, from its own thread
+    and connection, so neither the worker's event loop nor its statements can hold a renewal up."""
+
+    def __init__(self, backend: SQLiteBackend, worker_id: str, lease: float, clock: Callable[[], float]) -> None:
+        super().__init__(name=f"sitq-heartbeat-{worker_id}", daemon=True)
+        self.backend = backend
+        self.worker_id = worker_id
+        self.lease = lease
+        self.clock = clock
+        self.interval = lease / RENEWALS_PER_LEASE
+        self._stopped = threading.Event()
+
+    def __repr__(self) -> str:
+        state = "stopped" if self._stopped.is_set() else "running"
+        return f"<sitq heartbeat of {self.worker_id} every {self.interval:g} s, {state}>"
+
+    def stop(self) -> None:
+        """Stop renewing; returns once a renewal in progress has ended."""
+        self._stopped.set()
+        if self is not threading.current_thread() and self.is_alive():
+            self.join()
+        with self.backend._threads_lock:
+            self.backend._heartbeats.discard(self)
+
+    def run(self) -> None:
+        backend = self.backend
+        conn = None
+        failing = False
+        try:
+            while not self._stopped.is_set():
+                try:
+                    if conn is None:
+                        conn = backend._side_connection()
+                    # Poll the lock every few ms: when a long write elsewhere ends, be first in.
+                    args = (self.worker_id, self.lease, self.clock)
+                    backend._call_here(conn, _renew, args, self._stopped, slowest=0.002)
+                except Exception as exc:  # the thread must outlive a bad moment: keep trying
+                    if self._stopped.is_set():
+                        break
+                    if not failing:
+                        log.warning("worker %s: could not renew its leases (%s); trying again", self.worker_id, exc)
+                    failing = True
+                else:
+                    if failing:
+                        log.warning("worker %s: renewing its leases works again", self.worker_id)
+                    failing = False
+                self._stopped.wait(self.interval)
+        finally:
+            backend._release_side_connection(conn)
+
+
+def _log_failure(fut: concurrent.futures.Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("sitq: a WAL checkpoint failed (%s); the next one tries again", fut.exception())
