@@ -11,7 +11,7 @@ An asyncio task queue with an embedded SQLite store, made for Jupyter::
 """
 
 from sitq.backends import Backend, SQLiteBackend, open_backend
-from sitq.core import QueueOverview, Result, TaskInfo
+from sitq.core import QueueOverview, Result, TaskInfo, TaskStatus
 from sitq.errors import (
     BackendError,
     InvalidTaskError,
@@ -54,6 +54,7 @@ __all__ = [
     "TaskNotFoundError",
     "TaskOptions",
     "TaskQueue",
+    "TaskStatus",
     "TaskTimeoutError",
     "Worker",
     "open_backend",

@@ -14,11 +14,13 @@ as it is, so it shows.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional, Union
 
 __all__ = [
+    "TaskStatus",
     "PENDING",
     "RUNNING",
     "SUCCESS",
@@ -35,13 +37,44 @@ __all__ = [
     "Outcome",
 ]
 
-PENDING = "pending"
-RUNNING = "running"
-SUCCESS = "success"
-FAILED = "failed"
-CANCELLED = "cancelled"
-STATES = (PENDING, RUNNING, SUCCESS, FAILED, CANCELLED)
+
+
+class TaskStatus(str, enum.Enum):
+    """A task's state. Each member is also its string, so ``result.status == "success"`` holds.
+
+    ``pending``: waiting for its eta or a worker. ``running``: claimed by a worker. The
+    finished states, which never change again: ``success``, ``failed``, ``cancelled``.
+    """
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__  # f"{status}" reads "success" on every Python version
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED_STATES
+
+    @classmethod
+    def read(cls, stored: Any) -> Union["TaskStatus", str]:
+        """The member for a stored status; a status sitq does not know stays as it is, to show."""
+        return _STATUS_BY_VALUE.get(stored, stored)  # type: ignore[arg-type]
+
+
+PENDING = TaskStatus.PENDING
+RUNNING = TaskStatus.RUNNING
+SUCCESS = TaskStatus.SUCCESS
+FAILED = TaskStatus.FAILED
+CANCELLED = TaskStatus.CANCELLED
+STATES = tuple(TaskStatus)
 FINISHED_STATES = frozenset((SUCCESS, FAILED, CANCELLED))
+_STATUS_BY_VALUE = {status.value: status for status in TaskStatus}
 _UTC = dt.timezone.utc
 
 
@@ -59,7 +92,9 @@ def to_datetime(seconds: Optional[float]) -> Optional[dt.datetime]:
 class Result:
     """The outcome of a finished task.
 
-    ``status`` is ``"success"``, ``"failed"`` or ``"cancelled"``. ``value`` holds
+    ``status`` is a :class:`TaskStatus`, equal to ``"success"``, ``"failed"`` or
+    ``"cancelled"`` (``"pending"`` or ``"running"`` only from a look that does not
+    wait, such as ``get_result(..., timeout=...)`` running out). ``value`` holds
     the pickled return value (bytes, only on success); turn it back into the
     object with ``TaskQueue.deserialize_result``. ``error`` reads
     ``"ExceptionType: message"`` and ``traceback`` is the formatted remote
@@ -70,7 +105,7 @@ class Result:
 
     task_id: str
     name: str
-    status: str
+    status: Union[TaskStatus, str]  # str only for a status sitq did not write
     value: Optional[bytes]
     error: Optional[str]
     traceback: Optional[str]
@@ -104,7 +139,7 @@ class TaskInfo:
 
     task_id: str
     name: str
-    status: str
+    status: Union[TaskStatus, str]  # str only for a status sitq did not write
     enqueued_at: dt.datetime
     eta: dt.datetime
     started_at: Optional[dt.datetime]

@@ -103,13 +103,14 @@ def shared_loop() -> LoopThread:
 
 
 class SyncTaskQueue:
-    """The blocking face of :class:`TaskQueue`.
+    """The blocking face of :class:`TaskQueue`: the same methods, without ``await``.
 
-    ``get_result`` returns the task's value (not a ``Result``), ``None`` if the
-    task has not finished within ``timeout``, raises :class:`TaskFailedError`
-    (with the remote error and traceback) or :class:`TaskCancelledError`, and
-    raises :class:`TaskNotFoundError` for an unknown id, since ``None`` already
-    means "not yet". ``result`` returns the raw :class:`Result` instead.
+    ``get_result`` returns a :class:`Result` (or ``None``), as ``TaskQueue.get_result``
+    does. ``value`` is the shortcut that returns the task's value itself: it raises
+    :class:`TaskFailedError` (with the remote error and traceback) or
+    :class:`TaskCancelledError`, returns ``None`` if the task has not finished within
+    ``timeout``, and raises :class:`TaskNotFoundError` for an unknown id, since ``None``
+    already means "not yet".
     """
 
     def __init__(
@@ -143,10 +144,12 @@ class SyncTaskQueue:
     def map(self, func: Callable, /, *iterables, eta: Any = None) -> list[str]:
         return self._loop.run(self.queue.map(func, *iterables, eta=eta))
 
-    def result(self, task_id: str, timeout: Optional[float] = None) -> Optional[Result]:
+    def get_result(self, task_id: str, timeout: Optional[float] = None) -> Optional[Result]:
+        """Wait for the task and return its :class:`Result`; see :meth:`TaskQueue.get_result`."""
         return self._loop.run(self.queue.get_result(task_id, timeout))
 
-    def get_result(self, task_id: str, timeout: Optional[float] = None) -> Any:
+    def value(self, task_id: str, timeout: Optional[float] = None) -> Any:
+        """Wait for the task and return its value (see the class docstring for failures)."""
         return self._loop.run(self._value(task_id, timeout))
 
     async def _value(self, task_id: str, timeout: Optional[float]) -> Any:

@@ -42,7 +42,7 @@ def test_worker_drain_runs_what_was_enqueued(tmp_path):
     assert worker.returncode == 0, worker.stderr
     assert "worker stopped after 20 task(s), 0 failed" in worker.stderr
     with SyncTaskQueue(SQLiteBackend(db)) as queue:
-        assert [queue.get_result(i, timeout=0) for i in ids] == [2 * i for i in range(20)]
+        assert [queue.value(i, timeout=0) for i in ids] == [2 * i for i in range(20)]
 
 
 @pytest.mark.parametrize("args", [["worker"], ["worker", "x.db", "--concurrency", "0"], ["bogus"]])

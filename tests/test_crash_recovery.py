@@ -129,7 +129,7 @@ def test_killed_workers_tasks_are_rerun_and_only_those(workers, tmp_path):
     )
     assert drain.returncode == 0 and "Traceback" not in drain.stderr, drain.stderr
 
-    results = [queue.result(task_id, timeout=0) for task_id in ids]
+    results = [queue.get_result(task_id, timeout=0) for task_id in ids]
     queue.close()
     assert [r.status for r in results].count("success") == len(ids)  # none lost, none failed
     assert [queue.deserialize_result(r) for r in results] == list(range(len(ids)))
@@ -161,7 +161,7 @@ def test_a_task_longer_than_its_lease_is_not_taken_over_while_its_worker_lives(w
         owner = workers.start("--lease", "0.5")
         wait_until(lambda: held_by(db, owner.pid), "the task runs")
         other = workers.start("--lease", "0.5")  # sweeping for expired leases all the while
-        result = queue.result(task_id, timeout=60)
+        result = queue.get_result(task_id, timeout=60)
         workers.stop(owner)
         workers.stop(other)
     assert result.status == "success" and result.attempts == 1
@@ -194,14 +194,14 @@ def test_a_paused_worker_cannot_overwrite_the_outcome_of_the_worker_that_took_ov
         wait_until(lambda: held_by(db, paused.pid), "the first worker runs the task")
         stop_outside_a_write(paused, db)  # paused mid-task, past its lease
         taker = workers.start("--lease", "0.5")
-        result = queue.result(task_id, timeout=60)
+        result = queue.get_result(task_id, timeout=60)
         assert queue.deserialize_result(result) == taker.pid and result.attempts == 2
 
         os.kill(paused.pid, signal.SIGCONT)  # it wakes up, finishes its run and tries to store it
         wait_until(lambda: "lost its claim" in workers.stderr(paused), "the paused worker notices")
         workers.stop(paused)
         workers.stop(taker)
-        after = queue.result(task_id, timeout=0)
+        after = queue.get_result(task_id, timeout=0)
     assert after == result  # the taking-over worker's outcome stands
     assert queue.deserialize_result(after) == taker.pid
 
@@ -272,7 +272,7 @@ def test_four_producers_and_two_workers_on_one_file(workers, tmp_path):
         workers.stop(proc)
         assert "locked" not in workers.stderr(proc) and "Traceback" not in workers.stderr(proc)
     with SyncTaskQueue(SQLiteBackend(db)) as queue:
-        assert {task_id: queue.get_result(task_id, timeout=0) for task_id in expected} == expected
+        assert {task_id: queue.value(task_id, timeout=0) for task_id in expected} == expected
 
 
 def test_a_draining_worker_reruns_the_tasks_of_a_dead_worker(workers):
@@ -292,5 +292,5 @@ def test_a_draining_worker_reruns_the_tasks_of_a_dead_worker(workers):
             env=worker_env(), capture_output=True, text=True, timeout=60,
         )
         assert drain.returncode == 0, drain.stderr
-        result = queue.result(task_id, timeout=0)
+        result = queue.get_result(task_id, timeout=0)
     assert result is not None and result.status == "success" and result.attempts == 2

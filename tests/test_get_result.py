@@ -159,3 +159,23 @@ def test_cancelled_results_raise_on_deserialize(backend):
     result = Result("t", "f", "cancelled", None, None, None, now, None, now, 0)
     with pytest.raises(TaskCancelledError):
         TaskQueue(backend).deserialize_result(result)
+
+
+def test_statuses_are_task_status_members_that_equal_their_strings(db_path, run):
+    import json
+
+    from sitq import TaskStatus
+
+    async def go():
+        async with TaskQueue(SQLiteBackend(db_path)) as queue:
+            task_id = await queue.enqueue(taskfuncs.add, 1, 2)
+            pending = await queue.status(task_id)
+            await Worker(queue.backend).drain()
+            return pending, await queue.get_result(task_id, timeout=5), await queue.overview()
+
+    pending, result, overview = run(go())
+    assert pending.status is TaskStatus.PENDING and not pending.status.finished
+    assert result.status is TaskStatus.SUCCESS and result.status.finished
+    assert result.status == "success" and f"{result.status}" == "success" and str(result.status) == "success"
+    assert json.dumps({"status": result.status}) == '{"status": "success"}'
+    assert overview.counts["success"] == 1 and overview.counts[TaskStatus.SUCCESS] == 1

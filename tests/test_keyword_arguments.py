@@ -35,9 +35,9 @@ def test_enqueue_passes_keywords_named_like_its_own_parameters_to_the_task(db_pa
         blocking = queue.enqueue(taskfuncs.arguments, **KEYWORDS)
         decorated = queue.enqueue(sitq.task(taskfuncs.arguments, retries=1), 2, **KEYWORDS)
         drain(db_path)
-        assert queue.get_result(task_id) == ((1,), KEYWORDS)
-        assert queue.get_result(blocking) == ((), KEYWORDS)
-        assert queue.get_result(decorated) == ((2,), KEYWORDS)
+        assert queue.value(task_id) == ((1,), KEYWORDS)
+        assert queue.value(blocking) == ((), KEYWORDS)
+        assert queue.value(decorated) == ((2,), KEYWORDS)
 
 
 def test_the_notebook_submit_passes_them_too(tmp_path):

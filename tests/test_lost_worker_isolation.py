@@ -48,7 +48,7 @@ def test_only_the_task_that_kills_its_worker_fails(db_path, tmp_path):
         exit_codes.append(worker.returncode)
         assert "Traceback" not in err, err
 
-    results = {task_id: queue.result(task_id, timeout=0) for task_id in ids}
+    results = {task_id: queue.get_result(task_id, timeout=0) for task_id in ids}
     queue.close()
     for task_id, x in zip(innocent, (0, 1, 3)):
         assert results[task_id].status == "success", results[task_id]

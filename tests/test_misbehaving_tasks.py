@@ -65,8 +65,8 @@ def test_a_draining_worker_process_fails_each_misbehaving_task_and_ends(db_path,
         worker.kill()
     assert worker.returncode == 0, stderr
     with SyncTaskQueue(SQLiteBackend(db_path)) as queue:
-        assert_all_failed_readably({key: queue.result(task_id, timeout=0) for key, task_id in ids.items()})
-        assert queue.get_result(good, timeout=0) == 5
+        assert_all_failed_readably({key: queue.get_result(task_id, timeout=0) for key, task_id in ids.items()})
+        assert queue.value(good, timeout=0) == 5
 
 
 def test_sigterm_still_stops_a_worker_process_that_ran_misbehaving_tasks(db_path, run):

@@ -104,7 +104,7 @@ def test_a_worker_fails_only_the_rows_sitq_did_not_write_and_names_their_columns
         assert error.startswith("BackendError: the stored row of this task "), (shape, error)
         assert BAD_ROWS[shape][1] in error and NOT_SITQS in error, (shape, error)
     with SyncTaskQueue(SQLiteBackend(db), secret_key=KEY if signed else None) as queue:
-        assert {task_id: queue.get_result(task_id, timeout=0) for task_id in good} == good
+        assert {task_id: queue.value(task_id, timeout=0) for task_id in good} == good
     assert query(db, "SELECT count(*) FROM sitq_tasks WHERE status IN ('pending', 'running')") == [(0,)]
 
     status = sitq("status", str(db), "--limit", "50")
@@ -155,12 +155,12 @@ def test_readers_show_odd_values_and_never_fail_on_them(tmp_path):
 
         for shape in ("unknown status", "status that looks like markup", "status stored as bytes"):
             with pytest.raises(BackendError, match="in column 'status', a status sitq does not write"):
-                queue.result(ids[shape])  # no timeout: it must not wait for ever
+                queue.get_result(ids[shape])  # no timeout: it must not wait for ever
         with pytest.raises(BackendError, match="has 'archived' in column 'status'"):
-            queue.get_result(ids["unknown status"], timeout=0)
+            queue.value(ids["unknown status"], timeout=0)
         with pytest.raises(SerializationError, match="has text in column 'value' where sitq stores bytes"):
-            queue.get_result(ids["value stored as text"])
-        results = [queue.result(ids[shape], timeout=0) for shape in ("times that are not times", "error that is not UTF-8")]
+            queue.value(ids["value stored as text"])
+        results = [queue.get_result(ids[shape], timeout=0) for shape in ("times that are not times", "error that is not UTF-8")]
 
     # the notebook's views draw them too
     html = board_html(overview.counts, [task_row(info) for info in overview.recent])
@@ -184,7 +184,7 @@ def test_a_running_task_whose_lease_is_not_a_time_is_taken_over(tmp_path, lease)
     drain = sitq("worker", str(db), "--drain", "--quiet")
     assert drain.returncode == 0 and "Traceback" not in drain.stderr, drain.stderr
     with SyncTaskQueue(SQLiteBackend(db)) as queue:
-        result = queue.result(task_id, timeout=0)
+        result = queue.get_result(task_id, timeout=0)
         assert result.status == "success" and result.attempts == 2
         assert queue.deserialize_result(result) == 5
     assert "had a stored lease that is not a time" in drain.stderr
@@ -205,11 +205,11 @@ def test_a_running_worker_outlives_a_task_that_is_never_due(tmp_path):
                 stderr=stderr,
             )
         try:
-            result = queue.result(never, timeout=60)
+            result = queue.get_result(never, timeout=60)
             assert result is not None and result.status == "failed"
             assert "has text 'someday' in column 'eta'" in result.error
             later = queue.enqueue(taskfuncs.add, 20, 22)
-            assert queue.get_result(later, timeout=60) == 42  # the worker is still there
+            assert queue.value(later, timeout=60) == 42  # the worker is still there
         finally:
             worker.send_signal(signal.SIGTERM)
             code = worker.wait(timeout=30)

@@ -29,6 +29,7 @@ def test_public_names_are_pinned():
         "TaskNotFoundError",
         "TaskOptions",
         "TaskQueue",
+        "TaskStatus",
         "TaskTimeoutError",
         "Worker",
         "open_backend",

@@ -240,9 +240,9 @@ def test_a_planted_value_is_refused_before_it_is_unpickled(db_path, tmp_path, ru
     with pytest.raises(SignatureError, match=f"refused to unpickle the value of task {victim}.*does not match"):
         queue.deserialize_result(planted)
     with SyncTaskQueue(SQLiteBackend(db_path), secret_key=KEY) as blocking:
-        assert blocking.get_result(good, timeout=0) == "fine"
+        assert blocking.value(good, timeout=0) == "fine"
         with pytest.raises(SignatureError, match="changed or copied from another task"):
-            blocking.get_result(victim, timeout=0)
+            blocking.value(victim, timeout=0)
     shown = visible_text(result_html(planted, queue.deserialize_result))
     assert "value cannot be loaded here: SignatureError" in shown
     assert not marker.exists()
@@ -378,7 +378,7 @@ def test_a_queue_without_the_key_refuses_to_enqueue_or_read_results(db_path, run
     run(go())
     with SyncTaskQueue(SQLiteBackend(db_path)) as blocking:
         with pytest.raises(SignatureError, match="SITQ_SECRET_KEY"):
-            blocking.get_result(task_id, timeout=0)
+            blocking.value(task_id, timeout=0)
         with pytest.raises(SignatureError, match="SITQ_SECRET_KEY"):
             blocking.enqueue(taskfuncs.add, 1, 2)
     with sqlite3.connect(db_path) as conn:

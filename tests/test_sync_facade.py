@@ -30,20 +30,20 @@ def worker_thread(db_path):
 
 def test_values_none_on_timeout_and_errors(db_path, worker_thread):
     with SyncTaskQueue(SQLiteBackend(db_path)) as queue:
-        assert queue.get_result(queue.enqueue(taskfuncs.add, 2, 3), timeout=10) == 5
+        assert queue.value(queue.enqueue(taskfuncs.add, 2, 3), timeout=10) == 5
         slow = queue.enqueue(taskfuncs.sleep_then, 0.5, "late")
-        assert queue.get_result(slow, timeout=0) is None
-        assert queue.get_result(slow, timeout=10) == "late"
+        assert queue.value(slow, timeout=0) is None
+        assert queue.value(slow, timeout=10) == "late"
         failing = queue.enqueue(taskfuncs.fail, "nope")
         with pytest.raises(TaskFailedError) as caught:
-            queue.get_result(failing, timeout=10)
+            queue.value(failing, timeout=10)
         assert caught.value.error == "ValueError: nope"
         assert "in fail" in caught.value.traceback
         assert caught.value.result.status == "failed"
         with pytest.raises(TaskNotFoundError, match="no task with id 'missing'"):
-            queue.get_result("missing")
+            queue.value("missing")
         ids = queue.map(taskfuncs.add, [1, 2], [10, 20])
-        assert [queue.get_result(i, timeout=10) for i in ids] == [11, 22]
+        assert [queue.value(i, timeout=10) for i in ids] == [11, 22]
         assert queue.status(ids[0]).status == "success"
         assert queue.overview().counts["success"] >= 4
 
@@ -52,7 +52,7 @@ def test_works_inside_a_running_event_loop(db_path, worker_thread):
     async def cell():
         # a notebook cell runs inside the kernel's loop: asyncio.run() would fail here
         with SyncTaskQueue(SQLiteBackend(db_path)) as queue:
-            return queue.get_result(queue.enqueue(taskfuncs.async_double, 21), timeout=10)
+            return queue.value(queue.enqueue(taskfuncs.async_double, 21), timeout=10)
 
     assert asyncio.run(cell()) == 42
 

@@ -42,7 +42,7 @@ def test_the_async_queue_refuses_ids_that_are_not_text(db_path, run, bad):
 def test_the_blocking_queue_refuses_ids_that_are_not_text(db_path, bad):
     with SyncTaskQueue(SQLiteBackend(db_path)) as queue:
         task_id = queue.enqueue(taskfuncs.add, 1, 2)
-        for call in (queue.get_result, queue.result, queue.status, queue.cancel, lambda i: queue.statuses([i])):
+        for call in (queue.get_result, queue.value, queue.status, queue.cancel, lambda i: queue.statuses([i])):
             with pytest.raises(InvalidTaskError, match=TEXT_PROBLEM):
                 call(bad)
         assert queue.status(task_id).status == "pending"

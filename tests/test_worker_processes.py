@@ -66,8 +66,8 @@ def test_notebook_style_function_runs_in_a_worker_process(tmp_path):
     worker = subprocess.Popen(sitq_command("worker", str(db), "--quiet"), env=worker_env())
     try:
         with SyncTaskQueue(SQLiteBackend(db)) as queue:
-            assert queue.get_result(shout_id, timeout=30) == "HELLO!"
-            failed = queue.result(broken_id, timeout=30)
+            assert queue.value(shout_id, timeout=30) == "HELLO!"
+            failed = queue.get_result(broken_id, timeout=30)
     finally:
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=30) == 0
@@ -95,7 +95,7 @@ def test_sigterm_lets_the_running_task_finish(tmp_path, run):
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
     with SyncTaskQueue(SQLiteBackend(db)) as queue:
-        assert queue.get_result(task_id, timeout=0) == "finished"
+        assert queue.value(task_id, timeout=0) == "finished"
 
 
 def test_round_trip_to_a_worker_process_needs_no_poll_interval(tmp_path):
@@ -107,9 +107,9 @@ def test_round_trip_to_a_worker_process_needs_no_poll_interval(tmp_path):
         )
         try:
             first = queue.enqueue(taskfuncs.add, 1, 1)
-            assert queue.get_result(first, timeout=60) == 2  # the worker has started
+            assert queue.value(first, timeout=60) == 2  # the worker has started
             task_id = queue.enqueue(taskfuncs.add, 2, 2)
-            assert queue.get_result(task_id, timeout=20) == 4  # a 30 s poll would miss this
+            assert queue.value(task_id, timeout=20) == 4  # a 30 s poll would miss this
         finally:
             worker.send_signal(signal.SIGINT)
             assert worker.wait(timeout=30) == 0

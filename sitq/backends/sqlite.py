@@ -69,6 +69,7 @@ from sitq.core import (
     QueueOverview,
     Result,
     TaskInfo,
+    TaskStatus,
     to_datetime,
 )
 from sitq.errors import BackendError, SchemaVersionError
@@ -705,7 +706,7 @@ class SQLiteBackend(Backend):
             counts, rows = self._call_here(conn, _overview, (limit,), stopped)
             full = dict.fromkeys(STATES, 0)
             for status, count in counts:
-                status = _text(status)  # a status sitq does not know is counted under its own name
+                status = TaskStatus.read(_text(status))  # one sitq does not know is counted under its own name
                 full[status] = full.get(status, 0) + count
             return QueueOverview(counts=full, recent=[_info(row) for row in rows])
 
@@ -906,7 +907,7 @@ def _result(row) -> Result:
     return Result(
         task_id=task_id if type(task_id) is str else _text(task_id),
         name=name if type(name) is str else _text(name),
-        status=status if type(status) is str else _text(status),
+        status=TaskStatus.read(status if type(status) is str else _text(status)),
         value=value,  # as stored: deserialize_result names it if it is not bytes
         error=_text(error),
         traceback=_text(tb),
@@ -925,7 +926,7 @@ def _info(row) -> TaskInfo:
     return TaskInfo(
         task_id=task_id if type(task_id) is str else _text(task_id),
         name=name if type(name) is str else _text(name),
-        status=status if type(status) is str else _text(status),
+        status=TaskStatus.read(status if type(status) is str else _text(status)),
         enqueued_at=to_datetime(enqueued),
         eta=to_datetime(eta),
         started_at=to_datetime(started),
