@@ -20,7 +20,7 @@ from conftest import sitq_command, worker_env
 
 import sitq
 from sitq import SQLiteBackend, SyncTaskQueue, TaskQueue
-from sitq.backends.base import LOST_WORKER_LIMIT
+from sitq.backends.rules import LOST_WORKER_LIMIT
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and SIGSTOP are POSIX signals")
 
@@ -234,7 +234,7 @@ import sys
 import taskfuncs
 import sitq
 from sitq import SQLiteBackend, SyncTaskQueue, TaskQueue
-from sitq.backends.base import LOST_WORKER_LIMIT
+from sitq.backends.rules import LOST_WORKER_LIMIT
 
 db, producer, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 with SyncTaskQueue(SQLiteBackend(db)) as queue:

@@ -13,7 +13,7 @@ import taskfuncs
 from conftest import sitq_command, worker_env
 
 from sitq import SQLiteBackend, SyncTaskQueue, TaskQueue
-from sitq.backends.base import LOST_WORKER_LIMIT
+from sitq.backends.rules import LOST_WORKER_LIMIT
 
 
 def log_lines(log):

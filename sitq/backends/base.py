@@ -4,43 +4,22 @@ A backend stores rows and bytes; it never sees a callable. Every state change
 is one statement guarded by the state it expects, so a worker that lost its
 claim can never overwrite the outcome written by the one that took over.
 
-Waiting is built on a *change token*: read ``backend.change_token``, look at
-the store, and if there is nothing to do, ``await backend.wait_for_change(token,
-timeout)``. It returns at once if anything changed since the token was read,
-as soon as a write in this process commits, or when the backend notices a
-write by another process (SQLite: ``PRAGMA data_version``; PostgreSQL:
-LISTEN/NOTIFY), whichever comes first, and at the latest after ``timeout``.
+The rules of a task's life (lost workers, expired leases, retries and cancels)
+are in :mod:`sitq.backends.rules`; waking waiters when the store changes is
+:mod:`sitq.backends.notify`. ``docs/writing-a-backend.md`` walks through
+writing a new backend against this contract.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from typing import Callable, Optional, Protocol, Sequence
 
+from sitq.backends.notify import ChangeNotifier
 from sitq.core import ClaimedTask, NewTask, Outcome, QueueOverview, Result, TaskInfo
 
-__all__ = ["Backend", "Heartbeat", "LOST_WORKER_LIMIT", "lost_worker_error"]
-
-# A task whose worker stops renewing its lease (killed, crashed, frozen) is put back, and
-# counted: it has "lost its worker". It might be the cause (os._exit, a segfault, the OOM
-# killer), or an innocent bystander of a task beside it. So a task that has lost its worker
-# is a *suspect*: it is only claimed by a worker with nothing else running, and runs there
-# alone. An innocent suspect then simply finishes, and only the culprit keeps killing its
-# worker; the LOST_WORKER_LIMIT-th loss fails it with ``lost_worker_error``.
-LOST_WORKER_LIMIT = 3
-
-
-def lost_worker_error(losses: int) -> str:
-    return (
-        f"WorkerLostError: the worker running this task was lost {losses} times (it stopped renewing the "
-        "task's lease: killed, crashed or frozen), the last times with this task running alone in it; "
-        "the task is taken to be what kills its worker (os._exit, a crash in native code, running out "
-        "of memory) and is not run again"
-    )
-
-
+__all__ = ["Backend", "Heartbeat"]
 
 class Heartbeat(Protocol):
     """What :meth:`Backend.start_heartbeat` returns."""
@@ -53,9 +32,7 @@ class Backend:
     """Base class of task stores. Storage methods raise ``NotImplementedError`` here."""
 
     def __init__(self) -> None:
-        self._change_count = 0
-        self._watch_lock = threading.Lock()
-        self._watchers: set[asyncio.Future] = set()
+        self.changes = ChangeNotifier(on_watch=self._on_watch)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -150,9 +127,9 @@ class Backend:
     async def requeue_expired(self, now: float) -> int:
         """Deal with running tasks whose lease has expired. Returns how many.
 
-        Cancelled if a cancel was requested; failed with ``lost_worker_error`` if this is
-        its ``LOST_WORKER_LIMIT``-th lost worker; otherwise pending again, to be claimed
-        anew, with its count of lost workers raised by one (a suspect). Rows a backend
+        What each becomes is :func:`sitq.backends.rules.expired_lease`'s to decide
+        (cancelled, failed for losing its worker too often, or pending again as a
+        suspect with one more lost worker). Rows a backend
         cannot order by time (a row sitq did not write, with an eta or lease that is not
         a time) are dealt with here too, so that none waits forever.
         """
@@ -207,76 +184,27 @@ class Backend:
         raise NotImplementedError
 
     # -- change notification -------------------------------------------------
-
-    @property
-    def change_token(self) -> int:
-        """A number that moves whenever this process sees the store change."""
-        return self._change_count
-
-    def notify_change(self) -> None:
-        """Wake everyone waiting for a change. Safe to call from any thread."""
-        self._mark_changed()
-        self._wake_watchers()
-
-    def _mark_changed(self) -> None:
-        """Move the token. Backends call it for writes that changed something, and only for those:
-        a worker whose claim found nothing must not wake itself."""
-        with self._watch_lock:
-            self._change_count += 1
-
-    def _wake_watchers(self) -> None:
-        if not self._watchers:
-            return
-        with self._watch_lock:
-            watchers, self._watchers = self._watchers, set()
-        if not watchers:
-            return
-        try:
-            current = asyncio.get_running_loop()
-        except RuntimeError:
-            current = None
-        for fut in watchers:
-            loop = fut.get_loop()
-            if loop is current:
-                _wake(fut)
-            elif not loop.is_closed():
-                loop.call_soon_threadsafe(_wake, fut)
-
-    def watch(self, fut: asyncio.Future, token: int) -> bool:
-        """Resolve ``fut`` on the next change. False (and nothing registered) if ``token`` is stale."""
-        with self._watch_lock:
-            if token != self._change_count:
-                return False
-            self._watchers.add(fut)
-        self._on_watch()
-        return True
-
-    def unwatch(self, fut: asyncio.Future) -> None:
-        with self._watch_lock:
-            self._watchers.discard(fut)
-
-    @property
-    def has_watchers(self) -> bool:
-        return bool(self._watchers)
+    # The protocol is in sitq.backends.notify; these are shorthands for self.changes.
 
     def _on_watch(self) -> None:
         """Hook: a backend that can see other processes' writes starts listening here."""
 
+    @property
+    def change_token(self) -> int:
+        """A number that moves whenever this process sees the store change."""
+        return self.changes.token
+
+    def notify_change(self) -> None:
+        """Wake everyone waiting for a change. Safe to call from any thread."""
+        self.changes.notify()
+
+    def watch(self, fut: asyncio.Future, token: int) -> bool:
+        """Resolve ``fut`` on the next change. False (and nothing registered) if ``token`` is stale."""
+        return self.changes.watch(fut, token)
+
+    def unwatch(self, fut: asyncio.Future) -> None:
+        self.changes.unwatch(fut)
+
     async def wait_for_change(self, token: int, timeout: Optional[float]) -> None:
         """Return on the next change after ``token`` was read, or after ``timeout`` seconds."""
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        if not self.watch(fut, token):
-            return
-        timer = loop.call_later(timeout, _wake, fut) if timeout is not None else None
-        try:
-            await fut
-        finally:
-            if timer is not None:
-                timer.cancel()
-            self.unwatch(fut)
-
-
-def _wake(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_result(None)
+        await self.changes.wait(token, timeout)

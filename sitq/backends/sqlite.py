@@ -58,7 +58,8 @@ from itertools import repeat
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from sitq.backends.base import LOST_WORKER_LIMIT, Backend, lost_worker_error
+from sitq.backends.base import Backend
+from sitq.backends.rules import LOST_WORKER_LIMIT, CancelOutcome, lost_worker_error
 from sitq.core import (
     PENDING,
     STATES,
@@ -216,7 +217,7 @@ UPDATE sitq_tasks SET lease_until = ? WHERE worker_id = ? AND status = 'running'
 
 # Tasks whose worker stopped renewing the lease: cancelled if that was asked for, failed on
 # their LOST_WORKER_LIMIT-th lost worker (a task that kills its worker must not loop), else
-# claimable again as suspects, which run alone (see LOST_WORKER_LIMIT in backends.base).
+# claimable again as suspects, which run alone: the rules of sitq.backends.rules, in SQL.
 EXPIRED_CANCELLED = """
 UPDATE sitq_tasks SET status = 'cancelled', finished_at = ?, lease_until = NULL
 WHERE status = 'running' AND lease_until < ? AND cancel_requested = 1
@@ -476,7 +477,7 @@ class SQLiteBackend(Backend):
                     if write:
                         result, changed = result
                         if changed:  # a write that changed nothing must not wake anyone, or idle workers spin
-                            self._mark_changed()
+                            self.changes.mark()
                             if conn.total_changes - self._checkpoint_mark >= CHECKPOINT_ROWS:
                                 self._checkpoint_mark = conn.total_changes
                                 self._request_checkpoint()
@@ -499,7 +500,7 @@ class SQLiteBackend(Backend):
                 raise self._locked_error()
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.05)
-        self._wake_watchers()
+        self.changes.wake()
         return result
 
     def _locked_error(self) -> BackendError:
@@ -823,15 +824,15 @@ def _settle_unreadable_times(conn, now) -> None:
 def _cancel(conn, task_id, now):
     conn.execute("BEGIN IMMEDIATE")
     if conn.execute(CANCEL_PENDING, (now, task_id)).rowcount:
-        state = "cancelled"
+        state = CancelOutcome.CANCELLED
     elif conn.execute(REQUEST_CANCEL, (task_id,)).rowcount:
-        state = "requested"
+        state = CancelOutcome.REQUESTED
     elif conn.execute(TASK_EXISTS, (task_id,)).fetchone():
-        state = "finished"
+        state = CancelOutcome.FINISHED
     else:
         state = None
     conn.execute("COMMIT")
-    return state, state in ("cancelled", "requested")
+    return state, state in (CancelOutcome.CANCELLED, CancelOutcome.REQUESTED)
 
 
 def _fetch_result(conn, task_id):
@@ -1280,9 +1281,9 @@ class _ChangeWatcher(threading.Thread):
             last = None
             last_change = time.monotonic()
             while not self._stopped.is_set():
-                if not backend.has_watchers:
+                if not backend.changes.has_watchers:
                     self.wanted.clear()
-                    if not backend.has_watchers:
+                    if not backend.changes.has_watchers:
                         self.wanted.wait()
                     continue
                 quiet = time.monotonic() - last_change > self.QUIET_AFTER
