@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from sitq import SQLiteBackend
+from sitq import SQLiteBackend, open_backend
+from sitq.backends import MemoryBackend
 from sitq.core import NewTask, NewTaskBatch, Outcome
 from sitq.errors import BackendError
 from sitq.queue import new_task_id
@@ -22,7 +23,11 @@ def _sqlite_memory(tmp_path):
     return SQLiteBackend(":memory:")
 
 
-BACKENDS = {"sqlite-file": _sqlite_file, "sqlite-memory": _sqlite_memory}
+def _memory(tmp_path):
+    return open_backend("memory://")
+
+
+BACKENDS = {"sqlite-file": _sqlite_file, "sqlite-memory": _sqlite_memory, "memory": _memory}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -210,7 +215,7 @@ def test_a_big_batch_is_one_transaction_too_and_keeps_its_order(make_backend, ru
         def batch(task_ids):
             return NewTaskBatch("f", b"func", now, now, 1, task_ids, [b"args"] * len(task_ids), [None] * len(task_ids))
 
-        with pytest.raises(BackendError, match="UNIQUE"):
+        with pytest.raises(BackendError, match="(?i)unique"):
             await backend.enqueue(batch(ids[:1500] + [ids[0]]))  # the last one repeats an id
         assert (await backend.overview(10)).total == 0
         token = backend.change_token
@@ -314,6 +319,8 @@ def test_a_claimed_row_with_values_sitq_does_not_write_comes_with_a_problem(make
 
     async def go():
         backend = make_backend()
+        if isinstance(backend, MemoryBackend):
+            pytest.skip("only a store that outlives sitq (a file, a server) can hold rows sitq did not write")
         await backend.connect()
         now = time.time()
         good, bad = new_tasks(2, now)

@@ -3,6 +3,8 @@
 SQLite is the embedded default: a plain path or ``sqlite:///path`` opens a
 :class:`SQLiteBackend`. ``postgresql://`` URLs open the PostgreSQL backend,
 which needs the ``postgres`` extra (``pip install 'sitq[postgres]'``).
+``memory://`` makes a new :class:`MemoryBackend`, the plain-Python reference
+backend (for tests: its tasks live only in that object).
 Everything above this package (queue, worker, command line, notebook) opens
 stores through :func:`open_backend` and never names a backend class.
 """
@@ -13,10 +15,11 @@ import os
 from typing import Any, Union
 
 from sitq.backends.base import Backend
+from sitq.backends.memory import MemoryBackend
 from sitq.backends.sqlite import SQLiteBackend
 from sitq.errors import BackendError
 
-__all__ = ["Backend", "SQLiteBackend", "Target", "open_backend", "describe_target"]
+__all__ = ["Backend", "MemoryBackend", "SQLiteBackend", "Target", "open_backend", "describe_target"]
 
 Target = Union[str, "os.PathLike[str]", Backend]
 POSTGRES_SCHEMES = ("postgresql", "postgres")
@@ -43,11 +46,15 @@ def open_backend(target: Target, **options: Any) -> Backend:
     scheme = target.split("://", 1)[0].lower() if "://" in target else None
     if scheme is None or scheme == "sqlite":
         return SQLiteBackend(target, **options)
+    if scheme == "memory":
+        if target.rstrip("/") != "memory:":
+            raise ValueError(f"a memory store has no path or host: write memory://, not {target!r}")
+        return MemoryBackend(**options)
     if scheme in POSTGRES_SCHEMES:
         return _postgres_backend()(target, **options)
     raise ValueError(
         f"sitq cannot open {scheme}:// stores ({describe_target(target)!r}); give a file path, "
-        "sqlite:///path or postgresql://user@host/database"
+        "sqlite:///path, postgresql://user@host/database or memory://"
     )
 
 
