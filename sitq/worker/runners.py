@@ -155,6 +155,7 @@ class Runner:
         self._threads: Optional[_Threads] = None
 
     def open(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run tasks on ``loop`` (the loop of the worker run that starts now)."""
         self._loop = loop
 
     async def close(self) -> None:
@@ -398,7 +399,8 @@ class _Coroutines:
 
 
 class Recorder:
-    """Turns what a task's call returned or raised into the :class:`Outcome` to store.
+    """Turns what a task's call returned or raised into the :class:`Outcome` to store
+    (and makes the call of a plain function, in the thread that runs it).
 
     Never raises: whatever goes wrong while building an outcome (an exception
     whose ``str()`` raises, a serializer or retry rule that fails) fails the
