@@ -127,11 +127,6 @@ class Result:
         detail = f" error={self.error!r}" if self.error else ""
         return f"<Result {self.task_id} {self.name} {self.status}{detail}>"
 
-    def _repr_html_(self) -> str:
-        from sitq.notebook.render import result_html
-
-        return result_html(self)
-
 
 @dataclass(frozen=True)
 class TaskInfo:

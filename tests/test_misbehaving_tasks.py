@@ -163,7 +163,7 @@ def test_a_coroutine_raising_cancelled_error_by_itself_fails(db_path, run):
 def test_a_thread_of_the_worker_survives_an_error_in_sitq_itself():
     from notebook_support import wait_until
 
-    from sitq.worker import _Threads
+    from sitq.worker.runners import _Threads
 
     threads = _Threads("test")
     ran_in = []
@@ -216,7 +216,7 @@ def test_a_coroutine_that_swallows_its_cancel_is_abandoned_after_the_grace_perio
             # the worker's only slot runs the next task while the abandoned coroutine goes on
             good = await queue.get_result(await queue.enqueue(taskfuncs.add, 1, 2), timeout=30)
             notes_before_stop = list(taskfuncs.SWALLOWED[name])
-            abandoned = set(worker._abandoned)
+            abandoned = set(worker._runner._coroutines.abandoned)
         return queue, stopped, good, notes_before_stop, abandoned, await queue.get_result(task_id, timeout=0)
 
     queue, stopped, good, notes_before_stop, abandoned, final = run(go())

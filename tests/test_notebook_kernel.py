@@ -96,6 +96,17 @@ def test_results_outlive_the_kernel(tmp_path):
     assert second.cells[2].outputs[0].data["text/plain"] == "(9, 2)"
 
 
+def test_results_draw_as_html_once_the_notebook_layer_is_imported(tmp_path):
+    nb = execute(new_notebook(
+        "import datetime as dt, sitq\nnow = dt.datetime.now(dt.timezone.utc)\n"
+        "res = sitq.Result('abc123', 'crunch', 'failed', None, 'ValueError: bad', None, now, now, now, 1)\nres",
+        "import sitq.notebook\nres",
+    ), tmp_path)
+    before, after = (cell.outputs[0].data for cell in nb.cells)
+    assert "text/html" not in before and before["text/plain"].startswith("<Result abc123 crunch failed")
+    assert 'class="sitq-result"' in after["text/html"] and "ValueError: bad" in visible_text(after["text/html"])
+
+
 def test_kernel_shutdown_lets_the_running_task_finish(tmp_path):
     nb = execute(new_notebook(
         "import sitq\n%load_ext sitq\n%sitq start",

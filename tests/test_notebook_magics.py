@@ -14,6 +14,7 @@ from IPython.utils.capture import capture_output
 
 import sitq
 from sitq.notebook import runtime
+from sitq.notebook.render import result_html
 from notebook_support import visible_text, wait_until
 
 WORK = """
@@ -202,6 +203,25 @@ def test_records_render_as_html_once_the_extension_is_loaded(ip):
     assert "success" in visible_text(info_html) and "pow" in info_html
     overview = rt.run(rt.queue.overview(5))
     assert 'class="sitq-table"' in display_of(overview)["text/html"]
+    outcome = handle.outcome()
+    assert display_of(outcome)["text/html"] == result_html(outcome)
+
+
+def test_records_draw_no_html_in_a_shell_without_the_extension():
+    """The core draws nothing: Result's HTML view comes from the notebook layer."""
+    InteractiveShell.clear_instance()
+    shell = InteractiveShell.instance()
+    try:
+        now = dt.datetime.now(dt.timezone.utc)
+        res = sitq.Result("abc123", "crunch", "failed", None, "ValueError: bad", None, now, now, now, 1)
+        data, _ = shell.display_formatter.format(res)
+        assert "text/html" not in data and data["text/plain"] == repr(res)
+        shell.run_line_magic("load_ext", "sitq")
+        data, _ = shell.display_formatter.format(res)
+        assert data["text/html"] == result_html(res)
+        shell.run_line_magic("unload_ext", "sitq")
+    finally:
+        InteractiveShell.clear_instance()
 
 
 def test_a_handle_outlives_its_worker(ip):

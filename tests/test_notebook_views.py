@@ -123,10 +123,9 @@ def test_failed_result_shows_a_highlighted_traceback():
     assert "in boom" in text and "ZeroDivisionError: division by zero" in text
 
 
-def test_result_repr_is_one_line_and_its_html_is_ours():
+def test_result_repr_is_one_line():
     res = result(status="failed", tb=remote_traceback())
-    assert "\n" not in repr(res)
-    assert res._repr_html_() == result_html(res)
+    assert "\n" not in repr(res) and repr(res).startswith("<Result abc123 crunch failed")
 
 
 def test_traceback_html_only_needs_text():

@@ -7,8 +7,13 @@
     sn.board()                        # counts, recent tasks, tracebacks
 
 Importing this package needs neither IPython nor ipywidgets; they are
-imported when a magic is loaded or a widget is displayed.
+imported when a magic is loaded or a widget is displayed. Imported in an
+IPython shell (or loaded with ``%load_ext sitq``), it registers HTML views of
+sitq's records (``Result``, ``TaskInfo``, ``QueueOverview``) with the shell's
+display formatter: the core knows nothing of notebooks and draws nothing.
 """
+
+import sys
 
 from sitq.notebook.handle import TaskHandle
 from sitq.notebook.runtime import Runtime, board, current, start_worker, stop_worker, submit, task
@@ -29,13 +34,20 @@ __all__ = [
 
 def load_ipython_extension(ipython) -> None:
     """Register ``%sitq``/``%%sitq`` and HTML displays for sitq's records."""
-    from sitq.core import QueueOverview, TaskInfo
     from sitq.notebook.magics import SitqMagics
-    from sitq.notebook.render import board_html, task_html
-    from sitq.notebook.rows import task_row
 
     ipython.register_magics(SitqMagics)
+    _register_displays(ipython)
+
+
+def _register_displays(ipython) -> None:
+    """Draw sitq's records as HTML in this IPython shell (what the core leaves to this layer)."""
+    from sitq.core import QueueOverview, Result, TaskInfo
+    from sitq.notebook.render import board_html, result_html, task_html
+    from sitq.notebook.rows import task_row
+
     html = ipython.display_formatter.formatters["text/html"]
+    html.for_type(Result, result_html)
     html.for_type(TaskInfo, lambda info: task_html(task_row(info)))
     html.for_type(QueueOverview, lambda ov: board_html(ov.counts, [task_row(i) for i in ov.recent]))
 
@@ -45,3 +57,16 @@ def unload_ipython_extension(ipython) -> None:
     stop_worker()
     for kind in ("line", "cell"):
         ipython.magics_manager.magics[kind].pop("sitq", None)
+
+
+def _running_shell():
+    """The IPython shell this code runs in, if any; IPython is not imported to find out."""
+    ipython = sys.modules.get("IPython")
+    get_ipython = getattr(ipython, "get_ipython", None)
+    return get_ipython() if get_ipython is not None else None
+
+
+_shell = _running_shell()
+if _shell is not None:  # `import sitq.notebook` in a notebook: its records draw as HTML at once
+    _register_displays(_shell)
+del _shell

@@ -9,7 +9,7 @@ outside a kernel it draws as HTML. ``await handle`` and the blocking
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from sitq.errors import SitqError, TaskNotFoundError
 from sitq.notebook.render import result_html, task_html
@@ -17,29 +17,49 @@ from sitq.notebook.rows import task_row
 
 if TYPE_CHECKING:
     from sitq.core import Result, TaskInfo
-    from sitq.notebook.runtime import Runtime
+    from sitq.notebook.refresher import Refresher
+    from sitq.queue import TaskQueue
+    from sitq.sync import LoopThread
 
-__all__ = ["TaskHandle"]
+__all__ = ["TaskHandle", "widgets_enabled"]
+
+
+class _Runtime(Protocol):
+    """What a handle needs of the runtime it belongs to.
+
+    That is a :class:`sitq.notebook.runtime.Runtime`, which makes handles;
+    this module names it only by what it does, so imports go one way.
+    """
+
+    path: str
+    stopped: bool
+    queue: TaskQueue
+    loop: LoopThread
+    refresher: Refresher
+
+    def run(self, coro: Any, timeout: Optional[float] = None) -> Any: ...
+
+    def cancel(self, task_id: str) -> Any: ...
+
+    def successor(self) -> Optional[_Runtime]: ...
 
 
 class TaskHandle:
     """A task stored in the kernel's queue. Cheap to make and to keep."""
 
-    def __init__(self, runtime: Runtime, task_id: str, name: str = "") -> None:
+    def __init__(self, runtime: _Runtime, task_id: str, name: str = "") -> None:
         self._runtime = runtime
         self.task_id = task_id
         self.name = name
         self._widget = None
 
     @property
-    def runtime(self) -> Runtime:
+    def runtime(self) -> _Runtime:
         """The runtime the task was submitted to or, once that one was stopped,
         the kernel's current runtime on the same file."""
-        from sitq.notebook.runtime import current
-
         if self._runtime.stopped:
-            now = current(required=False)
-            if now is None or now.path != self._runtime.path:
+            now = self._runtime.successor()
+            if now is None:
                 raise SitqError(f"the sitq worker on {self._runtime.path} was stopped; start it "
                                 f"again (%sitq start {self._runtime.path}) to reach task {self.task_id}")
             self._runtime = now
@@ -93,7 +113,7 @@ class TaskHandle:
         result = yield from future.__await__()
         return runtime.queue.deserialize_result(result)
 
-    async def _outcome(self, runtime: Runtime, timeout: Optional[float]) -> Result:
+    async def _outcome(self, runtime: _Runtime, timeout: Optional[float]) -> Result:
         result = await runtime.queue.get_result(self.task_id, timeout)
         if result is not None:
             return result
@@ -105,8 +125,6 @@ class TaskHandle:
     # -- display ---------------------------------------------------------------
 
     def _repr_mimebundle_(self, include=None, exclude=None, **kwargs) -> dict:
-        from sitq.notebook.runtime import widgets_enabled
-
         info = self.info()
         runtime = self.runtime
         if info.finished:
@@ -125,3 +143,13 @@ class TaskHandle:
         bundle.setdefault("text/html", html)
         bundle["text/plain"] = repr(self)
         return bundle
+
+
+def widgets_enabled() -> bool:
+    """True inside a Jupyter kernel, where a frontend can draw ipywidgets."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None

@@ -38,7 +38,8 @@ import cloudpickle
 from sitq.errors import SerializationError, SitqError
 from sitq.options import Task
 from sitq.serialization import describe_callable, dumps_shipping_source, loads_shipped
-from sitq.worker import _describe, _message, reporting_progress
+from sitq.worker.capture import reporting_progress
+from sitq.worker.runners import _describe, _message
 
 __all__ = ["InProcess", "ProcessDiedError", "ProcessPool", "ProcessTraceback"]
 
@@ -122,7 +123,7 @@ class ProcessPool:
         waiting for the task, the child is terminated and this returns by
         raising (the worker has recorded the outcome and discards it).
         """
-        from sitq.worker import progress, stop_event
+        from sitq.worker.capture import progress, stop_event
 
         stopped = stop_event() or threading.Event()  # outside a worker's task nothing stops it
         payload = dumps_shipping_source((func, args, kwargs))

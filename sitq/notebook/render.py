@@ -1,7 +1,8 @@
 """How tasks, results and the queue are drawn as HTML (and tracebacks with rich).
 
 Only the standard library and rich (a core dependency) are imported here, so
-``Result._repr_html_`` works in any frontend without IPython's extension.
+views draw without IPython or widgets; ``sitq.notebook`` registers them with
+IPython's display formatter (the core's records draw nothing by themselves).
 Every user string is escaped. Colours come from JupyterLab's CSS variables
 with fallbacks, and the traceback palette is mid-tone on a transparent
 background, so light and dark themes both read well.

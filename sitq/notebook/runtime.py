@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 from sitq.backends import describe_target, open_backend
 from sitq.errors import SitqError, TaskNotFoundError
-from sitq.notebook.handle import TaskHandle
+from sitq.notebook.handle import TaskHandle, widgets_enabled
 from sitq.notebook.refresher import Refresher
 from sitq.queue import TaskQueue
 from sitq.serialization import describe_callable
@@ -117,6 +117,11 @@ class Runtime:
                 self.loop.run(self.queue.close(), timeout=5)
             finally:
                 self.loop.stop()
+
+    def successor(self) -> Optional[Runtime]:
+        """The kernel's runtime on this runtime's store, for handles made before it was stopped."""
+        now = current(required=False)
+        return now if now is not None and now.path == self.path else None
 
     def run(self, coro, timeout: Optional[float] = None) -> Any:
         """Run a coroutine on the runtime's loop and wait for its value."""
@@ -244,16 +249,6 @@ class _StaticBoard:
 
         overview = self._runtime.run(self._runtime.queue.overview(self._limit))
         return board_html(overview.counts, [task_row(info) for info in overview.recent])
-
-
-def widgets_enabled() -> bool:
-    """True inside a Jupyter kernel, where a frontend can draw ipywidgets."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 _exit_hook_registered = False

@@ -1,0 +1,359 @@
+"""The worker's loop: claim tasks, hand them to the runner, store their outcomes.
+
+The loop reads like its spec: wait until there is a free slot and something
+to do, finish what is done and claim work for the free slots (one
+transaction), hand it to the :class:`~sitq.worker.runners.Runner`, repeat.
+Acting on cancel requests, requeueing tasks of dead workers, isolating
+suspects (tasks that lost their worker before) and storing progress are a
+side task the worker owns; leases are renewed by the backend's heartbeat
+thread. Before it starts the worker checks the store's key; while it runs it
+checks that the store is still the one it opened. How a task is executed,
+timed out and stopped is :mod:`sitq.worker.runners`' business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import time
+from typing import Any, Callable, Optional
+
+from sitq.backends import Backend, Target, open_backend
+from sitq.core import FAILED, ClaimedTask, Outcome
+from sitq.errors import BackendError, InvalidTaskError, SitqError
+from sitq.output import OutputCapture
+from sitq.serialization import CloudpickleSerializer, Serializer
+from sitq.signing import STORE_KEY_RECORD, Signer, check_store_key, signer_from
+from sitq.worker.runners import Runner
+
+__all__ = ["Worker"]
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """Runs tasks from a backend, at most ``max_concurrency`` at a time.
+
+    ``backend`` is a store target: a file path, a ``sqlite:///`` or
+    ``postgresql://`` URL, or a backend object (see :func:`sitq.open_backend`).
+
+    ``await worker.start()`` runs until ``await worker.stop()``, which lets
+    running tasks finish; ``await worker.drain()`` runs until no task is ready
+    or running (tasks whose ``eta`` lies in the future stay queued).
+
+    ``poll_interval`` is the longest an idle worker waits before it looks at
+    the store again; new tasks usually wake it much sooner. A claimed task
+    holds a lease of ``lease`` seconds that the worker renews while the task
+    runs; if the worker dies, the task becomes claimable again once the lease
+    expires. With ``capture_output`` what a task prints is stored with its
+    result instead of going to this process's stdout and stderr. With
+    ``secret_key`` (or ``SITQ_SECRET_KEY``) the worker refuses every task whose
+    payload is not signed with that key for that task, without unpickling it,
+    and signs the values it stores. It refuses to start, with
+    :class:`SignatureError`, on a store that was used with a key (see
+    :mod:`sitq.signing`) when it has no key or another one; a worker with a
+    key records it in a store that has none.
+
+
+    A coroutine that is timed out or cancelled gets ``cancel_grace`` seconds
+    to end after its ``CancelledError``; one that catches it and goes on is
+    then abandoned: the task is recorded as timed out or cancelled, its slot
+    goes to the next task, and whatever the coroutine does later is
+    discarded (it is cancelled once more when the worker stops).
+    """
+
+    def __init__(
+        self,
+        backend: Target,
+        max_concurrency: int = 1,
+        poll_interval: float = 1.0,
+        serializer: Optional[Serializer] = None,
+        *,
+        name: Optional[str] = None,
+        lease: float = 60.0,
+        progress_interval: float = 0.2,
+        capture_output: bool = True,
+        secret_key: Optional[Any] = None,
+        cancel_grace: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        _check_settings(max_concurrency, poll_interval=poll_interval, lease=lease,
+                        progress_interval=progress_interval, cancel_grace=cancel_grace)
+        self.backend = open_backend(backend)
+        self.max_concurrency = max_concurrency
+        self.poll_interval = float(poll_interval)
+        self.serializer = serializer or CloudpickleSerializer()
+        self.lease = float(lease)
+        self.progress_interval = float(progress_interval)
+        self.cancel_grace = float(cancel_grace)
+        self.capture_output = capture_output
+        self.clock = clock
+        self._signer = signer_from(secret_key)
+        self.worker_id = f"{name or socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.processed = 0
+        self.failed = 0
+        self._runner = Runner(
+            self.worker_id, self._settled, serializer=self.serializer, signer=self._signer, clock=clock,
+            capture_output=capture_output, cancel_grace=self.cancel_grace,
+        )
+        self._side = _SideTasks(self)
+        self._wakeup = _Wakeup(self.backend)
+        self._outcomes: list[Outcome] = []
+        self._suspect: Optional[int] = None  # the seq of a suspect running alone here
+        self._stopping = False
+        self._done: Optional[asyncio.Event] = None
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running else "stopped"
+        return f"<Worker {self.worker_id} {state} active={len(self._runner.active)}/{self.max_concurrency} processed={self.processed}>"
+
+    @property
+    def is_running(self) -> bool:
+        return self._done is not None and not self._done.is_set()
+
+    @property
+    def active(self) -> int:
+        """How many tasks are claimed and not yet finished."""
+        return len(self._runner.active)
+
+    async def start(self) -> None:
+        """Run tasks until :meth:`stop` is called.
+
+        Raises ``BackendError`` if the store is deleted or replaced meanwhile (see
+        ``Backend.ensure_same_store``): the worker stops at once, and the tasks it was
+        running stay claimed in the old store until their lease expires.
+        """
+        await self._run(until_empty=False)
+
+    async def drain(self) -> None:
+        """Run tasks until none is ready or running, then return."""
+        await self._run(until_empty=True)
+
+    async def stop(self) -> None:
+        """Stop claiming, let running tasks finish, store their outcomes, and return."""
+        self._stopping = True
+        self._wakeup.signal()
+        if self._done is not None:
+            await self._done.wait()
+
+    # -- the loop ----------------------------------------------------------
+
+    async def _run(self, until_empty: bool) -> None:
+        if self.is_running:
+            raise SitqError(f"worker {self.worker_id} is already running")
+        loop = asyncio.get_running_loop()
+        self._runner.open(loop)
+        self._done = done = asyncio.Event()
+        self._stopping = False
+        self._side.fatal = None
+        backend = self.backend
+        try:
+            await backend.connect()
+            await _check_key(backend, self._signer, f"worker {self.worker_id}")
+        except BaseException:
+            done.set()  # never started (or refused): stop() returns at once and start() may be tried again
+            raise
+        capture = OutputCapture.install() if self.capture_output else None
+        side = loop.create_task(self._side.run(), name=f"sitq-side-{self.worker_id}")
+        try:
+            await self._main(backend, until_empty)
+        finally:
+            side.cancel()
+            await asyncio.gather(side, return_exceptions=True)
+            await self._runner.close()
+            if capture is not None:
+                capture.uninstall()
+            self._done.set()
+
+    async def _main(self, backend: Backend, until_empty: bool) -> None:
+        while True:
+            if self._side.fatal is not None:
+                raise self._side.fatal
+            # Read before looking: a change after this moment, ours or anyone's, ends the wait below.
+            # (Writes that change nothing move no token, so an idle worker does not wake itself.)
+            token = backend.change_token
+            outcomes, self._outcomes = self._outcomes, []
+            free = self._free_slots()
+            claimed: list[ClaimedTask] = []
+            if outcomes or free:
+                await self._side.flush_progress()
+                now = self.clock()
+                alone = not self._runner.active  # only then may it take a suspect, which runs alone
+                stored, claimed = await backend.finish_and_claim(
+                    self.worker_id, outcomes, free * self._runner.run_length(), now, now + self.lease, alone=alone
+                )
+                self._count(outcomes, stored)
+                if claimed:
+                    if claimed[0].lost:
+                        self._suspect, self._side.suspects_waiting = claimed[0].seq, False
+                    self._runner.launch(claimed, free)
+            if not self._runner.active and not self._outcomes and (self._stopping or (until_empty and not claimed)):
+                if until_empty and not self._stopping and await backend.requeue_expired(self.clock()):
+                    continue  # a dead worker's tasks are ready again
+                return
+            if self._outcomes:
+                continue
+            can_claim = self._free_slots() > 0
+            timeout = await self._idle_timeout() if can_claim else None
+            await self._wakeup.wait(token if can_claim else None, timeout, self._woken)
+
+    def _free_slots(self) -> int:
+        """Slots to claim tasks for now. None while a suspect runs (it runs alone), and none while
+        suspects wait and tasks still run here, so that this worker empties and can take one."""
+        if self._stopping or self._suspect is not None or (self._side.suspects_waiting and self._runner.active):
+            return 0
+        return self.max_concurrency - self._runner.busy_slots
+
+    async def _idle_timeout(self) -> float:
+        next_eta = await self.backend.next_eta()
+        if next_eta is None:
+            return self.poll_interval
+        return min(self.poll_interval, max(next_eta - self.clock(), 0.0) + 0.001)
+
+    def _woken(self, watching: bool) -> bool:
+        """Whether the loop has something to do at once: an outcome to store, a reason to stop."""
+        return bool(self._outcomes) or self._side.fatal is not None or (self._stopping and watching)
+
+    def _count(self, outcomes: list[Outcome], stored: list[bool]) -> None:
+        for outcome, ok in zip(outcomes, stored):
+            if not ok:
+                log.warning(
+                    "task #%s: lost its claim before it finished (its lease expired and another "
+                    "worker took it over); this worker's outcome was discarded",
+                    outcome.seq,
+                )
+            elif outcome.status == FAILED:
+                self.failed += 1
+            self.processed += ok
+
+    def _settled(self, task: ClaimedTask, outcome: Optional[Outcome]) -> None:
+        """The runner recorded a task's outcome: store it with the next claim."""
+        if task.seq == self._suspect:
+            self._suspect = None
+        self._outcomes.append(outcome)
+        self._wakeup.signal()
+
+
+
+class _SideTasks:
+    """What a running worker does beside claiming: store progress, act on cancel requests,
+    requeue tasks whose worker died, notice suspects waiting, check the store is still there.
+
+    Leases are renewed by the backend's heartbeat, on a thread of its own: a task or a
+    statement that holds up the loop must not make a healthy worker lose its tasks.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.suspects_waiting = False  # suspects wait for a worker with nothing else running
+        self.fatal: Optional[BaseException] = None  # why the worker must stop at once
+
+    async def run(self) -> None:
+        worker = self.worker
+        backend, runner = worker.backend, worker._runner
+        loop = asyncio.get_running_loop()
+        beat = worker.lease / 3
+        next_beat = loop.time()
+        heartbeat = backend.start_heartbeat(worker.worker_id, worker.lease, worker.clock)
+        try:
+            while True:
+                if not await self._store_still_there():
+                    return
+                try:
+                    await self.flush_progress()
+                    if runner.active:
+                        for seq in await backend.cancel_requests(worker.worker_id):
+                            if seq in runner.active:
+                                runner.stop_task(runner.active[seq], "cancel")
+                    now = loop.time()
+                    if now >= next_beat:
+                        next_beat = now + beat
+                        requeued = await backend.requeue_expired(worker.clock())
+                        if requeued:
+                            log.warning("requeued %d task(s) whose worker stopped renewing its lease", requeued)
+                        waiting = bool(runner.active) and await backend.suspects_waiting(worker.clock())
+                        if waiting != self.suspects_waiting:
+                            self.suspects_waiting = waiting
+                            worker._wakeup.signal()  # claim again once the suspects are gone
+                except SitqError:
+                    log.exception("worker %s: side task failed; trying again shortly", worker.worker_id)
+                await asyncio.sleep(min(worker.progress_interval, beat))
+        finally:
+            heartbeat.stop()
+
+    async def _store_still_there(self) -> bool:
+        """False, with the worker told to stop at once, if the store was deleted or replaced."""
+        try:
+            await self.worker.backend.ensure_same_store()
+        except BackendError as exc:  # start() or drain() raises it once the main loop sees it
+            self.fatal = exc
+            self.worker._wakeup.signal()
+            return False
+        return True
+
+    async def flush_progress(self) -> None:
+        worker = self.worker
+        progress = worker._runner.progress
+        if not progress:
+            return
+        changed = progress.take()
+        rows = [(r.task.seq, r.task.attempts, *r.progress) for r in changed if r.progress is not None]
+        await worker.backend.set_progress(worker.worker_id, rows)
+
+
+class _Wakeup:
+    """Where the idle loop waits: until something it must act on happens, the store
+    changes or the timeout passes, whichever comes first; never a fixed sleep."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._fut: Optional[asyncio.Future] = None
+
+    def signal(self) -> None:
+        """Something the loop must act on happened (a task finished, a stop request): wake it."""
+        if self._fut is not None:
+            _resolve(self._fut)
+
+    async def wait(self, token: Optional[int], timeout: Optional[float], woken: Callable[[bool], bool]) -> None:
+        """Wait for :meth:`signal`, a change in the store since ``token`` (unless None) or the timeout.
+        ``woken(watching)`` says whether something happened while the loop got ready to wait."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if token is not None and not self._backend.watch(fut, token):
+            return  # the store changed while we were looking
+        self._fut = fut
+        if woken(token is not None):
+            _resolve(fut)  # it happened while we were getting ready to wait (to claim more)
+        timer = loop.call_later(timeout, _resolve, fut) if timeout is not None else None
+        try:
+            await fut
+        finally:
+            self._fut = None
+            if timer is not None:
+                timer.cancel()
+            if token is not None:
+                self._backend.unwatch(fut)
+
+
+def _check_settings(max_concurrency: int, **timings: float) -> None:
+    if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
+        raise InvalidTaskError(f"max_concurrency must be a whole number >= 1, not {max_concurrency!r}")
+    for label, seconds in timings.items():
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+            raise InvalidTaskError(f"{label} must be a number of seconds > 0, not {seconds!r}")
+
+
+async def _check_key(backend: Backend, signer: Optional[Signer], who: str) -> None:
+    """Refuse a store whose recorded key ``who`` does not hold; record ours in a store without one."""
+    recorded = await backend.get_meta(STORE_KEY_RECORD)
+    if recorded is None and signer is not None:
+        recorded = await backend.set_meta_if_absent(STORE_KEY_RECORD, signer.fingerprint)
+    check_store_key(signer, recorded, repr(backend), who)
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
