@@ -35,6 +35,7 @@ __all__ = [
     "NewTaskBatch",
     "ClaimedTask",
     "Outcome",
+    "OutcomeKind",
 ]
 
 
@@ -75,6 +76,23 @@ CANCELLED = TaskStatus.CANCELLED
 STATES = tuple(TaskStatus)
 FINISHED_STATES = frozenset((SUCCESS, FAILED, CANCELLED))
 _STATUS_BY_VALUE = {status.value: status for status in TaskStatus}
+
+
+class OutcomeKind(str, enum.Enum):
+    """How one attempt of a task ended, as its worker reports it."""
+
+    SUCCESS = "success"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    RETRY = "retry"  # it failed, and another attempt is due
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def status(self) -> TaskStatus:
+        """The status the task ends in (a retry: pending, unless a cancel was requested)."""
+        return PENDING if self is OutcomeKind.RETRY else TaskStatus(self.value)
 _UTC = dt.timezone.utc
 
 
@@ -219,29 +237,38 @@ class NewTaskBatch(Sequence):
 class ClaimedTask:
     """A task a worker has claimed and must finish while its lease holds.
 
+    ``handle`` is the backend's own way to find the row again (SQLite and
+    PostgreSQL: its sequence number); the worker hands it back in outcomes and
+    progress without looking inside. ``attempts`` with ``handle`` identify this
+    claim: a write for an older claim of the same task is refused.
     ``problem`` is set by the backend when the stored row holds values sitq does
     not write (text where bytes belong, say). It names the column and what was
     found; the worker then fails the task with it, without unpickling anything.
     """
 
-    seq: int
+    handle: Any
     task_id: str
     name: str
     func: bytes
     args: bytes
     signature: Optional[bytes]
     attempts: int
-    lost: int = 0  # times it lost its worker before: a suspect, run alone (see backends.base)
+    lost: int = 0  # times it lost its worker before: a suspect, run alone (see backends.rules)
     problem: Optional[str] = None
 
 
 @dataclass
 class Outcome:
-    """What a worker reports for one claimed task. Status ``pending`` means: retry at ``retry_at``."""
+    """What a worker reports for one claimed task: ``kind`` says what happened.
 
-    seq: int
+    A ``RETRY`` is due again at ``retry_at`` (``sitq.backends.rules.after_retry``
+    decides whether it is pending or, if a cancel was requested, cancelled).
+    """
+
+    task_id: str
+    handle: Any  # the ClaimedTask's
     attempts: int
-    status: str
+    kind: "OutcomeKind"
     finished_at: float
     value: Optional[bytes] = None
     error: Optional[str] = None

@@ -10,7 +10,7 @@ import pytest
 
 from sitq import SQLiteBackend, open_backend
 from sitq.backends import MemoryBackend
-from sitq.core import NewTask, NewTaskBatch, Outcome
+from sitq.core import NewTask, NewTaskBatch, Outcome, OutcomeKind
 from sitq.errors import BackendError
 from sitq.queue import new_task_id
 
@@ -94,9 +94,9 @@ def test_finish_is_guarded_by_the_claim(make_backend, run):
         assert await backend.requeue_expired(now + 2) == 1
         (again,) = await backend.claim("w2", 1, now + 2, now + 30)
         assert again.attempts == 2
-        late = Outcome(claimed.seq, claimed.attempts, "success", now + 3, value=b"late")
+        late = Outcome(claimed.task_id, claimed.handle, claimed.attempts, OutcomeKind.SUCCESS, now + 3, value=b"late")
         assert await backend.finish("w1", [late]) == [False]
-        mine = Outcome(again.seq, again.attempts, "failed", now + 4, error="E: x", traceback="tb")
+        mine = Outcome(again.task_id, again.handle, again.attempts, OutcomeKind.FAILED, now + 4, error="E: x", traceback="tb")
         assert await backend.finish("w2", [mine]) == [True]
         result = await backend.fetch_result(task.task_id)
         assert (result.status, result.value, result.error, result.attempts) == ("failed", None, "E: x", 2)
@@ -113,7 +113,7 @@ def test_finish_and_claim_does_both(make_backend, run):
         tasks = new_tasks(3, now)
         await backend.enqueue(tasks)
         (first,) = await backend.claim("w", 1, now, now + 30)
-        outcome = Outcome(first.seq, first.attempts, "success", now, value=b"v", output="printed")
+        outcome = Outcome(first.task_id, first.handle, first.attempts, OutcomeKind.SUCCESS, now, value=b"v", output="printed")
         stored, claimed = await backend.finish_and_claim("w", [outcome], 2, now, now + 30)
         assert stored == [True]
         assert [c.task_id for c in claimed] == [t.task_id for t in tasks[1:]]
@@ -146,8 +146,8 @@ def test_progress_is_stored_for_running_claims_only(make_backend, run):
         (task,) = new_tasks(1, now)
         await backend.enqueue([task])
         (claimed,) = await backend.claim("w", 1, now, now + 30)
-        await backend.set_progress("w", [(claimed.seq, claimed.attempts, 3.0, 10.0, "three")])
-        await backend.set_progress("other", [(claimed.seq, claimed.attempts, 9.0, 10.0, "not mine")])
+        await backend.set_progress("w", [(claimed.handle, claimed.attempts, 3.0, 10.0, "three")])
+        await backend.set_progress("other", [(claimed.handle, claimed.attempts, 9.0, 10.0, "not mine")])
         info = (await backend.fetch_info([task.task_id]))[task.task_id]
         assert (info.status, info.progress_done, info.progress_total, info.progress_message) == (
             "running",
@@ -182,7 +182,7 @@ def test_overview_counts_every_state_and_lists_newest_first(make_backend, run):
         tasks = new_tasks(4, now)
         await backend.enqueue(tasks)
         (one,) = await backend.claim("w", 1, now, now + 30)
-        await backend.finish("w", [Outcome(one.seq, one.attempts, "success", now, value=b"1")])
+        await backend.finish("w", [Outcome(one.task_id, one.handle, one.attempts, OutcomeKind.SUCCESS, now, value=b"1")])
         await backend.claim("w", 1, now, now + 30)
         overview = await backend.overview(2)
         assert overview.counts == {"pending": 2, "running": 1, "success": 1, "failed": 0, "cancelled": 0}
@@ -307,7 +307,7 @@ def test_outcomes_keep_the_value_signature(make_backend, run):
         (task,) = new_tasks(1, now)
         await backend.enqueue([task])
         (claimed,) = await backend.claim("w", 1, now, now + 30)
-        await backend.finish("w", [Outcome(claimed.seq, claimed.attempts, "success", now, value=b"v", value_signature=b"s")])
+        await backend.finish("w", [Outcome(claimed.task_id, claimed.handle, claimed.attempts, OutcomeKind.SUCCESS, now, value=b"v", value_signature=b"s")])
         result = await backend.fetch_result(task.task_id)
         assert (result.value, result.value_signature) == (b"v", b"s")
 

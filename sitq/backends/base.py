@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from sitq.backends.notify import ChangeNotifier
 from sitq.core import ClaimedTask, NewTask, Outcome, QueueOverview, Result, TaskInfo
@@ -78,8 +78,12 @@ class Backend:
     async def finish(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[bool]:
         """Store outcomes, each only if the task is still running under this claim.
 
-        Returns one flag per outcome: False means the claim was lost (the lease
-        expired and another worker took the task) and nothing was written.
+        Each outcome names its claim by the ``ClaimedTask``'s ``handle`` and ``attempts``.
+        Its ``kind`` decides the row: ``SUCCESS``, ``FAILED``, ``CANCELLED`` store that
+        status; ``RETRY`` makes the task pending again at ``retry_at``, or cancelled if a
+        cancel was requested meanwhile (``rules.after_retry``). Returns one flag per
+        outcome: False means the claim was lost (the lease expired and another worker
+        took the task) and nothing was written.
         """
         raise NotImplementedError
 
@@ -141,14 +145,14 @@ class Backend:
         None if there is no such task."""
         raise NotImplementedError
 
-    async def cancel_requests(self, worker_id: str) -> list[int]:
-        """The seqs of this worker's running tasks that someone asked to cancel."""
+    async def cancel_requests(self, worker_id: str) -> list[str]:
+        """The ids of this worker's running tasks that someone asked to cancel."""
         raise NotImplementedError
 
     async def set_progress(
-        self, worker_id: str, progress: Sequence[tuple[int, int, Optional[float], Optional[float], Optional[str]]]
+        self, worker_id: str, progress: Sequence[tuple[Any, int, Optional[float], Optional[float], Optional[str]]]
     ) -> None:
-        """Store ``(seq, attempts, done, total, message)`` for tasks still running under this claim."""
+        """Store ``(handle, attempts, done, total, message)`` for tasks still running under this claim."""
         raise NotImplementedError
 
     # -- readers -----------------------------------------------------------

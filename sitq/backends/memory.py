@@ -32,6 +32,7 @@ from sitq.core import (
     ClaimedTask,
     NewTask,
     Outcome,
+    OutcomeKind,
     QueueOverview,
     Result,
     TaskInfo,
@@ -173,16 +174,16 @@ class MemoryBackend(Backend):
         return row
 
     def _store_outcome(self, worker_id: str, o: Outcome) -> bool:
-        row = self._held(worker_id, o.seq, o.attempts)
+        row = self._held(worker_id, o.handle, o.attempts)
         if row is None:
             return False
-        if o.status == PENDING:  # another attempt is due at o.retry_at
+        if o.kind is OutcomeKind.RETRY:  # another attempt is due at o.retry_at
             row.status = after_retry(row.cancel_requested)
             row.finished_at = o.finished_at if row.status == CANCELLED else None
             row.eta, row.error, row.traceback, row.output = o.retry_at, o.error, o.traceback, o.output
             row.worker_id = row.lease_until = None
             return True
-        row.status, row.finished_at = o.status, o.finished_at
+        row.status, row.finished_at = o.kind.status, o.finished_at
         row.value, row.value_signature = o.value, o.value_signature
         row.error, row.traceback, row.output, row.lease_until = o.error, o.traceback, o.output, None
         done, total, message = o.progress or (None, None, None)
@@ -249,7 +250,7 @@ class MemoryBackend(Backend):
     async def cancel_requests(self, worker_id):
         return self._read(
             lambda: [
-                r.seq
+                r.task_id
                 for r in self._by_seq.values()
                 if r.worker_id == worker_id and r.status == RUNNING and r.cancel_requested
             ]
@@ -258,8 +259,8 @@ class MemoryBackend(Backend):
     async def set_progress(self, worker_id, progress):
         def step():
             changed = False
-            for seq, attempts, done, total, message in progress:
-                row = self._held(worker_id, seq, attempts)
+            for handle, attempts, done, total, message in progress:
+                row = self._held(worker_id, handle, attempts)
                 if row is not None:
                     row.progress_done, row.progress_total, row.progress_message = done, total, message
                     changed = True

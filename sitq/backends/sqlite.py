@@ -61,12 +61,12 @@ from typing import Callable, Optional, Sequence, Union
 from sitq.backends.base import Backend
 from sitq.backends.rules import LOST_WORKER_LIMIT, CancelOutcome, lost_worker_error
 from sitq.core import (
-    PENDING,
     STATES,
     ClaimedTask,
     NewTask,
     NewTaskBatch,
     Outcome,
+    OutcomeKind,
     QueueOverview,
     Result,
     TaskInfo,
@@ -206,7 +206,7 @@ UPDATE sitq_tasks SET cancel_requested = 1 WHERE id = ? AND status = 'running'
 """
 
 SELECT_CANCEL_REQUESTS = """
-SELECT seq FROM sitq_tasks WHERE worker_id = ? AND status = 'running' AND cancel_requested = 1
+SELECT id FROM sitq_tasks WHERE worker_id = ? AND status = 'running' AND cancel_requested = 1
 """
 
 TASK_EXISTS = "SELECT 1 FROM sitq_tasks WHERE id = ?"
@@ -684,7 +684,7 @@ class SQLiteBackend(Backend):
         return [row[0] for row in await self._run(_fetch_all, SELECT_CANCEL_REQUESTS, (worker_id,))]
 
     async def set_progress(self, worker_id, progress):
-        rows = [(done, total, message, seq, attempts, worker_id) for seq, attempts, done, total, message in progress]
+        rows = [(done, total, message, handle, attempts, worker_id) for handle, attempts, done, total, message in progress]
         await self._write(_execute_many, SET_PROGRESS, rows)
 
     # -- readers -----------------------------------------------------------
@@ -784,19 +784,19 @@ def _finish_and_claim(conn, worker_id, outcomes, limit, now, lease_until, alone)
             rows = _claimed_rows(conn, conn.execute(CLAIM_SUSPECT, (worker_id, now, lease_until, now)))
         if not rows:
             rows = _claimed_rows(conn, conn.execute(CLAIM_TASKS, (worker_id, now, lease_until, now, limit)))
-        claimed = sorted(map(_claimed, rows), key=lambda t: t.seq)
+        claimed = sorted(map(_claimed, rows), key=lambda t: t.handle)
     if batch:
         conn.execute("COMMIT")
     return (stored, claimed), any(stored) or bool(claimed)
 
 
 def _outcome_statement(o: Outcome, worker_id: str) -> tuple:
-    if o.status == PENDING:  # another attempt is due at o.retry_at
-        return RETRY_TASK, (o.finished_at, o.retry_at, o.error, o.traceback, o.output, o.seq, o.attempts, worker_id)
+    if o.kind is OutcomeKind.RETRY:  # another attempt is due at o.retry_at (or cancelled: rules.after_retry)
+        return RETRY_TASK, (o.finished_at, o.retry_at, o.error, o.traceback, o.output, o.handle, o.attempts, worker_id)
     progress = o.progress or NO_PROGRESS
     return FINISH_TASK, (
-        o.status, o.finished_at, o.value, o.value_signature, o.error, o.traceback, o.output, *progress,
-        o.seq, o.attempts, worker_id,
+        o.kind.value, o.finished_at, o.value, o.value_signature, o.error, o.traceback, o.output, *progress,
+        o.handle, o.attempts, worker_id,
     )
 
 

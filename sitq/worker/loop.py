@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable, Optional
 
 from sitq.backends import Backend, Target, open_backend
-from sitq.core import FAILED, ClaimedTask, Outcome
+from sitq.core import ClaimedTask, Outcome, OutcomeKind
 from sitq.errors import BackendError, InvalidTaskError, SitqError
 from sitq.output import OutputCapture
 from sitq.serialization import CloudpickleSerializer, Serializer
@@ -188,7 +188,7 @@ class Worker:
                 self._count(outcomes, stored)
                 if claimed:
                     if claimed[0].lost:
-                        self._suspect, self._side.suspects_waiting = claimed[0].seq, False
+                        self._suspect, self._side.suspects_waiting = claimed[0].task_id, False
                     self._runner.launch(claimed, free)
             if not self._runner.active and not self._outcomes and (self._stopping or (until_empty and not claimed)):
                 if until_empty and not self._stopping and await backend.requeue_expired(self.clock()):
@@ -221,17 +221,17 @@ class Worker:
         for outcome, ok in zip(outcomes, stored):
             if not ok:
                 log.warning(
-                    "task #%s: lost its claim before it finished (its lease expired and another "
+                    "task %s: lost its claim before it finished (its lease expired and another "
                     "worker took it over); this worker's outcome was discarded",
-                    outcome.seq,
+                    outcome.task_id,
                 )
-            elif outcome.status == FAILED:
+            elif outcome.kind is OutcomeKind.FAILED:
                 self.failed += 1
             self.processed += ok
 
     def _settled(self, task: ClaimedTask, outcome: Optional[Outcome]) -> None:
         """The runner recorded a task's outcome: store it with the next claim."""
-        if task.seq == self._suspect:
+        if task.task_id == self._suspect:
             self._suspect = None
         self._outcomes.append(outcome)
         self._wakeup.signal()
@@ -265,9 +265,9 @@ class _SideTasks:
                 try:
                     await self.flush_progress()
                     if runner.active:
-                        for seq in await backend.cancel_requests(worker.worker_id):
-                            if seq in runner.active:
-                                runner.stop_task(runner.active[seq], "cancel")
+                        for task_id in await backend.cancel_requests(worker.worker_id):
+                            if task_id in runner.active:
+                                runner.stop_task(runner.active[task_id], "cancel")
                     now = loop.time()
                     if now >= next_beat:
                         next_beat = now + beat
@@ -300,7 +300,7 @@ class _SideTasks:
         if not progress:
             return
         changed = progress.take()
-        rows = [(r.task.seq, r.task.attempts, *r.progress) for r in changed if r.progress is not None]
+        rows = [(r.task.handle, r.task.attempts, *r.progress) for r in changed if r.progress is not None]
         await worker.backend.set_progress(worker.worker_id, rows)
 
 

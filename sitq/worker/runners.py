@@ -38,7 +38,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from sitq.core import CANCELLED, FAILED, PENDING, SUCCESS, ClaimedTask, Outcome
+from sitq.core import ClaimedTask, Outcome, OutcomeKind
 from sitq.errors import SerializationError, TaskTimeoutError
 from sitq.options import Task, TaskOptions
 from sitq.output import CapturedOutput
@@ -185,10 +185,10 @@ class Runner:
 
     def _prepare(self, task: ClaimedTask) -> Optional[_Running]:
         running = _Running(task, self.progress)
-        self.active[task.seq] = running
+        self.active[task.task_id] = running
         recorder = self.recorder
         if task.problem is not None:  # a row sitq did not write: fail it alone, unpickle nothing
-            self._settle(running, recorder.outcome(running, FAILED, error=f"BackendError: {task.problem}"))
+            self._settle(running, recorder.outcome(running, OutcomeKind.FAILED, error=f"BackendError: {task.problem}"))
             return None
         try:
             if self._signer is not None:
@@ -300,7 +300,7 @@ class Runner:
         # Its context and its run refer back to it: unlinked, all are freed at once by reference
         # counting instead of piling up for a full garbage collection, which would stall the loop.
         run, running.run, running.context = running.run, None, None
-        self.active.pop(running.task.seq, None)
+        self.active.pop(running.task.task_id, None)
         self.progress.discard(running)
         if run is not None:
             run.unsettled -= 1
@@ -378,7 +378,7 @@ class _Coroutines:
         log.warning(
             "task #%s: its coroutine caught the CancelledError of its %s and went on for %g s; "
             "it is recorded as stopped and left running, and whatever it does from now on is discarded",
-            running.task.seq, running.stop_reason, self.cancel_grace,
+            running.task.task_id, running.stop_reason, self.cancel_grace,
         )
         self.abandoned.add(handle)
         handle.add_done_callback(self.abandoned.discard)
@@ -440,17 +440,17 @@ class Recorder:
             return self._unrecordable(running, exc)
 
     def _unrecordable(self, running: _Running, exc: BaseException) -> Outcome:
-        log.error("task #%s: could not record its outcome: %s", running.task.seq, _describe(exc))
+        log.error("task %s: could not record its outcome: %s", running.task.task_id, _describe(exc))
         error = f"SitqError: sitq could not record the outcome of this task: {_describe(exc)}"
         try:
-            return self.outcome(running, FAILED, error=error)
+            return self.outcome(running, OutcomeKind.FAILED, error=error)
         except BaseException:
             task = running.task
-            return Outcome(task.seq, task.attempts, FAILED, time.time(), error=error)
+            return Outcome(task.task_id, task.handle, task.attempts, OutcomeKind.FAILED, time.time(), error=error)
 
     def stopped_outcome(self, running: _Running) -> Outcome:
         if running.stop_reason == "cancel":
-            return self.outcome(running, CANCELLED, error="cancelled while running")
+            return self.outcome(running, OutcomeKind.CANCELLED, error="cancelled while running")
         timeout = running.options.timeout
         exc = TaskTimeoutError(f"the task ran longer than its timeout of {timeout:g} s and was stopped")
         return self._failure(running, exc, skip_frames=0)
@@ -467,7 +467,7 @@ class Recorder:
             )
             return self._failure(running, error, skip_frames=0)
         signature = self._signer.sign_value(running.task.task_id, data) if self._signer is not None else None
-        return self.outcome(running, SUCCESS, value=data, value_signature=signature)
+        return self.outcome(running, OutcomeKind.SUCCESS, value=data, value_signature=signature)
 
     def _failure(self, running: _Running, exc: BaseException, skip_frames: int = 1) -> Outcome:
         tb = exc.__traceback__
@@ -480,14 +480,16 @@ class Recorder:
         error = _describe(exc)
         delay = running.options.retry_after(running.task.attempts, exc)
         if delay is not None:
-            return self.outcome(running, PENDING, error=error, traceback=text, retry_at=self.clock() + delay)
-        return self.outcome(running, FAILED, error=error, traceback=text)
+            return self.outcome(running, OutcomeKind.RETRY, error=error, traceback=text, retry_at=self.clock() + delay)
+        return self.outcome(running, OutcomeKind.FAILED, error=error, traceback=text)
 
-    def outcome(self, running: _Running, status: str, **fields) -> Outcome:
+    def outcome(self, running: _Running, kind: OutcomeKind, **fields) -> Outcome:
         captured = running.output  # read once: the loop may release it while an abandoned thread gets here
         output = captured.text() if captured is not None else None
         task = running.task
-        return Outcome(task.seq, task.attempts, status, self.clock(), output=output, progress=running.progress, **fields)
+        return Outcome(
+            task.task_id, task.handle, task.attempts, kind, self.clock(), output=output, progress=running.progress, **fields
+        )
 
 
 class _Threads:
