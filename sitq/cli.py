@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from sitq.backends import Backend, describe_target, open_backend
 from sitq.core import FAILED, STATES, SUCCESS, QueueOverview
@@ -22,7 +22,7 @@ __all__ = ["main"]
 STATE_STYLES = {"pending": "yellow", "running": "cyan", "success": "green", "failed": "red", "cancelled": "magenta"}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):

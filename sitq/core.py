@@ -17,7 +17,7 @@ import datetime as dt
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 __all__ = [
     "TaskStatus",
@@ -63,7 +63,7 @@ class TaskStatus(str, enum.Enum):
         return self in FINISHED_STATES
 
     @classmethod
-    def read(cls, stored: Any) -> Union["TaskStatus", str]:
+    def read(cls, stored: Any) -> TaskStatus | str:
         """The member for a stored status; a status sitq does not know stays as it is, to show."""
         return _STATUS_BY_VALUE.get(stored, stored)  # type: ignore[arg-type]
 
@@ -96,7 +96,7 @@ class OutcomeKind(str, enum.Enum):
 _UTC = dt.timezone.utc
 
 
-def to_datetime(seconds: Optional[float]) -> Optional[dt.datetime]:
+def to_datetime(seconds: float | None) -> dt.datetime | None:
     """The time as a UTC datetime; None for None and for anything that is not a time one can show."""
     if type(seconds) is not float and type(seconds) is not int:  # None, or not a number
         return None
@@ -123,19 +123,19 @@ class Result:
 
     task_id: str
     name: str
-    status: Union[TaskStatus, str]  # str only for a status sitq did not write
-    value: Optional[bytes]
-    error: Optional[str]
-    traceback: Optional[str]
+    status: TaskStatus | str  # str only for a status sitq did not write
+    value: bytes | None
+    error: str | None
+    traceback: str | None
     enqueued_at: dt.datetime
-    started_at: Optional[dt.datetime]
-    finished_at: Optional[dt.datetime]
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
     attempts: int
-    output: Optional[str] = None
-    value_signature: Optional[bytes] = None
+    output: str | None = None
+    value_signature: bytes | None = None
 
     @property
-    def duration(self) -> Optional[float]:
+    def duration(self) -> float | None:
         """Seconds from start to finish, or None if the task never started."""
         if self.started_at is None or self.finished_at is None:
             return None
@@ -152,17 +152,17 @@ class TaskInfo:
 
     task_id: str
     name: str
-    status: Union[TaskStatus, str]  # str only for a status sitq did not write
+    status: TaskStatus | str  # str only for a status sitq did not write
     enqueued_at: dt.datetime
     eta: dt.datetime
-    started_at: Optional[dt.datetime]
-    finished_at: Optional[dt.datetime]
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
     attempts: int
-    worker_id: Optional[str]
-    progress_done: Optional[float]
-    progress_total: Optional[float]
-    progress_message: Optional[str]
-    error: Optional[str]
+    worker_id: str | None
+    progress_done: float | None
+    progress_total: float | None
+    progress_message: str | None
+    error: str | None
 
     @property
     def finished(self) -> bool:
@@ -199,7 +199,7 @@ class NewTask:
     eta: float
     enqueued_at: float
     max_attempts: int = 1
-    signature: Optional[bytes] = None
+    signature: bytes | None = None
 
 
 @dataclass(eq=False)
@@ -251,10 +251,10 @@ class ClaimedTask:
     name: str
     func: bytes
     args: bytes
-    signature: Optional[bytes]
+    signature: bytes | None
     attempts: int
     lost: int = 0  # times it lost its worker before: a suspect, run alone (see backends.rules)
-    problem: Optional[str] = None
+    problem: str | None = None
 
 
 @dataclass
@@ -268,12 +268,12 @@ class Outcome:
     task_id: str
     handle: Any  # the ClaimedTask's
     attempts: int
-    kind: "OutcomeKind"
+    kind: OutcomeKind
     finished_at: float
-    value: Optional[bytes] = None
-    error: Optional[str] = None
-    traceback: Optional[str] = None
-    output: Optional[str] = None
-    progress: Optional[tuple] = field(default=None)  # the last (done, total, message) reported
-    retry_at: Optional[float] = None
-    value_signature: Optional[bytes] = None  # the worker's signature of value, with a key
+    value: bytes | None = None
+    error: str | None = None
+    traceback: str | None = None
+    output: str | None = None
+    progress: tuple | None = field(default=None)  # the last (done, total, message) reported
+    retry_at: float | None = None
+    value_signature: bytes | None = None  # the worker's signature of value, with a key

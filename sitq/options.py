@@ -17,7 +17,8 @@ import dataclasses
 import functools
 import math
 import random
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from sitq.errors import InvalidTaskError
 
@@ -31,7 +32,7 @@ class Retry(Exception):
     none are left, the task fails with this exception as its error.
     """
 
-    def __init__(self, reason: str = "the task asked to be retried", delay: Optional[float] = None) -> None:
+    def __init__(self, reason: str = "the task asked to be retried", delay: float | None = None) -> None:
         super().__init__(reason)
         if delay is not None:
             _check_seconds("Retry(delay=...)", delay, allow_zero=True)
@@ -48,14 +49,14 @@ class TaskOptions:
     ``timeout`` bounds one attempt, in seconds.
     """
 
-    name: Optional[str] = None
+    name: str | None = None
     retries: int = 0
     retry_delay: float = 1.0
     backoff: float = 2.0
     max_delay: float = 300.0
     jitter: bool = True
     retry_on: tuple = (Exception,)
-    timeout: Optional[float] = None
+    timeout: float | None = None
 
     def __post_init__(self) -> None:
         if self.name is not None and not isinstance(self.name, str):
@@ -75,7 +76,7 @@ class TaskOptions:
     def max_attempts(self) -> int:
         return self.retries + 1
 
-    def retry_after(self, attempt: int, exc: BaseException) -> Optional[float]:
+    def retry_after(self, attempt: int, exc: BaseException) -> float | None:
         """Seconds to wait before the next attempt, or None if the task should not be retried."""
         if attempt >= self.max_attempts:
             return None
@@ -101,7 +102,7 @@ class Task:
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         return self.func(*args, **kwargs)
 
-    def options(self, **changes: Any) -> "Task":
+    def options(self, **changes: Any) -> Task:
         """The same function with some options changed."""
         return Task(self.func, _with_options(self.task_options, changes))
 
@@ -109,7 +110,7 @@ class Task:
         return f"<sitq.Task {getattr(self.func, '__qualname__', self.func)!s} {self.task_options}>"
 
 
-def task(func: Optional[Callable] = None, **options: Any):
+def task(func: Callable | None = None, **options: Any):
     """Attach task options to a function: ``task(f, retries=2)`` or ``@task(retries=2)``."""
     settings = _with_options(TaskOptions(), options)
     if func is None:

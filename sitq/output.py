@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextvars
 import sys
 import threading
-from typing import Optional
 
 __all__ = ["OutputCapture", "CapturedOutput", "capture_into"]
 
@@ -39,12 +38,12 @@ class CapturedOutput:
             self._parts.append(text)
             self._size += len(text)
 
-    def text(self) -> Optional[str]:
+    def text(self) -> str | None:
         with self._lock:
             return "".join(self._parts) if self._parts else None
 
 
-capture_into: contextvars.ContextVar[Optional[CapturedOutput]] = contextvars.ContextVar(
+capture_into: contextvars.ContextVar[CapturedOutput | None] = contextvars.ContextVar(
     "sitq_capture_into", default=None
 )
 
@@ -77,10 +76,10 @@ class OutputCapture:
 
     _lock = threading.Lock()
     _users = 0
-    _saved: Optional[tuple] = None
+    _saved: tuple | None = None
 
     @classmethod
-    def install(cls) -> "OutputCapture":
+    def install(cls) -> OutputCapture:
         with cls._lock:
             if cls._users == 0:
                 cls._saved = (sys.stdout, sys.stderr)

@@ -7,7 +7,8 @@ import datetime as dt
 import math
 import secrets
 import time
-from typing import Any, Callable, Iterable, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from sitq.backends import Backend, Target, open_backend
 from sitq.core import CANCELLED, FAILED, FINISHED_STATES, STATES, NewTask, NewTaskBatch, QueueOverview, Result, TaskInfo
@@ -54,9 +55,9 @@ class TaskQueue:
     def __init__(
         self,
         backend: Target,
-        serializer: Optional[Serializer] = None,
+        serializer: Serializer | None = None,
         *,
-        secret_key: Optional[Any] = None,
+        secret_key: Any | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.backend = open_backend(backend)
@@ -70,7 +71,7 @@ class TaskQueue:
     def __repr__(self) -> str:
         return f"<TaskQueue backend={self.backend!r}>"
 
-    async def __aenter__(self) -> "TaskQueue":
+    async def __aenter__(self) -> TaskQueue:
         await self._ready()
         return self
 
@@ -129,7 +130,7 @@ class TaskQueue:
     def _new_task(self, task_id, name, func, args, eta, now, max_attempts) -> NewTask:
         return NewTask(task_id, name, func, args, eta, now, max_attempts, self._sign(task_id, func, args))
 
-    def _sign(self, task_id: str, func: bytes, args: bytes) -> Optional[bytes]:
+    def _sign(self, task_id: str, func: bytes, args: bytes) -> bytes | None:
         """The payload's signature, or None without a key; ``enqueue`` and ``map`` both sign here."""
         return self._signer.sign_task(task_id, func, args) if self._signer is not None else None
 
@@ -154,7 +155,7 @@ class TaskQueue:
         prefix = f"{int(now * 1000):012x}"
         task_ids: list[str] = []
         payloads: list[bytes] = []
-        signatures: list[Optional[bytes]] = []
+        signatures: list[bytes | None] = []
         pause_at = time.perf_counter() + MAP_SLICE
         for call in zip(*iterables):
             task_id = prefix + secrets.token_hex(10)
@@ -172,7 +173,7 @@ class TaskQueue:
 
     # -- results -------------------------------------------------------------
 
-    async def get_result(self, task_id: str, timeout: Optional[float] = None) -> Optional[Result]:
+    async def get_result(self, task_id: str, timeout: float | None = None) -> Result | None:
         """Wait for the task to finish and return its :class:`Result`.
 
         Returns ``None`` at once if no task has this id, and ``None`` if the
@@ -220,7 +221,7 @@ class TaskQueue:
             raise InvalidTaskError(f"task {result.task_id} is {result.status}; it has no value yet")
         return deserialize_value(result, self.serializer, self._signer, store_signed=self._store_signed)
 
-    async def cancel(self, task_id: str) -> Optional[str]:
+    async def cancel(self, task_id: str) -> str | None:
         """Cancel a task, and say what that did.
 
         ``"cancelled"``: it was pending and will never run. ``"requested"``: it
@@ -235,7 +236,7 @@ class TaskQueue:
 
     # -- state ---------------------------------------------------------------
 
-    async def status(self, task_id: str) -> Optional[TaskInfo]:
+    async def status(self, task_id: str) -> TaskInfo | None:
         """The task's current state, timings, attempts and progress; None if unknown."""
         _check_task_id(task_id)
         backend = await self._ready()
@@ -265,7 +266,7 @@ class TaskQueue:
 
 
 def deserialize_value(
-    result: Result, serializer: Serializer, signer: Optional[Signer], *, store_signed: bool = False
+    result: Result, serializer: Serializer, signer: Signer | None, *, store_signed: bool = False
 ) -> Any:
     """Check and unpickle a result's value: the one place sitq turns stored value bytes into an object.
 

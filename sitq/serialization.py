@@ -17,7 +17,8 @@ import os
 import pickle
 import types
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import cloudpickle
 

@@ -12,7 +12,8 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-from typing import Any, Callable, Coroutine, Optional, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from sitq.backends import Target
 from sitq.core import QueueOverview, Result, TaskInfo
@@ -29,8 +30,8 @@ class LoopThread:
     def __init__(self, name: str = "sitq-loop") -> None:
         self.name = name
         self._lock = threading.Lock()
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
 
     def __repr__(self) -> str:
         state = "running" if self.is_running else "stopped"
@@ -67,7 +68,7 @@ class LoopThread:
         """Schedule ``coro`` on the loop and return a concurrent future for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-    def run(self, coro: Coroutine, timeout: Optional[float] = None) -> Any:
+    def run(self, coro: Coroutine, timeout: float | None = None) -> Any:
         """Run ``coro`` on the loop and block until it is done (Ctrl-C cancels it)."""
         if threading.current_thread() is self._thread:
             coro.close()
@@ -89,7 +90,7 @@ class LoopThread:
             thread.join(timeout=10)
 
 
-_shared: Optional[LoopThread] = None
+_shared: LoopThread | None = None
 _shared_lock = threading.Lock()
 
 
@@ -116,11 +117,11 @@ class SyncTaskQueue:
     def __init__(
         self,
         backend: Target,
-        serializer: Optional[Serializer] = None,
+        serializer: Serializer | None = None,
         *,
-        secret_key: Optional[Any] = None,
+        secret_key: Any | None = None,
         clock: Callable[[], float] = time.time,
-        loop: Optional[LoopThread] = None,
+        loop: LoopThread | None = None,
     ) -> None:
         self.queue = TaskQueue(backend, serializer, secret_key=secret_key, clock=clock)
         self._loop = loop or shared_loop()
@@ -128,7 +129,7 @@ class SyncTaskQueue:
     def __repr__(self) -> str:
         return f"<SyncTaskQueue backend={self.queue.backend!r}>"
 
-    def __enter__(self) -> "SyncTaskQueue":
+    def __enter__(self) -> SyncTaskQueue:
         self._loop.run(self.queue._ready())
         return self
 
@@ -144,15 +145,15 @@ class SyncTaskQueue:
     def map(self, func: Callable, /, *iterables, eta: Any = None) -> list[str]:
         return self._loop.run(self.queue.map(func, *iterables, eta=eta))
 
-    def get_result(self, task_id: str, timeout: Optional[float] = None) -> Optional[Result]:
+    def get_result(self, task_id: str, timeout: float | None = None) -> Result | None:
         """Wait for the task and return its :class:`Result`; see :meth:`TaskQueue.get_result`."""
         return self._loop.run(self.queue.get_result(task_id, timeout))
 
-    def value(self, task_id: str, timeout: Optional[float] = None) -> Any:
+    def value(self, task_id: str, timeout: float | None = None) -> Any:
         """Wait for the task and return its value (see the class docstring for failures)."""
         return self._loop.run(self._value(task_id, timeout))
 
-    async def _value(self, task_id: str, timeout: Optional[float]) -> Any:
+    async def _value(self, task_id: str, timeout: float | None) -> Any:
         result = await self.queue.get_result(task_id, timeout)
         if result is not None:
             return self.queue.deserialize_result(result)
@@ -160,13 +161,13 @@ class SyncTaskQueue:
             raise TaskNotFoundError(f"no task with id {task_id!r} in {self.queue.backend!r}")
         return None
 
-    def cancel(self, task_id: str) -> Optional[str]:
+    def cancel(self, task_id: str) -> str | None:
         return self._loop.run(self.queue.cancel(task_id))
 
     def deserialize_result(self, result: Result) -> Any:
         return self.queue.deserialize_result(result)
 
-    def status(self, task_id: str) -> Optional[TaskInfo]:
+    def status(self, task_id: str) -> TaskInfo | None:
         return self._loop.run(self.queue.status(task_id))
 
     def statuses(self, task_ids: Sequence[str]) -> dict[str, TaskInfo]:

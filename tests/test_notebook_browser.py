@@ -9,7 +9,6 @@ import json
 import statistics
 
 import pytest
-
 from notebook_support import (
     browser_available,
     chromium_page,

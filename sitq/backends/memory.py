@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from sitq.backends.base import Backend
 from sitq.backends.rules import (
@@ -52,25 +53,25 @@ class _Row:
     name: str
     func: bytes
     args: bytes
-    signature: Optional[bytes]
+    signature: bytes | None
     max_attempts: int
     eta: float
     enqueued_at: float
     status: str = PENDING
     cancel_requested: bool = False
-    started_at: Optional[float] = None
-    finished_at: Optional[float] = None
+    started_at: float | None = None
+    finished_at: float | None = None
     attempts: int = 0
-    worker_id: Optional[str] = None
-    lease_until: Optional[float] = None
-    value: Optional[bytes] = None
-    value_signature: Optional[bytes] = None
-    error: Optional[str] = None
-    traceback: Optional[str] = None
-    output: Optional[str] = None
-    progress_done: Optional[float] = None
-    progress_total: Optional[float] = None
-    progress_message: Optional[str] = None
+    worker_id: str | None = None
+    lease_until: float | None = None
+    value: bytes | None = None
+    value_signature: bytes | None = None
+    error: str | None = None
+    traceback: str | None = None
+    output: str | None = None
+    progress_done: float | None = None
+    progress_total: float | None = None
+    progress_message: str | None = None
     lost: int = 0
 
 
@@ -166,7 +167,7 @@ class MemoryBackend(Backend):
             for r in sorted(chosen, key=lambda r: r.seq)
         ]
 
-    def _held(self, worker_id: str, seq: int, attempts: int) -> Optional[_Row]:
+    def _held(self, worker_id: str, seq: int, attempts: int) -> _Row | None:
         """The row, if it is still running under this claim (the guard of every worker write)."""
         row = self._by_seq.get(seq)
         if row is None or row.status != RUNNING or row.worker_id != worker_id or row.attempts != attempts:
@@ -208,7 +209,7 @@ class MemoryBackend(Backend):
                 row.lease_until = lease_until
             return len(rows)
 
-    def start_heartbeat(self, worker_id: str, lease: float, clock: Callable[[], float] = time.time) -> "_Heartbeat":
+    def start_heartbeat(self, worker_id: str, lease: float, clock: Callable[[], float] = time.time) -> _Heartbeat:
         heartbeat = _Heartbeat(self, worker_id, lease, clock)
         heartbeat.start()
         return heartbeat

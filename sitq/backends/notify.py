@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Callable, Optional
+from collections.abc import Callable
 
 __all__ = ["ChangeNotifier"]
 
@@ -32,7 +32,7 @@ __all__ = ["ChangeNotifier"]
 class ChangeNotifier:
     """A change token and the futures waiting for it to move. See the module docstring."""
 
-    def __init__(self, on_watch: Optional[Callable[[], None]] = None) -> None:
+    def __init__(self, on_watch: Callable[[], None] | None = None) -> None:
         self._count = 0
         self._lock = threading.Lock()
         self._watchers: set[asyncio.Future] = set()
@@ -93,7 +93,7 @@ class ChangeNotifier:
         with self._lock:
             self._watchers.discard(fut)
 
-    async def wait(self, token: int, timeout: Optional[float]) -> None:
+    async def wait(self, token: int, timeout: float | None) -> None:
         """Return on the next change after ``token`` was read, or after ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()

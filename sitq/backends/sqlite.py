@@ -54,9 +54,9 @@ import random
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Sequence
 from itertools import repeat
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
 
 from sitq.backends.base import Backend
 from sitq.backends.rules import LOST_WORKER_LIMIT, CancelOutcome, lost_worker_error
@@ -316,7 +316,7 @@ class SQLiteBackend(Backend):
 
     def __init__(
         self,
-        path: Union[str, os.PathLike],
+        path: str | os.PathLike,
         *,
         lock_timeout: float = 60.0,
         change_check_interval: float = 0.001,
@@ -330,9 +330,9 @@ class SQLiteBackend(Backend):
         self.lock_timeout = lock_timeout
         self.change_check_interval = change_check_interval
         self._lock = threading.RLock()  # guards the loop's connection
-        self._conn: Optional[sqlite3.Connection] = None
-        self._opened: Optional[tuple] = None  # (absolute path, device, inode) of the file at open
-        self._watcher: Optional[_ChangeWatcher] = None
+        self._conn: sqlite3.Connection | None = None
+        self._opened: tuple | None = None  # (absolute path, device, inode) of the file at open
+        self._watcher: _ChangeWatcher | None = None
         self._threads_lock = threading.Lock()  # guards the helpers and heartbeats below
         self._helpers: dict[str, _Helper] = {}
         self._heartbeats: set[_Heartbeat] = set()
@@ -421,7 +421,7 @@ class SQLiteBackend(Backend):
                 except sqlite3.Error:
                     pass
 
-    def _moved(self) -> Optional[str]:
+    def _moved(self) -> str | None:
         """How the file at the path stopped being the one opened, or None if it did not (or cannot tell)."""
         opened = self._opened
         if opened is None:  # ':memory:' has no file; a closed backend has nothing open
@@ -526,7 +526,7 @@ class SQLiteBackend(Backend):
             await self.connect()  # the file is opened and checked by the loop's connection first
         return await asyncio.wrap_future(self._helper("offload").submit(job))
 
-    def _helper(self, kind: str) -> "_Helper":
+    def _helper(self, kind: str) -> _Helper:
         with self._threads_lock:
             helper = self._helpers.get(kind)
             if helper is None:
@@ -559,7 +559,7 @@ class SQLiteBackend(Backend):
             raise _translate(exc, self.path) from exc
         return conn
 
-    def _release_side_connection(self, conn: Optional[sqlite3.Connection]) -> None:
+    def _release_side_connection(self, conn: sqlite3.Connection | None) -> None:
         if conn is not None and conn is not self._conn:
             conn.close()
 
@@ -609,7 +609,7 @@ class SQLiteBackend(Backend):
         # Another process checkpointing at the same time is not an error (it reports busy).
         conn.execute(CHECKPOINT).fetchall()
 
-    def start_heartbeat(self, worker_id: str, lease: float, clock: Callable[[], float] = time.time) -> "_Heartbeat":
+    def start_heartbeat(self, worker_id: str, lease: float, clock: Callable[[], float] = time.time) -> _Heartbeat:
         self._connection()
         heartbeat = _Heartbeat(self, worker_id, lease, clock)
         with self._threads_lock:
@@ -1040,7 +1040,7 @@ def _describe(value) -> str:
     return f"the number {value!r}"
 
 
-def _text(value) -> Optional[str]:
+def _text(value) -> str | None:
     """Stored text as it is; anything else in a text column as a short description of it."""
     if type(value) is str or value is None:
         return value
@@ -1051,12 +1051,12 @@ def _text(value) -> Optional[str]:
     return str(value)
 
 
-def _number(value) -> Optional[float]:
+def _number(value) -> float | None:
     """A stored number as a float; None for anything else."""
     return float(value) if type(value) is float or type(value) is int else None
 
 
-def _whole(value) -> Optional[int]:
+def _whole(value) -> int | None:
     """A stored whole number; None for anything else."""
     if type(value) is int:
         return value
@@ -1068,7 +1068,7 @@ def _whole(value) -> Optional[int]:
 # -- opening and checking the file -------------------------------------------
 
 
-def _parse_path(path: Union[str, os.PathLike]) -> str:
+def _parse_path(path: str | os.PathLike) -> str:
     if isinstance(path, os.PathLike):
         path = os.fspath(path)
     if not isinstance(path, str):
@@ -1201,7 +1201,7 @@ def _schema_version(conn: sqlite3.Connection, path: str) -> int:
     return 0
 
 
-def _file_identity(path: str) -> Optional[tuple]:
+def _file_identity(path: str) -> tuple | None:
     """(absolute path, device, inode) of the file just opened; absolute because a task may chdir."""
     if path == MEMORY:
         return None
@@ -1328,7 +1328,7 @@ class _Helper(threading.Thread):
         self.stopped.set()
         self._jobs.put(None)
 
-    def _serve(self, job: Callable, fut: concurrent.futures.Future, conn: Optional[sqlite3.Connection]):
+    def _serve(self, job: Callable, fut: concurrent.futures.Future, conn: sqlite3.Connection | None):
         if not fut.set_running_or_notify_cancel():
             return conn  # its caller gave up before it started
         try:

@@ -13,7 +13,8 @@ import asyncio
 import builtins
 import linecache
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 __all__ = ["CellTask", "names_read"]
 

@@ -9,7 +9,7 @@ outside a kernel it draws as HTML. ``await handle`` and the blocking
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sitq.errors import SitqError, TaskNotFoundError
 from sitq.notebook.render import result_html, task_html
@@ -37,11 +37,11 @@ class _Runtime(Protocol):
     loop: LoopThread
     refresher: Refresher
 
-    def run(self, coro: Any, timeout: Optional[float] = None) -> Any: ...
+    def run(self, coro: Any, timeout: float | None = None) -> Any: ...
 
     def cancel(self, task_id: str) -> Any: ...
 
-    def successor(self) -> Optional[_Runtime]: ...
+    def successor(self) -> _Runtime | None: ...
 
 
 class TaskHandle:
@@ -94,13 +94,13 @@ class TaskHandle:
 
     # -- results ---------------------------------------------------------------
 
-    def outcome(self, timeout: Optional[float] = None) -> Result:
+    def outcome(self, timeout: float | None = None) -> Result:
         """Wait for the task and return its :class:`sitq.Result` (value still pickled).
         Raises the builtin ``TimeoutError`` if it has not finished in ``timeout`` s."""
         runtime = self.runtime
         return runtime.run(self._outcome(runtime, timeout))
 
-    def result(self, timeout: Optional[float] = None) -> Any:
+    def result(self, timeout: float | None = None) -> Any:
         """Wait for the task and return its value. Raises ``TaskFailedError`` (with
         the remote traceback) if it failed, ``TaskCancelledError`` if it was
         cancelled and ``TimeoutError`` if it is not done within ``timeout`` s."""
@@ -113,7 +113,7 @@ class TaskHandle:
         result = yield from future.__await__()
         return runtime.queue.deserialize_result(result)
 
-    async def _outcome(self, runtime: _Runtime, timeout: Optional[float]) -> Result:
+    async def _outcome(self, runtime: _Runtime, timeout: float | None) -> Result:
         result = await runtime.queue.get_result(self.task_id, timeout)
         if result is not None:
             return result

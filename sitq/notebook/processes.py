@@ -31,7 +31,8 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import cloudpickle
 
@@ -43,7 +44,7 @@ from sitq.worker.runners import _describe, _message
 
 __all__ = ["InProcess", "ProcessDiedError", "ProcessPool", "ProcessTraceback"]
 
-_pool: Optional["ProcessPool"] = None  # this process's pool, if a runtime started one
+_pool: ProcessPool | None = None  # this process's pool, if a runtime started one
 PROGRESS_EVERY = 0.1  # a child relays progress at most this often (and always the last)
 STOP_POLL = 0.05  # how often a thread waiting for its child looks whether the worker stopped the task
 TERMINATE_GRACE = 2.0  # seconds a child gets to exit after SIGTERM before it is killed
@@ -158,7 +159,7 @@ class ProcessPool:
                                        f"here ({_describe(exc)}); its traceback is below")
         raise error from ProcessTraceback(text)
 
-    def _acquire(self, stopped: threading.Event) -> "_Child":
+    def _acquire(self, stopped: threading.Event) -> _Child:
         with self._free:
             while True:
                 if self._closed:
@@ -185,7 +186,7 @@ class ProcessPool:
                 self._free.notify()
         return child
 
-    def _release(self, child: "_Child", reusable: bool) -> None:
+    def _release(self, child: _Child, reusable: bool) -> None:
         if not reusable:
             child.close()  # stopped, dead, or in an unknown state: a fresh one replaces it
         with self._free:
@@ -364,7 +365,7 @@ class _ProgressRelay:
 
     def __init__(self, conn) -> None:
         self.conn = conn
-        self.pending: Optional[tuple] = None
+        self.pending: tuple | None = None
         self.sent_at = 0.0
 
     def __call__(self, done, total=None, message=None) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from sitq.notebook.render import result_html, task_html
 from sitq.notebook.rows import task_row
@@ -29,7 +29,7 @@ COALESCE = 0.05  # after a change, wait this long so a burst of changes is one r
 class _Board:
     widget: Any
     limit: int
-    detail_of: Optional[tuple] = field(default=None)  # (task id, state) the detail shows
+    detail_of: tuple | None = field(default=None)  # (task id, state) the detail shows
 
 
 class Refresher:

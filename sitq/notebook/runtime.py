@@ -20,7 +20,8 @@ import contextvars
 import logging
 import os
 import threading
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from sitq.backends import describe_target, open_backend
 from sitq.errors import SitqError, TaskNotFoundError
@@ -37,7 +38,7 @@ __all__ = ["Runtime", "start_worker", "stop_worker", "current", "submit", "task"
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "sitq.db"
-_runtime: Optional["Runtime"] = None
+_runtime: Runtime | None = None
 _lock = threading.Lock()
 
 
@@ -50,8 +51,8 @@ class Runtime:
     run in a pool of N processes instead, so N CPU-bound tasks use N cores.
     """
 
-    def __init__(self, path: str | os.PathLike = DEFAULT_PATH, concurrency: Optional[int] = None,
-                 processes: Optional[int] = None, poll_interval: float = 1.0) -> None:
+    def __init__(self, path: str | os.PathLike = DEFAULT_PATH, concurrency: int | None = None,
+                 processes: int | None = None, poll_interval: float = 1.0) -> None:
         self.backend = open_backend(path)
         self.path = getattr(self.backend, "path", None) or describe_target(path)
         self.processes = processes or 0
@@ -94,7 +95,7 @@ class Runtime:
             log.error("sitq: the notebook worker on %s stopped: %s", self.path, future.exception(),
                       exc_info=future.exception())
 
-    def stop(self, timeout: Optional[float] = None) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         """Stop claiming tasks, let running ones finish (up to ``timeout``), close."""
         self.stopped = True
         try:
@@ -118,12 +119,12 @@ class Runtime:
             finally:
                 self.loop.stop()
 
-    def successor(self) -> Optional[Runtime]:
+    def successor(self) -> Runtime | None:
         """The kernel's runtime on this runtime's store, for handles made before it was stopped."""
         now = current(required=False)
         return now if now is not None and now.path == self.path else None
 
-    def run(self, coro, timeout: Optional[float] = None) -> Any:
+    def run(self, coro, timeout: float | None = None) -> Any:
         """Run a coroutine on the runtime's loop and wait for its value."""
         return self.loop.run(coro, timeout)
 
@@ -170,8 +171,8 @@ class Runtime:
 
 # -- the kernel's runtime ------------------------------------------------------
 
-def start_worker(path: str | os.PathLike | None = None, concurrency: Optional[int] = None,
-                 processes: Optional[int] = None) -> Runtime:
+def start_worker(path: str | os.PathLike | None = None, concurrency: int | None = None,
+                 processes: int | None = None) -> Runtime:
     """Start sitq's worker inside this kernel and return its runtime.
 
     Tasks run in the background while you keep running cells. ``path`` is the
@@ -193,7 +194,7 @@ def start_worker(path: str | os.PathLike | None = None, concurrency: Optional[in
         return runtime
 
 
-def stop_worker(timeout: Optional[float] = None) -> bool:
+def stop_worker(timeout: float | None = None) -> bool:
     """Stop the kernel's worker (running tasks finish first, up to ``timeout``
     seconds). Returns False when no worker was running."""
     global _runtime
@@ -205,7 +206,7 @@ def stop_worker(timeout: Optional[float] = None) -> bool:
     return True
 
 
-def current(required: bool = True) -> Optional[Runtime]:
+def current(required: bool = True) -> Runtime | None:
     """The kernel's runtime; raises a SitqError saying what to do when there is none."""
     runtime = _runtime
     if runtime is None and required:

@@ -9,7 +9,8 @@ Never ``with output:`` from a thread: that would follow the running cell.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import ipywidgets as W
 
@@ -45,7 +46,7 @@ class TaskWidget:
             self.bar.layout.display = None
         self.bar.bar_style = _BAR_STYLE.get(row.status, "info")
 
-    def finish(self, result: Any, deserialize: Optional[Callable[[Any], Any]] = None) -> None:
+    def finish(self, result: Any, deserialize: Callable[[Any], Any] | None = None) -> None:
         """Replace the live view by the result (or traceback) and captured output;
         ``deserialize`` loads the value (the queue's ``deserialize_result``)."""
         self.finished = True
@@ -73,7 +74,7 @@ class BoardWidget:
     """
 
     def __init__(self, on_select: Callable[[str], None],
-                 on_cancel: Optional[Callable[[str], None]]) -> None:
+                 on_cancel: Callable[[str], None] | None) -> None:
         self._on_select = on_select
         self._on_cancel = on_cancel
         self._syncing = False

@@ -19,7 +19,8 @@ import os
 import secrets
 import socket
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from sitq.backends import Backend, Target, open_backend
 from sitq.core import ClaimedTask, Outcome, OutcomeKind
@@ -70,13 +71,13 @@ class Worker:
         backend: Target,
         max_concurrency: int = 1,
         poll_interval: float = 1.0,
-        serializer: Optional[Serializer] = None,
+        serializer: Serializer | None = None,
         *,
-        name: Optional[str] = None,
+        name: str | None = None,
         lease: float = 60.0,
         progress_interval: float = 0.2,
         capture_output: bool = True,
-        secret_key: Optional[Any] = None,
+        secret_key: Any | None = None,
         cancel_grace: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -102,9 +103,9 @@ class Worker:
         self._side = _SideTasks(self)
         self._wakeup = _Wakeup(self.backend)
         self._outcomes: list[Outcome] = []
-        self._suspect: Optional[int] = None  # the seq of a suspect running alone here
+        self._suspect: int | None = None  # the seq of a suspect running alone here
         self._stopping = False
-        self._done: Optional[asyncio.Event] = None
+        self._done: asyncio.Event | None = None
 
     def __repr__(self) -> str:
         state = "running" if self.is_running else "stopped"
@@ -229,7 +230,7 @@ class Worker:
                 self.failed += 1
             self.processed += ok
 
-    def _settled(self, task: ClaimedTask, outcome: Optional[Outcome]) -> None:
+    def _settled(self, task: ClaimedTask, outcome: Outcome | None) -> None:
         """The runner recorded a task's outcome: store it with the next claim."""
         if task.task_id == self._suspect:
             self._suspect = None
@@ -249,7 +250,7 @@ class _SideTasks:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.suspects_waiting = False  # suspects wait for a worker with nothing else running
-        self.fatal: Optional[BaseException] = None  # why the worker must stop at once
+        self.fatal: BaseException | None = None  # why the worker must stop at once
 
     async def run(self) -> None:
         worker = self.worker
@@ -310,14 +311,14 @@ class _Wakeup:
 
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
-        self._fut: Optional[asyncio.Future] = None
+        self._fut: asyncio.Future | None = None
 
     def signal(self) -> None:
         """Something the loop must act on happened (a task finished, a stop request): wake it."""
         if self._fut is not None:
             _resolve(self._fut)
 
-    async def wait(self, token: Optional[int], timeout: Optional[float], woken: Callable[[bool], bool]) -> None:
+    async def wait(self, token: int | None, timeout: float | None, woken: Callable[[bool], bool]) -> None:
         """Wait for :meth:`signal`, a change in the store since ``token`` (unless None) or the timeout.
         ``woken(watching)`` says whether something happened while the loop got ready to wait."""
         loop = asyncio.get_running_loop()
@@ -346,7 +347,7 @@ def _check_settings(max_concurrency: int, **timings: float) -> None:
             raise InvalidTaskError(f"{label} must be a number of seconds > 0, not {seconds!r}")
 
 
-async def _check_key(backend: Backend, signer: Optional[Signer], who: str) -> None:
+async def _check_key(backend: Backend, signer: Signer | None, who: str) -> None:
     """Refuse a store whose recorded key ``who`` does not hold; record ours in a store without one."""
     recorded = await backend.get_meta(STORE_KEY_RECORD)
     if recorded is None and signer is not None:

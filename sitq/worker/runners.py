@@ -35,8 +35,9 @@ import queue as thread_queue
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 from sitq.core import ClaimedTask, Outcome, OutcomeKind
 from sitq.errors import SerializationError, TaskTimeoutError
@@ -62,21 +63,21 @@ class _Running:
     task: ClaimedTask
     progress_log: ProgressLog
     options: TaskOptions = DEFAULT_OPTIONS
-    output: Optional[CapturedOutput] = None
-    progress: Optional[tuple] = None
+    output: CapturedOutput | None = None
+    progress: tuple | None = None
     handle: Any = field(default=None, repr=False)  # the asyncio task of a coroutine
-    stop_reason: Optional[str] = None  # "timeout" or "cancel" once the worker stopped waiting for it
+    stop_reason: str | None = None  # "timeout" or "cancel" once the worker stopped waiting for it
     settled: bool = False  # its outcome is recorded; anything later is discarded
     started: bool = False  # its run has started it
     elapsed: float = 0.0  # seconds the function ran, measured in its thread
-    call: Optional[tuple] = field(default=None, repr=False)  # (func, args, kwargs) once unpickled
-    context: Optional[contextvars.Context] = field(default=None, repr=False)
+    call: tuple | None = field(default=None, repr=False)  # (func, args, kwargs) once unpickled
+    context: contextvars.Context | None = field(default=None, repr=False)
     is_async: bool = False
-    run: Optional["_Run"] = field(default=None, repr=False)
+    run: _Run | None = field(default=None, repr=False)
     timer: Any = field(default=None, repr=False)  # the timeout's timer, cancelled once settled
     grace: Any = field(default=None, repr=False)  # the timer that abandons a coroutine ignoring its cancel
-    waiter: Optional[asyncio.Future] = field(default=None, repr=False)  # resolved once settled (runs on the loop)
-    stopped: Optional[threading.Event] = field(default=None, repr=False)  # see stop_event()
+    waiter: asyncio.Future | None = field(default=None, repr=False)  # resolved once settled (runs on the loop)
+    stopped: threading.Event | None = field(default=None, repr=False)  # see stop_event()
 
     def release(self) -> None:
         """Drop what a settled task no longer needs: its arguments, context and output may be
@@ -97,7 +98,7 @@ class _Run:
         for job in jobs:
             job.run = self
 
-    def take(self) -> Optional[_Running]:
+    def take(self) -> _Running | None:
         """The next job to start, or None when the run is over (called from the executing thread)."""
         with self.lock:
             while self.next < len(self.jobs):
@@ -131,10 +132,10 @@ class Runner:
     def __init__(
         self,
         worker_id: str,
-        on_settled: Callable[[ClaimedTask, Optional[Outcome]], None],
+        on_settled: Callable[[ClaimedTask, Outcome | None], None],
         *,
         serializer: Serializer,
-        signer: Optional[Signer],
+        signer: Signer | None,
         clock: Callable[[], float],
         capture_output: bool,
         cancel_grace: float,
@@ -151,8 +152,8 @@ class Runner:
         self._on_settled = on_settled
         self._loop: Any = None
         self._loop_runs: set[asyncio.Task] = set()
-        self._average_run: Optional[float] = None  # moving average of task run times, in seconds
-        self._threads: Optional[_Threads] = None
+        self._average_run: float | None = None  # moving average of task run times, in seconds
+        self._threads: _Threads | None = None
 
     def open(self, loop: asyncio.AbstractEventLoop) -> None:
         """Run tasks on ``loop`` (the loop of the worker run that starts now)."""
@@ -183,7 +184,7 @@ class Runner:
         for i in range(slots):
             self._start_run(_Run(jobs[i::slots]))
 
-    def _prepare(self, task: ClaimedTask) -> Optional[_Running]:
+    def _prepare(self, task: ClaimedTask) -> _Running | None:
         running = _Running(task, self.progress)
         self.active[task.task_id] = running
         recorder = self.recorder
@@ -251,7 +252,7 @@ class Runner:
         finally:
             self._settle_from_thread(settled)
 
-    def _call_in_thread(self, running: _Running) -> Optional[Outcome]:
+    def _call_in_thread(self, running: _Running) -> Outcome | None:
         call, context = running.call, running.context
         if call is None or context is None:
             return None  # stopped just as this thread took it: its outcome is recorded already
@@ -290,7 +291,7 @@ class Runner:
         if rest:
             self._start_run(_Run(rest))
 
-    def _settle(self, running: _Running, outcome: Optional[Outcome]) -> None:
+    def _settle(self, running: _Running, outcome: Outcome | None) -> None:
         if running.settled:
             return  # a thread or coroutine that returned after its timeout or cancel: discard
         running.settled = True
@@ -326,7 +327,7 @@ class _Coroutines:
         worker_id: str,
         cancel_grace: float,
         recorder: Recorder,
-        settle: Callable[[_Running, Optional[Outcome]], None],
+        settle: Callable[[_Running, Outcome | None], None],
         timed: Callable[[float], None],
     ) -> None:
         self.worker_id = worker_id
@@ -407,7 +408,7 @@ class Recorder:
     task with a message that says so.
     """
 
-    def __init__(self, serializer: Serializer, signer: Optional[Signer], clock: Callable[[], float]) -> None:
+    def __init__(self, serializer: Serializer, signer: Signer | None, clock: Callable[[], float]) -> None:
         self.serializer = serializer
         self.clock = clock
         self._signer = signer
@@ -554,7 +555,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
-def _format_traceback(exc: BaseException, tb) -> Optional[str]:
+def _format_traceback(exc: BaseException, tb) -> str | None:
     try:
         return "".join(traceback.format_exception(type(exc), exc, tb))
     except BaseException as inner:
