@@ -52,8 +52,10 @@ def demo_calls() -> list[tuple]:
     """The 24 calls the demo enqueues: (function, args)."""
     calls: list[tuple] = []
     calls += [(simulate, (0.6 + 0.3 * i,)) for i in range(6)]
-    calls += [(fetch, (name, 0.2 + 0.15 * i)) for i, name in enumerate(["iris", "penguins", "titanic", "mnist", "wine", "cars"])]
+    datasets = ["iris", "penguins", "titanic", "mnist", "wine", "cars"]
+    calls += [(fetch, (name, 0.2 + 0.15 * i)) for i, name in enumerate(datasets)]
     calls += [(count_primes, (limit,)) for limit in (10_000, 100_000, 500_000, 1_000_000, 2_000_000)]
-    calls += [(word_stats, (text,)) for text in ("a task queue you can see", "results come back inline", "tracebacks are readable too")]
+    texts = ("a task queue you can see", "results come back inline", "tracebacks are readable too")
+    calls += [(word_stats, (text,)) for text in texts]
     calls += [(divide, (22, 7)), (divide, (1, 3)), (divide, (10, 4)), (divide, (1, 0))]
     return calls

@@ -122,7 +122,8 @@ class TaskQueue:
         start = _eta_seconds(eta, now)
         name, max_attempts = _describe(func)
         func_bytes = self.serializer.dumps_function(func)
-        task = self._new_task(new_task_id(now), name, func_bytes, self.serializer.dumps_arguments(func, args, kwargs), start, now, max_attempts)
+        args_bytes = self.serializer.dumps_arguments(func, args, kwargs)
+        task = self._new_task(new_task_id(now), name, func_bytes, args_bytes, start, now, max_attempts)
         backend = await self._checked(writing=True)
         await backend.enqueue([task])
         return task.task_id
@@ -157,7 +158,7 @@ class TaskQueue:
         payloads: list[bytes] = []
         signatures: list[bytes | None] = []
         pause_at = time.perf_counter() + MAP_SLICE
-        for call in zip(*iterables):
+        for call in zip(*iterables, strict=False):  # stops at the shortest, as map() does
             task_id = prefix + secrets.token_hex(10)
             args = dumps_arguments(func, call, no_kwargs)
             task_ids.append(task_id)
@@ -168,7 +169,8 @@ class TaskQueue:
                 pause_at = time.perf_counter() + MAP_SLICE
         if task_ids:
             backend = await self._checked(writing=True)
-            await backend.enqueue(NewTaskBatch(name, func_bytes, start, now, max_attempts, task_ids, payloads, signatures))
+            batch = NewTaskBatch(name, func_bytes, start, now, max_attempts, task_ids, payloads, signatures)
+            await backend.enqueue(batch)
         return task_ids
 
     # -- results -------------------------------------------------------------

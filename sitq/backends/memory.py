@@ -194,7 +194,9 @@ class MemoryBackend(Backend):
         return True
 
     async def suspects_waiting(self, now):
-        return self._read(lambda: any(r.status == PENDING and r.lost > 0 and r.eta <= now for r in self._by_seq.values()))
+        return self._read(
+            lambda: any(r.status == PENDING and r.lost > 0 and r.eta <= now for r in self._by_seq.values())
+        )
 
     async def next_eta(self):
         return self._read(lambda: min((r.eta for r in self._by_seq.values() if r.status == PENDING), default=None))

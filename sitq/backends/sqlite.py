@@ -651,12 +651,14 @@ class SQLiteBackend(Backend):
         stored: list[bool] = []
         for first in range(0, len(outcomes), BATCH_ROWS):
             await asyncio.sleep(0)
-            stored += (await self._write(_finish_and_claim, worker_id, outcomes[first : first + BATCH_ROWS], 0, now, 0, False))[0]
+            batch = outcomes[first : first + BATCH_ROWS]
+            stored += (await self._write(_finish_and_claim, worker_id, batch, 0, now, 0, False))[0]
         claimed: list[ClaimedTask] = []
         while limit > 0:
             await asyncio.sleep(0)
             wanted = min(limit, BATCH_ROWS)
-            got = (await self._write(_finish_and_claim, worker_id, (), wanted, now, lease_until, alone and not claimed))[1]
+            alone_now = alone and not claimed
+            got = (await self._write(_finish_and_claim, worker_id, (), wanted, now, lease_until, alone_now))[1]
             claimed += got
             limit -= wanted
             if len(got) < wanted or got[0].lost:
@@ -684,7 +686,9 @@ class SQLiteBackend(Backend):
         return [row[0] for row in await self._run(_fetch_all, SELECT_CANCEL_REQUESTS, (worker_id,))]
 
     async def set_progress(self, worker_id, progress):
-        rows = [(done, total, message, handle, attempts, worker_id) for handle, attempts, done, total, message in progress]
+        rows = [
+            (done, total, message, handle, attempts, worker_id) for handle, attempts, done, total, message in progress
+        ]
         await self._write(_execute_many, SET_PROGRESS, rows)
 
     # -- readers -----------------------------------------------------------
@@ -745,7 +749,7 @@ def _task_rows(tasks: Sequence[NewTask]):
         n = len(tasks)
         t = tasks
         return zip(t.task_ids, repeat(t.name, n), repeat(t.func, n), t.args, t.signatures, repeat(t.max_attempts, n),
-                   repeat(t.eta, n), repeat(t.enqueued_at, n))
+                   repeat(t.eta, n), repeat(t.enqueued_at, n), strict=False)
     return [(t.task_id, t.name, t.func, t.args, t.signature, t.max_attempts, t.eta, t.enqueued_at) for t in tasks]
 
 
@@ -1016,7 +1020,7 @@ def _claimed(row) -> ClaimedTask:
         and type(attempts) is int
     ):
         return task
-    for (column, kind, nullable), value in zip(CLAIMED_COLUMNS, row[1:]):
+    for (column, kind, nullable), value in zip(CLAIMED_COLUMNS, row[1:], strict=False):
         if type(value) is not kind and not (nullable and value is None):
             expected = _KINDS[kind] + (" (or NULL)" if nullable else "")
             task.problem = (

@@ -109,7 +109,8 @@ class Worker:
 
     def __repr__(self) -> str:
         state = "running" if self.is_running else "stopped"
-        return f"<Worker {self.worker_id} {state} active={len(self._runner.active)}/{self.max_concurrency} processed={self.processed}>"
+        active = f"{len(self._runner.active)}/{self.max_concurrency}"
+        return f"<Worker {self.worker_id} {state} active={active} processed={self.processed}>"
 
     @property
     def is_running(self) -> bool:
@@ -219,7 +220,7 @@ class Worker:
         return bool(self._outcomes) or self._side.fatal is not None or (self._stopping and watching)
 
     def _count(self, outcomes: list[Outcome], stored: list[bool]) -> None:
-        for outcome, ok in zip(outcomes, stored):
+        for outcome, ok in zip(outcomes, stored, strict=False):
             if not ok:
                 log.warning(
                     "task %s: lost its claim before it finished (its lease expired and another "

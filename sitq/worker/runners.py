@@ -198,7 +198,7 @@ class Runner:
             if isinstance(func, Task):
                 running.options, func = func.task_options, func.func
             running.is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
-                getattr(func, "__call__", None)
+                getattr(func, "__call__", None)  # noqa: B004 - an object whose __call__ is async, not a callable check
             )
         except BaseException as exc:  # whatever unpickling a payload raises fails its task, not the worker
             self._settle(running, recorder.record(running, exc, failed=True, skip_frames=0))
@@ -489,7 +489,8 @@ class Recorder:
         output = captured.text() if captured is not None else None
         task = running.task
         return Outcome(
-            task.task_id, task.handle, task.attempts, kind, self.clock(), output=output, progress=running.progress, **fields
+            task.task_id, task.handle, task.attempts, kind, self.clock(), output=output, progress=running.progress,
+            **fields,
         )
 
 
