@@ -17,7 +17,7 @@ import datetime as dt
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 __all__ = [
     "TaskStatus",
@@ -56,7 +56,9 @@ class TaskStatus(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
-    __format__ = str.__format__  # f"{status}" reads "success" on every Python version
+    # f"{status}" reads "success" on every Python version (mypy takes str's signature for one
+    # unlike Enum's; both take a format spec and return str).
+    __format__ = str.__format__  # type: ignore[assignment]
 
     @property
     def finished(self) -> bool:
@@ -65,7 +67,8 @@ class TaskStatus(str, enum.Enum):
     @classmethod
     def read(cls, stored: Any) -> TaskStatus | str:
         """The member for a stored status; a status sitq does not know stays as it is, to show."""
-        return _STATUS_BY_VALUE.get(stored, stored)  # type: ignore[arg-type]
+        status: TaskStatus | str = _STATUS_BY_VALUE.get(stored, stored)
+        return status
 
 
 PENDING = TaskStatus.PENDING
@@ -176,8 +179,8 @@ class TaskInfo:
 class QueueOverview:
     """Counts per state for the whole queue and the most recent tasks, newest first."""
 
-    counts: dict
-    recent: list
+    counts: dict[str, int]
+    recent: list[TaskInfo]
 
     @property
     def total(self) -> int:
@@ -203,7 +206,7 @@ class NewTask:
 
 
 @dataclass(eq=False)
-class NewTaskBatch(Sequence):
+class NewTaskBatch(Sequence[NewTask]):
     """Many new tasks of one function (``map``), kept as columns: a sequence of NewTask.
 
     Why not a list of NewTask: each of those is an object the garbage collector tracks,
@@ -217,14 +220,20 @@ class NewTaskBatch(Sequence):
     eta: float
     enqueued_at: float
     max_attempts: int
-    task_ids: list  # of str
-    args: list  # of bytes, one per task
-    signatures: list  # of bytes or None, one per task
+    task_ids: list[str]
+    args: list[bytes]  # one per task
+    signatures: list[bytes | None]  # one per task
 
     def __len__(self) -> int:
         return len(self.task_ids)
 
-    def __getitem__(self, index):
+    @overload
+    def __getitem__(self, index: int) -> NewTask: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[NewTask]: ...
+
+    def __getitem__(self, index: int | slice) -> NewTask | list[NewTask]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         return NewTask(
@@ -274,6 +283,6 @@ class Outcome:
     error: str | None = None
     traceback: str | None = None
     output: str | None = None
-    progress: tuple | None = field(default=None)  # the last (done, total, message) reported
+    progress: tuple[float, float | None, str | None] | None = field(default=None)  # the last (done, total, message)
     retry_at: float | None = None
     value_signature: bytes | None = None  # the worker's signature of value, with a key
