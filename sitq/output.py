@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextvars
 import sys
 import threading
+from collections.abc import Iterable
+from typing import Any, TextIO
 
 __all__ = ["OutputCapture", "CapturedOutput", "capture_into"]
 
@@ -49,7 +51,7 @@ capture_into: contextvars.ContextVar[CapturedOutput | None] = contextvars.Contex
 
 
 class _TaskStream:
-    def __init__(self, original) -> None:
+    def __init__(self, original: TextIO) -> None:
         self._original = original
 
     def write(self, text: str) -> int:
@@ -59,7 +61,7 @@ class _TaskStream:
         captured.write(text)
         return len(text)
 
-    def writelines(self, lines) -> None:
+    def writelines(self, lines: Iterable[str]) -> None:
         for line in lines:
             self.write(line)
 
@@ -67,7 +69,7 @@ class _TaskStream:
         if capture_into.get() is None:
             self._original.flush()
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._original, name)
 
 
@@ -76,7 +78,7 @@ class OutputCapture:
 
     _lock = threading.Lock()
     _users = 0
-    _saved: tuple | None = None
+    _saved: tuple[TextIO, TextIO] | None = None
 
     @classmethod
     def install(cls) -> OutputCapture:
