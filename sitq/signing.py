@@ -104,7 +104,7 @@ class Signer:
             )
 
 
-def _equal(expected: bytes, signature) -> bool:
+def _equal(expected: bytes, signature: object) -> bool:
     return isinstance(signature, bytes) and hmac.compare_digest(expected, signature)
 
 
