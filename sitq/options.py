@@ -18,7 +18,7 @@ import functools
 import math
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 from sitq.errors import InvalidTaskError
 
@@ -55,7 +55,7 @@ class TaskOptions:
     backoff: float = 2.0
     max_delay: float = 300.0
     jitter: bool = True
-    retry_on: tuple = (Exception,)
+    retry_on: tuple[type[BaseException], ...] = (Exception,)  # or one class
     timeout: float | None = None
 
     def __post_init__(self) -> None:
@@ -92,7 +92,7 @@ class TaskOptions:
 class Task:
     """A function with :class:`TaskOptions` attached. Calling it calls the function."""
 
-    def __init__(self, func: Callable, options: TaskOptions) -> None:
+    def __init__(self, func: Callable[..., Any], options: TaskOptions) -> None:
         if not callable(func):
             raise InvalidTaskError(f"sitq.task() wraps a callable, not {type(func).__name__} {func!r}")
         functools.update_wrapper(self, func)  # first: it copies func's __dict__, which may hold a "func" too
@@ -110,7 +110,15 @@ class Task:
         return f"<sitq.Task {getattr(self.func, '__qualname__', self.func)!s} {self.task_options}>"
 
 
-def task(func: Callable | None = None, **options: Any):
+@overload
+def task(func: None = None, **options: Any) -> Callable[[Callable[..., Any]], Task]: ...
+
+
+@overload
+def task(func: Callable[..., Any], **options: Any) -> Task: ...
+
+
+def task(func: Callable[..., Any] | None = None, **options: Any) -> Task | Callable[[Callable[..., Any]], Task]:
     """Attach task options to a function: ``task(f, retries=2)`` or ``@task(retries=2)``."""
     settings = _with_options(TaskOptions(), options)
     if func is None:
@@ -118,7 +126,7 @@ def task(func: Callable | None = None, **options: Any):
     return Task(func.func if isinstance(func, Task) else func, settings)
 
 
-def _with_options(base: TaskOptions, changes: dict) -> TaskOptions:
+def _with_options(base: TaskOptions, changes: dict[str, Any]) -> TaskOptions:
     fields = [f.name for f in dataclasses.fields(TaskOptions)]
     unknown = sorted(set(changes) - set(fields))
     if unknown:
