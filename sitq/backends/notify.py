@@ -35,7 +35,7 @@ class ChangeNotifier:
     def __init__(self, on_watch: Callable[[], None] | None = None) -> None:
         self._count = 0
         self._lock = threading.Lock()
-        self._watchers: set[asyncio.Future] = set()
+        self._watchers: set[asyncio.Future[None]] = set()
         self._on_watch = on_watch
 
     def __repr__(self) -> str:
@@ -79,7 +79,7 @@ class ChangeNotifier:
             elif not loop.is_closed():
                 loop.call_soon_threadsafe(_resolve, fut)
 
-    def watch(self, fut: asyncio.Future, token: int) -> bool:
+    def watch(self, fut: asyncio.Future[None], token: int) -> bool:
         """Resolve ``fut`` on the next change. False (and nothing registered) if ``token`` is stale."""
         with self._lock:
             if token != self._count:
@@ -89,7 +89,7 @@ class ChangeNotifier:
             self._on_watch()
         return True
 
-    def unwatch(self, fut: asyncio.Future) -> None:
+    def unwatch(self, fut: asyncio.Future[None]) -> None:
         with self._lock:
             self._watchers.discard(fut)
 
@@ -108,6 +108,6 @@ class ChangeNotifier:
             self.unwatch(fut)
 
 
-def _resolve(fut: asyncio.Future) -> None:
+def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
