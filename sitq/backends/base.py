@@ -203,11 +203,11 @@ class Backend:
         """Wake everyone waiting for a change. Safe to call from any thread."""
         self.changes.notify()
 
-    def watch(self, fut: asyncio.Future, token: int) -> bool:
+    def watch(self, fut: asyncio.Future[None], token: int) -> bool:
         """Resolve ``fut`` on the next change. False (and nothing registered) if ``token`` is stale."""
         return self.changes.watch(fut, token)
 
-    def unwatch(self, fut: asyncio.Future) -> None:
+    def unwatch(self, fut: asyncio.Future[None]) -> None:
         self.changes.unwatch(fut)
 
     async def wait_for_change(self, token: int, timeout: float | None) -> None:
