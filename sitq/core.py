@@ -130,7 +130,7 @@ class Result:
     value: bytes | None
     error: str | None
     traceback: str | None
-    enqueued_at: dt.datetime
+    enqueued_at: dt.datetime | None  # None only for a time sitq did not write
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
     attempts: int
@@ -156,8 +156,8 @@ class TaskInfo:
     task_id: str
     name: str
     status: TaskStatus | str  # str only for a status sitq did not write
-    enqueued_at: dt.datetime
-    eta: dt.datetime
+    enqueued_at: dt.datetime | None  # None only for a time sitq did not write
+    eta: dt.datetime | None  # None only for a time sitq did not write
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
     attempts: int
