@@ -133,7 +133,7 @@ class Result:
     enqueued_at: dt.datetime | None  # None only for a time sitq did not write
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
-    attempts: int
+    attempts: int | None  # None only for a count sitq did not write
     output: str | None = None
     value_signature: bytes | None = None
 
@@ -160,7 +160,7 @@ class TaskInfo:
     eta: dt.datetime | None  # None only for a time sitq did not write
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
-    attempts: int
+    attempts: int | None  # None only for a count sitq did not write
     worker_id: str | None
     progress_done: float | None
     progress_total: float | None
