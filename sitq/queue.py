@@ -75,7 +75,7 @@ class TaskQueue:
         await self._ready()
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     async def close(self) -> None:
@@ -108,7 +108,7 @@ class TaskQueue:
 
     # -- enqueueing ----------------------------------------------------------
 
-    async def enqueue(self, func: Callable, /, *args: Any, eta: Any = None, **kwargs: Any) -> str:
+    async def enqueue(self, func: Callable[..., Any], /, *args: Any, eta: Any = None, **kwargs: Any) -> str:
         """Store a call of ``func(*args, **kwargs)`` and return its task id.
 
         ``eta`` (a timezone-aware datetime, or a timedelta from now) delays the
@@ -128,14 +128,16 @@ class TaskQueue:
         await backend.enqueue([task])
         return task.task_id
 
-    def _new_task(self, task_id, name, func, args, eta, now, max_attempts) -> NewTask:
+    def _new_task(
+        self, task_id: str, name: str, func: bytes, args: bytes, eta: float, now: float, max_attempts: int
+    ) -> NewTask:
         return NewTask(task_id, name, func, args, eta, now, max_attempts, self._sign(task_id, func, args))
 
     def _sign(self, task_id: str, func: bytes, args: bytes) -> bytes | None:
         """The payload's signature, or None without a key; ``enqueue`` and ``map`` both sign here."""
         return self._signer.sign_task(task_id, func, args) if self._signer is not None else None
 
-    async def map(self, func: Callable, /, *iterables: Iterable, eta: Any = None) -> list[str]:
+    async def map(self, func: Callable[..., Any], /, *iterables: Iterable[Any], eta: Any = None) -> list[str]:
         """Enqueue ``func(*items)`` for each item of ``zip(*iterables)``, in one transaction.
 
         The function is pickled once; either every task is stored or none is.
@@ -152,7 +154,7 @@ class TaskQueue:
         func_bytes = self.serializer.dumps_function(func)
         dumps_arguments = self.serializer.dumps_arguments
         sign = self._sign
-        no_kwargs: dict = {}
+        no_kwargs: dict[str, Any] = {}
         prefix = f"{int(now * 1000):012x}"
         task_ids: list[str] = []
         payloads: list[bytes] = []
@@ -307,7 +309,7 @@ def _check_callable(func: Any) -> None:
         )
 
 
-def _describe(func: Callable) -> tuple[str, int]:
+def _describe(func: Callable[..., Any]) -> tuple[str, int]:
     """The task's display name and how many attempts it gets."""
     if isinstance(func, Task):
         options = func.task_options
