@@ -12,8 +12,8 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import Any, TypeVar
 
 from sitq.backends import Target
 from sitq.core import QueueOverview, Result, TaskInfo
@@ -22,6 +22,8 @@ from sitq.queue import TaskQueue
 from sitq.serialization import Serializer
 
 __all__ = ["LoopThread", "shared_loop", "SyncTaskQueue"]
+
+T = TypeVar("T")
 
 
 class LoopThread:
@@ -52,6 +54,7 @@ class LoopThread:
                 self._thread.start()
                 ready.wait()
                 self._loop = loop
+            assert self._loop is not None  # set, and cleared, with the thread
             return self._loop
 
     @staticmethod
@@ -64,11 +67,11 @@ class LoopThread:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
-    def submit(self, coro: Coroutine) -> concurrent.futures.Future:
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedule ``coro`` on the loop and return a concurrent future for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-    def run(self, coro: Coroutine, timeout: float | None = None) -> Any:
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run ``coro`` on the loop and block until it is done (Ctrl-C cancels it)."""
         if threading.current_thread() is self._thread:
             coro.close()
@@ -133,16 +136,16 @@ class SyncTaskQueue:
         self._loop.run(self.queue._ready())
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def close(self) -> None:
         self._loop.run(self.queue.close())
 
-    def enqueue(self, func: Callable, /, *args: Any, eta: Any = None, **kwargs: Any) -> str:
+    def enqueue(self, func: Callable[..., Any], /, *args: Any, eta: Any = None, **kwargs: Any) -> str:
         return self._loop.run(self.queue.enqueue(func, *args, eta=eta, **kwargs))
 
-    def map(self, func: Callable, /, *iterables, eta: Any = None) -> list[str]:
+    def map(self, func: Callable[..., Any], /, *iterables: Iterable[Any], eta: Any = None) -> list[str]:
         return self._loop.run(self.queue.map(func, *iterables, eta=eta))
 
     def get_result(self, task_id: str, timeout: float | None = None) -> Result | None:
