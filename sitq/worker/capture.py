@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, Protocol, TypeVar
 
 from sitq.errors import InvalidTaskError
 from sitq.output import CapturedOutput, capture_into
@@ -27,41 +27,46 @@ __all__ = ["ProgressLog", "progress", "reporting_progress", "stop_event"]
 class TaskRecord(Protocol):
     """What this module reads and writes of the worker's record of a running task."""
 
-    progress: tuple | None
+    progress: tuple[float, float | None, str | None] | None
     stop_reason: str | None  # "timeout" or "cancel" once the worker stopped waiting for it
     stopped: threading.Event | None  # see stop_event()
-    progress_log: ProgressLog
+    progress_log: ProgressLog[Any]
 
 
-class ProgressLog:
+R = TypeVar("R", bound=TaskRecord)
+
+
+class ProgressLog(Generic[R]):
     """The running tasks whose progress changed since the worker last stored it.
 
     Task threads add to it while the worker's loop takes it away; hence the lock.
     """
 
     def __init__(self) -> None:
-        self._changed: set = set()
+        self._changed: set[R] = set()
         self._lock = threading.Lock()
 
     def __bool__(self) -> bool:
         return bool(self._changed)  # a cheap look without the lock: take() is what counts
 
-    def add(self, running: TaskRecord) -> None:
+    def add(self, running: R) -> None:
         with self._lock:
             self._changed.add(running)
 
-    def discard(self, running: TaskRecord) -> None:
+    def discard(self, running: R) -> None:
         with self._lock:
             self._changed.discard(running)
 
-    def take(self) -> set:
+    def take(self) -> set[R]:
         with self._lock:
             changed, self._changed = self._changed, set()
         return changed
 
 
 _current: contextvars.ContextVar[TaskRecord | None] = contextvars.ContextVar("sitq_current_task", default=None)
-_reporter: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("sitq_progress_reporter", default=None)
+_reporter: contextvars.ContextVar[Callable[[float, float | None, str | None], None] | None] = contextvars.ContextVar(
+    "sitq_progress_reporter", default=None
+)
 _stop_lock = threading.Lock()  # between a task's thread asking for its stop event and the loop setting it
 
 
@@ -88,7 +93,7 @@ def mark_stopped(running: TaskRecord, reason: str) -> None:
 
 
 @contextlib.contextmanager
-def reporting_progress(report: Callable[[float, float | None, str | None], None]):
+def reporting_progress(report: Callable[[float, float | None, str | None], None]) -> Iterator[None]:
     """Within this block, :func:`progress` calls ``report(done, total, message)``.
 
     For runners that execute a task's function somewhere else (another
