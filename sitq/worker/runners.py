@@ -35,9 +35,10 @@ import queue as thread_queue
 import threading
 import time
 import traceback
-from collections.abc import Callable
+import types
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sitq.core import ClaimedTask, Outcome, OutcomeKind
 from sitq.errors import SerializationError, TaskTimeoutError
@@ -55,28 +56,32 @@ DEFAULT_OPTIONS = TaskOptions()
 RUN_BUDGET = 0.002  # seconds of work one slot may claim at once, judged by recent task times
 MAX_RUN = 64  # tasks one slot may claim at once
 
+T = TypeVar("T")
+# A task's unpickled call: (function, args, kwargs).
+_Call = tuple[Any, tuple[Any, ...], dict[str, Any]]
+
 
 @dataclass(eq=False)
 class _Running:
     """A claimed task this worker is running."""
 
     task: ClaimedTask
-    progress_log: ProgressLog
+    progress_log: ProgressLog[_Running]
     options: TaskOptions = DEFAULT_OPTIONS
     output: CapturedOutput | None = None
-    progress: tuple | None = None
+    progress: tuple[float, float | None, str | None] | None = None
     handle: Any = field(default=None, repr=False)  # the asyncio task of a coroutine
     stop_reason: str | None = None  # "timeout" or "cancel" once the worker stopped waiting for it
     settled: bool = False  # its outcome is recorded; anything later is discarded
     started: bool = False  # its run has started it
     elapsed: float = 0.0  # seconds the function ran, measured in its thread
-    call: tuple | None = field(default=None, repr=False)  # (func, args, kwargs) once unpickled
+    call: _Call | None = field(default=None, repr=False)  # (func, args, kwargs) once unpickled
     context: contextvars.Context | None = field(default=None, repr=False)
     is_async: bool = False
     run: _Run | None = field(default=None, repr=False)
     timer: Any = field(default=None, repr=False)  # the timeout's timer, cancelled once settled
     grace: Any = field(default=None, repr=False)  # the timer that abandons a coroutine ignoring its cancel
-    waiter: asyncio.Future | None = field(default=None, repr=False)  # resolved once settled (runs on the loop)
+    waiter: asyncio.Future[None] | None = field(default=None, repr=False)  # resolved once settled (runs on the loop)
     stopped: threading.Event | None = field(default=None, repr=False)  # see stop_event()
 
     def release(self) -> None:
@@ -89,7 +94,7 @@ class _Running:
 class _Run:
     """Tasks one slot executes one after another; the slot is free once all have settled."""
 
-    def __init__(self, jobs: list) -> None:
+    def __init__(self, jobs: list[_Running]) -> None:
         self.jobs = jobs
         self.on_loop = False  # run by a coroutine on the loop (else by a thread)
         self.unsettled = len(jobs)
@@ -109,7 +114,7 @@ class _Run:
                     return job
             return None
 
-    def take_rest(self) -> list:
+    def take_rest(self) -> list[_Running]:
         """Take the jobs not started yet away from this run, to run them elsewhere."""
         with self.lock:
             rest, self.next = self.jobs[self.next :], len(self.jobs)
@@ -123,7 +128,7 @@ class Runner:
 
     ``on_settled(task, outcome)`` is called on the worker's loop once a task's
     outcome is recorded (finished, stopped, or failed before it could start);
-    anything the task does after that is discarded. ``active`` maps the seq
+    anything the task does after that is discarded. ``active`` maps the id
     of every task handed over and not yet settled to its record, and
     ``busy_slots`` counts the runs under way. :meth:`open` binds the runner to
     the loop of a worker run, :meth:`close` ends that run's side effects.
@@ -144,14 +149,14 @@ class Runner:
         self.recorder = Recorder(serializer, signer, clock)
         self.serializer = serializer
         self.capture_output = capture_output
-        self.progress = ProgressLog()
-        self.active: dict[int, _Running] = {}
+        self.progress: ProgressLog[_Running] = ProgressLog()
+        self.active: dict[str, _Running] = {}
         self.busy_slots = 0
         self._coroutines = _Coroutines(worker_id, cancel_grace, self.recorder, self._settle, self._timed)
         self._signer = signer
         self._on_settled = on_settled
         self._loop: Any = None
-        self._loop_runs: set[asyncio.Task] = set()
+        self._loop_runs: set[asyncio.Task[None]] = set()
         self._average_run: float | None = None  # moving average of task run times, in seconds
         self._threads: _Threads | None = None
 
@@ -237,13 +242,14 @@ class Runner:
                 self._coroutines.start(job, self._loop)
             else:
                 self._thread_pool().submit(
-                    lambda job=job: self._settle_from_thread([(job, self._call_in_thread(job))])
+                    # (mypy cannot type a lambda whose parameter has a default)
+                    lambda job=job: self._settle_from_thread([(job, self._call_in_thread(job))])  # type: ignore[misc]
                 )
             await waiter
 
     def _run_in_thread(self, run: _Run) -> None:
         """Run a run of plain functions in this thread; settle them on the loop in one hop."""
-        settled = []
+        settled: list[tuple[_Running, Outcome | None]] = []
         try:
             while (job := run.take()) is not None:
                 if job.options.timeout is not None:
@@ -258,13 +264,13 @@ class Runner:
             return None  # stopped just as this thread took it: its outcome is recorded already
         return context.run(self.recorder.call_sync, running, call)
 
-    def _settle_from_thread(self, settled: list) -> None:
+    def _settle_from_thread(self, settled: list[tuple[_Running, Outcome | None]]) -> None:
         try:
             self._loop.call_soon_threadsafe(self._settle_all, settled)
         except RuntimeError:
             pass  # the worker stopped and its loop closed while an abandoned thread ran on
 
-    def _settle_all(self, settled: list) -> None:
+    def _settle_all(self, settled: list[tuple[_Running, Outcome | None]]) -> None:
         for job, outcome in settled:
             self._timed(job.elapsed)
             self._settle(job, outcome)
@@ -333,15 +339,17 @@ class _Coroutines:
         self.worker_id = worker_id
         self.cancel_grace = cancel_grace
         self.recorder = recorder
-        self.abandoned: set[asyncio.Task] = set()  # coroutines that ignored their cancel, kept to cancel on stop
+        self.abandoned: set[asyncio.Task[None]] = set()  # coroutines that ignored their cancel, kept to cancel on stop
         self._settle = settle
         self._timed = timed
 
     def start(self, running: _Running, loop: asyncio.AbstractEventLoop) -> None:
+        assert running.context is not None  # set by Runner._prepare; cleared only once settled
         running.handle = running.context.run(loop.create_task, self._run_coroutine(running))
         running.handle.add_done_callback(functools.partial(self._coroutine_ended, running))
 
     async def _run_coroutine(self, running: _Running) -> None:
+        assert running.call is not None  # a coroutine stopped before its first step never gets here
         func, args, kwargs = running.call
         started = time.perf_counter()
         cancelled = None
@@ -361,7 +369,7 @@ class _Coroutines:
         if cancelled is not None:
             raise cancelled
 
-    def _coroutine_ended(self, running: _Running, handle: asyncio.Task) -> None:
+    def _coroutine_ended(self, running: _Running, handle: asyncio.Task[None]) -> None:
         if not running.settled:  # cancelled before its first step: _run_coroutine never ran to settle it
             outcome = self.recorder.record(running, asyncio.CancelledError(), failed=True, skip_frames=0)
             self._settle(running, outcome)
@@ -413,7 +421,7 @@ class Recorder:
         self.clock = clock
         self._signer = signer
 
-    def call_sync(self, running: _Running, call: tuple) -> Outcome:
+    def call_sync(self, running: _Running, call: _Call) -> Outcome:
         """Call a plain function in this thread and record what it returned or raised."""
         func, args, kwargs = call
         del call
@@ -484,7 +492,7 @@ class Recorder:
             return self.outcome(running, OutcomeKind.RETRY, error=error, traceback=text, retry_at=self.clock() + delay)
         return self.outcome(running, OutcomeKind.FAILED, error=error, traceback=text)
 
-    def outcome(self, running: _Running, kind: OutcomeKind, **fields) -> Outcome:
+    def outcome(self, running: _Running, kind: OutcomeKind, **fields: Any) -> Outcome:
         captured = running.output  # read once: the loop may release it while an abandoned thread gets here
         output = captured.text() if captured is not None else None
         task = running.task
@@ -504,7 +512,7 @@ class _Threads:
 
     def __init__(self, name: str) -> None:
         self._name = name
-        self._jobs: thread_queue.SimpleQueue = thread_queue.SimpleQueue()
+        self._jobs: thread_queue.SimpleQueue[Callable[[], None] | None] = thread_queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0
         self._count = 0
@@ -538,7 +546,7 @@ class _Threads:
             self._jobs.put(None)
 
 
-async def _awaited(awaitable):
+async def _awaited(awaitable: Awaitable[T]) -> T:
     return await awaitable
 
 
@@ -556,7 +564,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
-def _format_traceback(exc: BaseException, tb) -> str | None:
+def _format_traceback(exc: BaseException, tb: types.TracebackType | None) -> str | None:
     try:
         return "".join(traceback.format_exception(type(exc), exc, tb))
     except BaseException as inner:
@@ -571,6 +579,6 @@ def _cancelled_from_outside() -> bool:
     return cancelling is None or cancelling() > 0
 
 
-def _resolve(fut: asyncio.Future) -> None:
+def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
