@@ -103,7 +103,7 @@ class Worker:
         self._side = _SideTasks(self)
         self._wakeup = _Wakeup(self.backend)
         self._outcomes: list[Outcome] = []
-        self._suspect: int | None = None  # the seq of a suspect running alone here
+        self._suspect: str | None = None  # the id of a suspect running alone here
         self._stopping = False
         self._done: asyncio.Event | None = None
 
@@ -231,7 +231,7 @@ class Worker:
                 self.failed += 1
             self.processed += ok
 
-    def _settled(self, task: ClaimedTask, outcome: Outcome | None) -> None:
+    def _settled(self, task: ClaimedTask, outcome: Outcome) -> None:
         """The runner recorded a task's outcome: store it with the next claim."""
         if task.task_id == self._suspect:
             self._suspect = None
@@ -312,7 +312,7 @@ class _Wakeup:
 
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
-        self._fut: asyncio.Future | None = None
+        self._fut: asyncio.Future[None] | None = None
 
     def signal(self) -> None:
         """Something the loop must act on happened (a task finished, a stop request): wake it."""
@@ -356,6 +356,6 @@ async def _check_key(backend: Backend, signer: Signer | None, who: str) -> None:
     check_store_key(signer, recorded, repr(backend), who)
 
 
-def _resolve(fut: asyncio.Future) -> None:
+def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)

@@ -137,7 +137,7 @@ class Runner:
     def __init__(
         self,
         worker_id: str,
-        on_settled: Callable[[ClaimedTask, Outcome | None], None],
+        on_settled: Callable[[ClaimedTask, Outcome], None],
         *,
         serializer: Serializer,
         signer: Signer | None,
@@ -300,6 +300,7 @@ class Runner:
     def _settle(self, running: _Running, outcome: Outcome | None) -> None:
         if running.settled:
             return  # a thread or coroutine that returned after its timeout or cancel: discard
+        assert outcome is not None  # only a task settled already comes without one (_call_in_thread)
         running.settled = True
         for timer in (running.timer, running.grace):
             if timer is not None:
