@@ -13,7 +13,11 @@ from __future__ import annotations
 import html
 import io
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.style import Style
+    from rich.syntax import SyntaxTheme
 
 from sitq.notebook.rows import TaskRow, format_seconds, load_value, short_repr, task_row
 
@@ -183,10 +187,10 @@ def traceback_html(traceback: str, width: int = 100) -> str:
         f'<pre class="sitq-traceback" style="{pre}">{{code}}</pre>'))
 
 
-_THEME = None
+_THEME: SyntaxTheme | None = None
 
 
-def _traceback_theme():
+def _traceback_theme() -> SyntaxTheme:
     """Mid-tone colours and no background: readable on white and on near-black.
     Unstyled text gets no colour at all, so it inherits the theme's."""
     global _THEME
@@ -207,14 +211,14 @@ def _traceback_theme():
         }
 
         class TracebackTheme(SyntaxTheme):
-            def get_style_for_token(self, token_type):
+            def get_style_for_token(self, token_type: Any) -> Style:  # a pygments token type
                 while token_type is not None:
                     if token_type in palette:
                         return palette[token_type]
                     token_type = token_type.parent
                 return Style()
 
-            def get_background_style(self):
+            def get_background_style(self) -> Style:
                 return Style()
 
         _THEME = TracebackTheme()
