@@ -61,7 +61,7 @@ class TaskWidget:
     def __repr__(self) -> str:
         return f"<sitq task widget {self.task_id}>"
 
-    def _repr_mimebundle_(self, **kwargs):
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         return _bundle(self, **kwargs)
 
 
@@ -99,7 +99,8 @@ class BoardWidget:
 
     @property
     def selected(self) -> str:
-        return self.picker.value
+        value: str = self.picker.value
+        return value
 
     def show(self, counts: Mapping[str, int], rows: Iterable[TaskRow]) -> None:
         """Draw the queue: counts, the table, and the picker's choices."""
@@ -122,7 +123,7 @@ class BoardWidget:
         self.detail.value = html
         self.cancel.disabled = not (cancellable and self._on_cancel)
 
-    def _picked(self, change) -> None:
+    def _picked(self, change: Mapping[str, Any]) -> None:
         if self._syncing:
             return
         self.cancel.disabled = True
@@ -130,7 +131,7 @@ class BoardWidget:
         if change["new"]:
             self._on_select(change["new"])
 
-    def _cancel_clicked(self, _button) -> None:
+    def _cancel_clicked(self, _button: Any) -> None:
         if self.picker.value and self._on_cancel:
             self.cancel.disabled = True
             self._on_cancel(self.picker.value)
@@ -138,7 +139,7 @@ class BoardWidget:
     def __repr__(self) -> str:
         return "<sitq board>"
 
-    def _repr_mimebundle_(self, **kwargs):
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         return _bundle(self, **kwargs)
 
 
@@ -146,8 +147,8 @@ def _label(row: TaskRow) -> str:
     return f"{row.task_id} · {row.name} · {row.status}"
 
 
-def _bundle(view, **kwargs) -> dict:
+def _bundle(view: TaskWidget | BoardWidget, **kwargs: Any) -> dict[str, Any]:
     """The box's widget view, with a one-line text form instead of the widget tree."""
-    bundle = view.box._repr_mimebundle_(**kwargs)
+    bundle: dict[str, Any] = view.box._repr_mimebundle_(**kwargs)
     bundle["text/plain"] = repr(view)
     return bundle
