@@ -9,7 +9,8 @@ outside a kernel it draws as HTML. ``await handle`` and the blocking
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Coroutine, Generator
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sitq.errors import SitqError, TaskNotFoundError
 from sitq.notebook.render import result_html, task_html
@@ -18,10 +19,13 @@ from sitq.notebook.rows import task_row
 if TYPE_CHECKING:
     from sitq.core import Result, TaskInfo
     from sitq.notebook.refresher import Refresher
+    from sitq.notebook.widgets import TaskWidget
     from sitq.queue import TaskQueue
     from sitq.sync import LoopThread
 
 __all__ = ["TaskHandle", "widgets_enabled"]
+
+T = TypeVar("T")
 
 
 class _Runtime(Protocol):
@@ -37,7 +41,7 @@ class _Runtime(Protocol):
     loop: LoopThread
     refresher: Refresher
 
-    def run(self, coro: Any, timeout: float | None = None) -> Any: ...
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T: ...
 
     def cancel(self, task_id: str) -> Any: ...
 
@@ -51,7 +55,7 @@ class TaskHandle:
         self._runtime = runtime
         self.task_id = task_id
         self.name = name
-        self._widget = None
+        self._widget: TaskWidget | None = None
 
     @property
     def runtime(self) -> _Runtime:
@@ -106,7 +110,7 @@ class TaskHandle:
         cancelled and ``TimeoutError`` if it is not done within ``timeout`` s."""
         return self.runtime.queue.deserialize_result(self.outcome(timeout))
 
-    def __await__(self):
+    def __await__(self) -> Generator[Any, None, Any]:
         # The queue lives on the runtime's loop; the awaiting cell on the kernel's.
         runtime = self.runtime
         future = asyncio.wrap_future(runtime.loop.submit(self._outcome(runtime, None)))
@@ -124,7 +128,7 @@ class TaskHandle:
 
     # -- display ---------------------------------------------------------------
 
-    def _repr_mimebundle_(self, include=None, exclude=None, **kwargs) -> dict:
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None, **kwargs: Any) -> dict[str, Any]:
         info = self.info()
         runtime = self.runtime
         if info.finished:
