@@ -62,6 +62,7 @@ class TaskStatus(str, enum.Enum):
 
     @property
     def finished(self) -> bool:
+        """Whether this is ``success``, ``failed`` or ``cancelled``: a state that never changes again."""
         return self in FINISHED_STATES
 
     @classmethod
@@ -169,6 +170,7 @@ class TaskInfo:
 
     @property
     def finished(self) -> bool:
+        """Whether the task has finished (succeeded, failed or was cancelled); it will not change again."""
         return self.status in FINISHED_STATES
 
     def __repr__(self) -> str:
@@ -184,6 +186,7 @@ class QueueOverview:
 
     @property
     def total(self) -> int:
+        """How many tasks the store holds, in every state."""
         return sum(self.counts.values())
 
     def __repr__(self) -> str:

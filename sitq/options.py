@@ -74,6 +74,7 @@ class TaskOptions:
 
     @property
     def max_attempts(self) -> int:
+        """``retries + 1``: how many times the task may run in all."""
         return self.retries + 1
 
     def retry_after(self, attempt: int, exc: BaseException) -> float | None:
@@ -119,7 +120,14 @@ def task(func: Callable[..., Any], **options: Any) -> Task: ...
 
 
 def task(func: Callable[..., Any] | None = None, **options: Any) -> Task | Callable[[Callable[..., Any]], Task]:
-    """Attach task options to a function: ``task(f, retries=2)`` or ``@task(retries=2)``."""
+    """Attach task options to a function: ``task(f, retries=2)`` or ``@task(retries=2)``.
+
+    The options are :class:`TaskOptions`' fields: ``name``, ``retries``, ``retry_delay``,
+    ``backoff``, ``max_delay``, ``jitter``, ``retry_on`` and ``timeout``. The returned
+    :class:`Task` is called like the function, and enqueued with these options; its
+    ``options(**changes)`` gives a copy with some changed, for one call. An unknown or
+    invalid option raises :class:`InvalidTaskError` here, not when the task runs.
+    """
     settings = _with_options(TaskOptions(), options)
     if func is None:
         return lambda f: Task(f.func if isinstance(f, Task) else f, settings)

@@ -49,7 +49,9 @@ class TaskQueue:
     records it (its fingerprint): a queue without that key may still look at
     tasks (``status``, ``statuses``, ``overview``, ``cancel``), but refuses to
     enqueue into it or to fetch results from it, with :class:`SignatureError`.
-    ``clock`` returns POSIX seconds; tests pass their own.
+    ``serializer`` turns calls and values into bytes (default: a
+    :class:`CloudpickleSerializer`); queues and workers that share a store must
+    use compatible ones. ``clock`` returns POSIX seconds; tests pass their own.
     """
 
     def __init__(

@@ -47,12 +47,15 @@ class Serializer:
     """
 
     def dumps(self, obj: Any) -> bytes:
+        """``obj`` as bytes. Subclasses implement this and :meth:`loads`."""
         raise NotImplementedError
 
     def loads(self, data: bytes) -> Any:
+        """The object :meth:`dumps` turned into ``data``."""
         raise NotImplementedError
 
     def dumps_function(self, func: Callable[..., Any]) -> bytes:
+        """The task function as bytes, or a :class:`SerializationError` that names it and says why not."""
         try:
             return self.dumps(func)
         except Exception as exc:
@@ -63,6 +66,8 @@ class Serializer:
             ) from exc
 
     def dumps_arguments(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+        """``(args, kwargs)`` as bytes, or a :class:`SerializationError` naming the first argument
+        that cannot be pickled."""
         try:
             return self.dumps((args, kwargs))
         except Exception as exc:
@@ -86,6 +91,7 @@ class Serializer:
         return SerializationError(f"cannot pickle the arguments of {describe_callable(func)}(): {exc}")
 
     def dumps_value(self, value: Any) -> bytes:
+        """A task's return value as bytes, or a :class:`SerializationError` saying what it was."""
         try:
             return self.dumps(value)
         except Exception as exc:

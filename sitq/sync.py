@@ -115,6 +115,10 @@ class SyncTaskQueue:
     :class:`TaskCancelledError`, returns ``None`` if the task has not finished within
     ``timeout``, and raises :class:`TaskNotFoundError` for an unknown id, since ``None``
     already means "not yet".
+
+    The arguments are :class:`TaskQueue`'s; ``loop`` is the :class:`LoopThread` the calls
+    run on (by default the process-wide one, :func:`shared_loop`). Every call blocks until
+    it is done, also inside a running event loop such as a notebook cell's.
     """
 
     def __init__(
@@ -140,12 +144,16 @@ class SyncTaskQueue:
         self.close()
 
     def close(self) -> None:
+        """Close the backend's connections. Stored tasks stay where they are."""
         self._loop.run(self.queue.close())
 
     def enqueue(self, func: Callable[..., Any], /, *args: Any, eta: Any = None, **kwargs: Any) -> str:
+        """Store a call of ``func(*args, **kwargs)`` and return its task id; see :meth:`TaskQueue.enqueue`."""
         return self._loop.run(self.queue.enqueue(func, *args, eta=eta, **kwargs))
 
     def map(self, func: Callable[..., Any], /, *iterables: Iterable[Any], eta: Any = None) -> list[str]:
+        """Enqueue ``func(*items)`` for each item of ``zip(*iterables)`` in one transaction and
+        return the task ids in order; see :meth:`TaskQueue.map`."""
         return self._loop.run(self.queue.map(func, *iterables, eta=eta))
 
     def get_result(self, task_id: str, timeout: float | None = None) -> Result | None:
@@ -165,16 +173,22 @@ class SyncTaskQueue:
         return None
 
     def cancel(self, task_id: str) -> str | None:
+        """Cancel a task: ``"cancelled"``, ``"requested"``, ``"finished"`` or None for an unknown id;
+        see :meth:`TaskQueue.cancel`."""
         return self._loop.run(self.queue.cancel(task_id))
 
     def deserialize_result(self, result: Result) -> Any:
+        """The value in ``result``, unpickled (or the task's error raised); see :meth:`TaskQueue.deserialize_result`."""
         return self.queue.deserialize_result(result)
 
     def status(self, task_id: str) -> TaskInfo | None:
+        """The task's current state, timings, attempts and progress; None if unknown."""
         return self._loop.run(self.queue.status(task_id))
 
     def statuses(self, task_ids: Sequence[str]) -> dict[str, TaskInfo]:
+        """Current state of many tasks at once, keyed by id; unknown ids are left out."""
         return self._loop.run(self.queue.statuses(task_ids))
 
     def overview(self, limit: int = 20) -> QueueOverview:
+        """Counts per state for the whole queue and the ``limit`` newest tasks."""
         return self._loop.run(self.queue.overview(limit))

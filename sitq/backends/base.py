@@ -208,6 +208,7 @@ class Backend:
         return self.changes.watch(fut, token)
 
     def unwatch(self, fut: asyncio.Future[None]) -> None:
+        """Forget a future registered with :meth:`watch` (its waiter stopped waiting)."""
         self.changes.unwatch(fut)
 
     async def wait_for_change(self, token: int, timeout: float | None) -> None:

@@ -351,6 +351,7 @@ class SQLiteBackend(Backend):
 
     @property
     def is_memory(self) -> bool:
+        """Whether this is a ``:memory:`` store, private to this backend object."""
         return self.path == MEMORY
 
     # -- lifecycle ---------------------------------------------------------

@@ -58,6 +58,12 @@ class Worker:
     :mod:`sitq.signing`) when it has no key or another one; a worker with a
     key records it in a store that has none.
 
+    ``name`` begins the worker's id (``worker_id``, ``name:pid:random``, the
+    host name by default), which the board, ``sitq status`` and the logs show.
+    Progress that tasks report is stored about every ``progress_interval`` seconds.
+    ``serializer`` must match the one the tasks were enqueued with; ``clock``
+    returns POSIX seconds (tests pass their own). ``processed`` and ``failed``
+    count the outcomes this worker stored.
 
     A coroutine that is timed out or cancelled gets ``cancel_grace`` seconds
     to end after its ``CancelledError``; one that catches it and goes on is
@@ -114,6 +120,7 @@ class Worker:
 
     @property
     def is_running(self) -> bool:
+        """Whether :meth:`start` or :meth:`drain` is running now."""
         return self._done is not None and not self._done.is_set()
 
     @property
