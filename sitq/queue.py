@@ -59,7 +59,7 @@ class TaskQueue:
         backend: Target,
         serializer: Serializer | None = None,
         *,
-        secret_key: Any | None = None,
+        secret_key: str | bytes | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.backend = open_backend(backend)

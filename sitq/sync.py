@@ -126,7 +126,7 @@ class SyncTaskQueue:
         backend: Target,
         serializer: Serializer | None = None,
         *,
-        secret_key: Any | None = None,
+        secret_key: str | bytes | None = None,
         clock: Callable[[], float] = time.time,
         loop: LoopThread | None = None,
     ) -> None:

@@ -20,7 +20,6 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
 
 from sitq.backends import Backend, Target, open_backend
 from sitq.core import ClaimedTask, Outcome, OutcomeKind
@@ -83,7 +82,7 @@ class Worker:
         lease: float = 60.0,
         progress_interval: float = 0.2,
         capture_output: bool = True,
-        secret_key: Any | None = None,
+        secret_key: str | bytes | None = None,
         cancel_grace: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
