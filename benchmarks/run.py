@@ -10,8 +10,8 @@ system alike. The table shows the median of the repeats with the min-max range, 
 sitq's median divided by the floor's and by huey's from this same run, next to the targets
 from the issue. The S rows (sitq only) measure how long sitq blocks the caller's event loop:
 a ticker on the same loop records its longest delay while a workload runs; S0 is the
-ticker alone, the machine's own noise in the same run. With ``--old-rows N`` the W2 and W3 cells run again on a copy of a database
-already holding N finished tasks, and report the worker's peak RSS.
+ticker alone, the machine's own noise in the same run. With ``--old-rows N`` the W2 and W3 cells
+run again on a copy of a database already holding N finished tasks, and report the worker's peak RSS.
 """
 
 import argparse
@@ -331,7 +331,7 @@ def plot_png(path, summary, systems, console):
                ["W3 round trip in-process", "W3 round trip cross-process"])]
     colors = {"sitq": "C2", "floor": "C7", "huey": "C1"}
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [5, 2]})
-    for ax, (metric, title, scale, labels) in zip(axes, panels):
+    for ax, (metric, title, scale, labels) in zip(axes, panels, strict=True):
         labels = [label for label in labels if label in summary]
         width = 0.8 / len(systems)
         for i, system in enumerate(systems):

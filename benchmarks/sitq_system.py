@@ -11,10 +11,9 @@ import subprocess
 import sys
 import time
 
-from sitq import SQLiteBackend, TaskQueue, Worker
-
 from benchmarks.common import StallTicker, check_stored, latency, peak_rss_mb
 from benchmarks.tasks import f
+from sitq import SQLiteBackend, TaskQueue, Worker
 
 
 async def stored(queue, ids):

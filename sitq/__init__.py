@@ -10,6 +10,8 @@ An asyncio task queue with an embedded SQLite store, made for Jupyter::
     result = await queue.get_result(task_id)
 """
 
+from typing import Any
+
 from sitq.backends import Backend, SQLiteBackend, open_backend
 from sitq.core import QueueOverview, Result, TaskInfo, TaskStatus
 from sitq.errors import (
@@ -63,14 +65,15 @@ __all__ = [
 ]
 
 
-def load_ipython_extension(ipython):
+def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext sitq``: register the ``%sitq`` magics."""
     from sitq.notebook import load_ipython_extension as load
 
     load(ipython)
 
 
-def unload_ipython_extension(ipython):
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext sitq``: remove what ``%load_ext sitq`` registered."""
     from sitq.notebook import unload_ipython_extension as unload
 
     unload(ipython)

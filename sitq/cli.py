@@ -9,10 +9,11 @@ import os
 import signal
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from sitq.backends import Backend, describe_target, open_backend
-from sitq.core import FAILED, STATES, SUCCESS, QueueOverview
+from sitq.core import FAILED, STATES, SUCCESS, QueueOverview, TaskInfo
 from sitq.errors import SitqError
 from sitq.queue import TaskQueue
 from sitq.worker import Worker
@@ -22,7 +23,7 @@ __all__ = ["main"]
 STATE_STYLES = {"pending": "yellow", "running": "cyan", "success": "green", "failed": "red", "cancelled": "magenta"}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
@@ -37,7 +38,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
-def _run_to_end(main_coroutine) -> int:
+def _run_to_end(main_coroutine: Coroutine[Any, Any, int]) -> int:
     """``asyncio.run``, except that coroutines which ignore cancellation cannot keep the command alive.
 
     A worker abandons a task coroutine that swallows its cancel; such a coroutine may swallow
@@ -123,7 +124,7 @@ async def run_worker(args: argparse.Namespace) -> int:
         cancel_grace=args.cancel_grace,
     )
     loop = asyncio.get_running_loop()
-    stops: list = []  # the stop tasks, kept until the worker has stopped
+    stops: list[asyncio.Task[None]] = []  # the stop tasks, kept until the worker has stopped
 
     def on_signal(signum: int) -> None:
         if not stops:
@@ -175,7 +176,7 @@ def _counts_line(overview: QueueOverview) -> str:
     return f"[bold]{overview.total} tasks[/]: " + "  ".join(parts)
 
 
-def _recent_table(overview: QueueOverview, title: str):
+def _recent_table(overview: QueueOverview, title: str) -> Any:  # a rich Table (rich loads only when used)
     from rich.markup import escape
     from rich.table import Table
 
@@ -237,14 +238,16 @@ async def run_demo(args: argparse.Namespace) -> int:
             await asyncio.sleep(0.1)
     await running
 
-    results = [await queue.get_result(task_id, timeout=0) for task_id in ids]
-    values = {r.task_id: queue.deserialize_result(r) for r in results if r and r.status == SUCCESS}
+    # every task has finished (the worker drained the queue), so each has a result
+    results = [r for task_id in ids if (r := await queue.get_result(task_id, timeout=0)) is not None]
+    values = {r.task_id: queue.deserialize_result(r) for r in results if r.status == SUCCESS}
     console.rule("Results")
     for result in results:
         shown = repr(values[result.task_id]) if result.task_id in values else f"[red]{result.error}[/]"
         console.print(f"[dim]{result.task_id[-8:]}[/] {result.name}: {shown}")
     for result in (r for r in results if r.status == FAILED):
-        console.print(Panel(Syntax(result.traceback, "pytb", theme="ansi_dark"), title=f"{result.name} failed"))
+        shown = result.traceback or result.error or ""  # a task failed for losing its worker has no traceback
+        console.print(Panel(Syntax(shown, "pytb", theme="ansi_dark"), title=f"{result.name} failed"))
     await queue.close()
     console.print(
         f"Done in {time.monotonic() - started:.1f} s. The tasks stay in [bold]{args.path}[/]: "
@@ -253,8 +256,8 @@ async def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_view(infos: dict, ids: list) -> QueueOverview:
-    counts = dict.fromkeys(STATES, 0)
+def _demo_view(infos: dict[str, TaskInfo], ids: list[str]) -> QueueOverview:
+    counts: dict[str, int] = dict.fromkeys(STATES, 0)
     for info in infos.values():
         counts[info.status] += 1
     live = [infos[i] for i in ids if i in infos and infos[i].status == "running"]

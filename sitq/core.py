@@ -17,7 +17,7 @@ import datetime as dt
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, overload
 
 __all__ = [
     "TaskStatus",
@@ -56,16 +56,20 @@ class TaskStatus(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
-    __format__ = str.__format__  # f"{status}" reads "success" on every Python version
+    # f"{status}" reads "success" on every Python version (mypy takes str's signature for one
+    # unlike Enum's; both take a format spec and return str).
+    __format__ = str.__format__  # type: ignore[assignment]
 
     @property
     def finished(self) -> bool:
+        """Whether this is ``success``, ``failed`` or ``cancelled``: a state that never changes again."""
         return self in FINISHED_STATES
 
     @classmethod
-    def read(cls, stored: Any) -> Union["TaskStatus", str]:
+    def read(cls, stored: Any) -> TaskStatus | str:
         """The member for a stored status; a status sitq does not know stays as it is, to show."""
-        return _STATUS_BY_VALUE.get(stored, stored)  # type: ignore[arg-type]
+        status: TaskStatus | str = _STATUS_BY_VALUE.get(stored, stored)
+        return status
 
 
 PENDING = TaskStatus.PENDING
@@ -96,7 +100,7 @@ class OutcomeKind(str, enum.Enum):
 _UTC = dt.timezone.utc
 
 
-def to_datetime(seconds: Optional[float]) -> Optional[dt.datetime]:
+def to_datetime(seconds: float | None) -> dt.datetime | None:
     """The time as a UTC datetime; None for None and for anything that is not a time one can show."""
     if type(seconds) is not float and type(seconds) is not int:  # None, or not a number
         return None
@@ -123,19 +127,19 @@ class Result:
 
     task_id: str
     name: str
-    status: Union[TaskStatus, str]  # str only for a status sitq did not write
-    value: Optional[bytes]
-    error: Optional[str]
-    traceback: Optional[str]
-    enqueued_at: dt.datetime
-    started_at: Optional[dt.datetime]
-    finished_at: Optional[dt.datetime]
-    attempts: int
-    output: Optional[str] = None
-    value_signature: Optional[bytes] = None
+    status: TaskStatus | str  # str only for a status sitq did not write
+    value: bytes | None
+    error: str | None
+    traceback: str | None
+    enqueued_at: dt.datetime | None  # None only for a time sitq did not write
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    attempts: int | None  # None only for a count sitq did not write
+    output: str | None = None
+    value_signature: bytes | None = None
 
     @property
-    def duration(self) -> Optional[float]:
+    def duration(self) -> float | None:
         """Seconds from start to finish, or None if the task never started."""
         if self.started_at is None or self.finished_at is None:
             return None
@@ -152,20 +156,21 @@ class TaskInfo:
 
     task_id: str
     name: str
-    status: Union[TaskStatus, str]  # str only for a status sitq did not write
-    enqueued_at: dt.datetime
-    eta: dt.datetime
-    started_at: Optional[dt.datetime]
-    finished_at: Optional[dt.datetime]
-    attempts: int
-    worker_id: Optional[str]
-    progress_done: Optional[float]
-    progress_total: Optional[float]
-    progress_message: Optional[str]
-    error: Optional[str]
+    status: TaskStatus | str  # str only for a status sitq did not write
+    enqueued_at: dt.datetime | None  # None only for a time sitq did not write
+    eta: dt.datetime | None  # None only for a time sitq did not write
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    attempts: int | None  # None only for a count sitq did not write
+    worker_id: str | None
+    progress_done: float | None
+    progress_total: float | None
+    progress_message: str | None
+    error: str | None
 
     @property
     def finished(self) -> bool:
+        """Whether the task has finished (succeeded, failed or was cancelled); it will not change again."""
         return self.status in FINISHED_STATES
 
     def __repr__(self) -> str:
@@ -176,11 +181,12 @@ class TaskInfo:
 class QueueOverview:
     """Counts per state for the whole queue and the most recent tasks, newest first."""
 
-    counts: dict
-    recent: list
+    counts: dict[str, int]
+    recent: list[TaskInfo]
 
     @property
     def total(self) -> int:
+        """How many tasks the store holds, in every state."""
         return sum(self.counts.values())
 
     def __repr__(self) -> str:
@@ -199,11 +205,11 @@ class NewTask:
     eta: float
     enqueued_at: float
     max_attempts: int = 1
-    signature: Optional[bytes] = None
+    signature: bytes | None = None
 
 
 @dataclass(eq=False)
-class NewTaskBatch(Sequence):
+class NewTaskBatch(Sequence[NewTask]):
     """Many new tasks of one function (``map``), kept as columns: a sequence of NewTask.
 
     Why not a list of NewTask: each of those is an object the garbage collector tracks,
@@ -217,14 +223,20 @@ class NewTaskBatch(Sequence):
     eta: float
     enqueued_at: float
     max_attempts: int
-    task_ids: list  # of str
-    args: list  # of bytes, one per task
-    signatures: list  # of bytes or None, one per task
+    task_ids: list[str]
+    args: list[bytes]  # one per task
+    signatures: list[bytes | None]  # one per task
 
     def __len__(self) -> int:
         return len(self.task_ids)
 
-    def __getitem__(self, index):
+    @overload
+    def __getitem__(self, index: int) -> NewTask: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[NewTask]: ...
+
+    def __getitem__(self, index: int | slice) -> NewTask | list[NewTask]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         return NewTask(
@@ -251,10 +263,10 @@ class ClaimedTask:
     name: str
     func: bytes
     args: bytes
-    signature: Optional[bytes]
+    signature: bytes | None
     attempts: int
     lost: int = 0  # times it lost its worker before: a suspect, run alone (see backends.rules)
-    problem: Optional[str] = None
+    problem: str | None = None
 
 
 @dataclass
@@ -268,12 +280,12 @@ class Outcome:
     task_id: str
     handle: Any  # the ClaimedTask's
     attempts: int
-    kind: "OutcomeKind"
+    kind: OutcomeKind
     finished_at: float
-    value: Optional[bytes] = None
-    error: Optional[str] = None
-    traceback: Optional[str] = None
-    output: Optional[str] = None
-    progress: Optional[tuple] = field(default=None)  # the last (done, total, message) reported
-    retry_at: Optional[float] = None
-    value_signature: Optional[bytes] = None  # the worker's signature of value, with a key
+    value: bytes | None = None
+    error: str | None = None
+    traceback: str | None = None
+    output: str | None = None
+    progress: tuple[float, float | None, str | None] | None = field(default=None)  # the last (done, total, message)
+    retry_at: float | None = None
+    value_signature: bytes | None = None  # the worker's signature of value, with a key

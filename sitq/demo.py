@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
+from typing import Any
 
 from sitq.worker import progress
 
@@ -19,7 +21,7 @@ def simulate(seconds: float, steps: int = 10) -> str:
     return f"simulated {seconds:.1f} s in {steps} steps"
 
 
-async def fetch(name: str, delay: float) -> dict:
+async def fetch(name: str, delay: float) -> dict[str, Any]:
     """Waiting on I/O, as a coroutine: it runs on the worker's event loop."""
     await asyncio.sleep(delay)
     return {"dataset": name, "rows": len(name) * 1000}
@@ -35,7 +37,7 @@ def count_primes(limit: int) -> int:
     return sum(sieve)
 
 
-def word_stats(text: str) -> dict:
+def word_stats(text: str) -> dict[str, Any]:
     """Quick work that prints; the worker stores what it prints with the result."""
     words = text.split()
     print(f"counting {len(words)} words")
@@ -48,12 +50,14 @@ def divide(a: float, b: float) -> float:
     return ratio
 
 
-def demo_calls() -> list[tuple]:
+def demo_calls() -> list[tuple[Callable[..., Any], tuple[Any, ...]]]:
     """The 24 calls the demo enqueues: (function, args)."""
-    calls: list[tuple] = []
+    calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
     calls += [(simulate, (0.6 + 0.3 * i,)) for i in range(6)]
-    calls += [(fetch, (name, 0.2 + 0.15 * i)) for i, name in enumerate(["iris", "penguins", "titanic", "mnist", "wine", "cars"])]
+    datasets = ["iris", "penguins", "titanic", "mnist", "wine", "cars"]
+    calls += [(fetch, (name, 0.2 + 0.15 * i)) for i, name in enumerate(datasets)]
     calls += [(count_primes, (limit,)) for limit in (10_000, 100_000, 500_000, 1_000_000, 2_000_000)]
-    calls += [(word_stats, (text,)) for text in ("a task queue you can see", "results come back inline", "tracebacks are readable too")]
+    texts = ("a task queue you can see", "results come back inline", "tracebacks are readable too")
+    calls += [(word_stats, (text,)) for text in texts]
     calls += [(divide, (22, 7)), (divide, (1, 3)), (divide, (10, 4)), (divide, (1, 0))]
     return calls

@@ -17,7 +17,8 @@ import dataclasses
 import functools
 import math
 import random
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, overload
 
 from sitq.errors import InvalidTaskError
 
@@ -31,7 +32,7 @@ class Retry(Exception):
     none are left, the task fails with this exception as its error.
     """
 
-    def __init__(self, reason: str = "the task asked to be retried", delay: Optional[float] = None) -> None:
+    def __init__(self, reason: str = "the task asked to be retried", delay: float | None = None) -> None:
         super().__init__(reason)
         if delay is not None:
             _check_seconds("Retry(delay=...)", delay, allow_zero=True)
@@ -48,14 +49,14 @@ class TaskOptions:
     ``timeout`` bounds one attempt, in seconds.
     """
 
-    name: Optional[str] = None
+    name: str | None = None
     retries: int = 0
     retry_delay: float = 1.0
     backoff: float = 2.0
     max_delay: float = 300.0
     jitter: bool = True
-    retry_on: tuple = (Exception,)
-    timeout: Optional[float] = None
+    retry_on: tuple[type[BaseException], ...] = (Exception,)  # or one class
+    timeout: float | None = None
 
     def __post_init__(self) -> None:
         if self.name is not None and not isinstance(self.name, str):
@@ -73,9 +74,10 @@ class TaskOptions:
 
     @property
     def max_attempts(self) -> int:
+        """``retries + 1``: how many times the task may run in all."""
         return self.retries + 1
 
-    def retry_after(self, attempt: int, exc: BaseException) -> Optional[float]:
+    def retry_after(self, attempt: int, exc: BaseException) -> float | None:
         """Seconds to wait before the next attempt, or None if the task should not be retried."""
         if attempt >= self.max_attempts:
             return None
@@ -91,7 +93,7 @@ class TaskOptions:
 class Task:
     """A function with :class:`TaskOptions` attached. Calling it calls the function."""
 
-    def __init__(self, func: Callable, options: TaskOptions) -> None:
+    def __init__(self, func: Callable[..., Any], options: TaskOptions) -> None:
         if not callable(func):
             raise InvalidTaskError(f"sitq.task() wraps a callable, not {type(func).__name__} {func!r}")
         functools.update_wrapper(self, func)  # first: it copies func's __dict__, which may hold a "func" too
@@ -101,7 +103,7 @@ class Task:
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         return self.func(*args, **kwargs)
 
-    def options(self, **changes: Any) -> "Task":
+    def options(self, **changes: Any) -> Task:
         """The same function with some options changed."""
         return Task(self.func, _with_options(self.task_options, changes))
 
@@ -109,15 +111,30 @@ class Task:
         return f"<sitq.Task {getattr(self.func, '__qualname__', self.func)!s} {self.task_options}>"
 
 
-def task(func: Optional[Callable] = None, **options: Any):
-    """Attach task options to a function: ``task(f, retries=2)`` or ``@task(retries=2)``."""
+@overload
+def task(func: None = None, **options: Any) -> Callable[[Callable[..., Any]], Task]: ...
+
+
+@overload
+def task(func: Callable[..., Any], **options: Any) -> Task: ...
+
+
+def task(func: Callable[..., Any] | None = None, **options: Any) -> Task | Callable[[Callable[..., Any]], Task]:
+    """Attach task options to a function: ``task(f, retries=2)`` or ``@task(retries=2)``.
+
+    The options are :class:`TaskOptions`' fields: ``name``, ``retries``, ``retry_delay``,
+    ``backoff``, ``max_delay``, ``jitter``, ``retry_on`` and ``timeout``. The returned
+    :class:`Task` is called like the function, and enqueued with these options; its
+    ``options(**changes)`` gives a copy with some changed, for one call. An unknown or
+    invalid option raises :class:`InvalidTaskError` here, not when the task runs.
+    """
     settings = _with_options(TaskOptions(), options)
     if func is None:
         return lambda f: Task(f.func if isinstance(f, Task) else f, settings)
     return Task(func.func if isinstance(func, Task) else func, settings)
 
 
-def _with_options(base: TaskOptions, changes: dict) -> TaskOptions:
+def _with_options(base: TaskOptions, changes: dict[str, Any]) -> TaskOptions:
     fields = [f.name for f in dataclasses.fields(TaskOptions)]
     unknown = sorted(set(changes) - set(fields))
     if unknown:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextvars
 import sys
 import threading
-from typing import Optional
+from collections.abc import Iterable
+from typing import Any, TextIO
 
 __all__ = ["OutputCapture", "CapturedOutput", "capture_into"]
 
@@ -39,18 +40,18 @@ class CapturedOutput:
             self._parts.append(text)
             self._size += len(text)
 
-    def text(self) -> Optional[str]:
+    def text(self) -> str | None:
         with self._lock:
             return "".join(self._parts) if self._parts else None
 
 
-capture_into: contextvars.ContextVar[Optional[CapturedOutput]] = contextvars.ContextVar(
+capture_into: contextvars.ContextVar[CapturedOutput | None] = contextvars.ContextVar(
     "sitq_capture_into", default=None
 )
 
 
 class _TaskStream:
-    def __init__(self, original) -> None:
+    def __init__(self, original: TextIO) -> None:
         self._original = original
 
     def write(self, text: str) -> int:
@@ -60,7 +61,7 @@ class _TaskStream:
         captured.write(text)
         return len(text)
 
-    def writelines(self, lines) -> None:
+    def writelines(self, lines: Iterable[str]) -> None:
         for line in lines:
             self.write(line)
 
@@ -68,7 +69,7 @@ class _TaskStream:
         if capture_into.get() is None:
             self._original.flush()
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._original, name)
 
 
@@ -77,10 +78,10 @@ class OutputCapture:
 
     _lock = threading.Lock()
     _users = 0
-    _saved: Optional[tuple] = None
+    _saved: tuple[TextIO, TextIO] | None = None
 
     @classmethod
-    def install(cls) -> "OutputCapture":
+    def install(cls) -> OutputCapture:
         with cls._lock:
             if cls._users == 0:
                 cls._saved = (sys.stdout, sys.stderr)

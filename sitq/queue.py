@@ -7,7 +7,8 @@ import datetime as dt
 import math
 import secrets
 import time
-from typing import Any, Callable, Iterable, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from sitq.backends import Backend, Target, open_backend
 from sitq.core import CANCELLED, FAILED, FINISHED_STATES, STATES, NewTask, NewTaskBatch, QueueOverview, Result, TaskInfo
@@ -48,15 +49,17 @@ class TaskQueue:
     records it (its fingerprint): a queue without that key may still look at
     tasks (``status``, ``statuses``, ``overview``, ``cancel``), but refuses to
     enqueue into it or to fetch results from it, with :class:`SignatureError`.
-    ``clock`` returns POSIX seconds; tests pass their own.
+    ``serializer`` turns calls and values into bytes (default: a
+    :class:`CloudpickleSerializer`); queues and workers that share a store must
+    use compatible ones. ``clock`` returns POSIX seconds; tests pass their own.
     """
 
     def __init__(
         self,
         backend: Target,
-        serializer: Optional[Serializer] = None,
+        serializer: Serializer | None = None,
         *,
-        secret_key: Optional[Any] = None,
+        secret_key: str | bytes | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.backend = open_backend(backend)
@@ -70,11 +73,11 @@ class TaskQueue:
     def __repr__(self) -> str:
         return f"<TaskQueue backend={self.backend!r}>"
 
-    async def __aenter__(self) -> "TaskQueue":
+    async def __aenter__(self) -> TaskQueue:
         await self._ready()
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     async def close(self) -> None:
@@ -107,7 +110,7 @@ class TaskQueue:
 
     # -- enqueueing ----------------------------------------------------------
 
-    async def enqueue(self, func: Callable, /, *args: Any, eta: Any = None, **kwargs: Any) -> str:
+    async def enqueue(self, func: Callable[..., Any], /, *args: Any, eta: Any = None, **kwargs: Any) -> str:
         """Store a call of ``func(*args, **kwargs)`` and return its task id.
 
         ``eta`` (a timezone-aware datetime, or a timedelta from now) delays the
@@ -121,19 +124,22 @@ class TaskQueue:
         start = _eta_seconds(eta, now)
         name, max_attempts = _describe(func)
         func_bytes = self.serializer.dumps_function(func)
-        task = self._new_task(new_task_id(now), name, func_bytes, self.serializer.dumps_arguments(func, args, kwargs), start, now, max_attempts)
+        args_bytes = self.serializer.dumps_arguments(func, args, kwargs)
+        task = self._new_task(new_task_id(now), name, func_bytes, args_bytes, start, now, max_attempts)
         backend = await self._checked(writing=True)
         await backend.enqueue([task])
         return task.task_id
 
-    def _new_task(self, task_id, name, func, args, eta, now, max_attempts) -> NewTask:
+    def _new_task(
+        self, task_id: str, name: str, func: bytes, args: bytes, eta: float, now: float, max_attempts: int
+    ) -> NewTask:
         return NewTask(task_id, name, func, args, eta, now, max_attempts, self._sign(task_id, func, args))
 
-    def _sign(self, task_id: str, func: bytes, args: bytes) -> Optional[bytes]:
+    def _sign(self, task_id: str, func: bytes, args: bytes) -> bytes | None:
         """The payload's signature, or None without a key; ``enqueue`` and ``map`` both sign here."""
         return self._signer.sign_task(task_id, func, args) if self._signer is not None else None
 
-    async def map(self, func: Callable, /, *iterables: Iterable, eta: Any = None) -> list[str]:
+    async def map(self, func: Callable[..., Any], /, *iterables: Iterable[Any], eta: Any = None) -> list[str]:
         """Enqueue ``func(*items)`` for each item of ``zip(*iterables)``, in one transaction.
 
         The function is pickled once; either every task is stored or none is.
@@ -150,13 +156,13 @@ class TaskQueue:
         func_bytes = self.serializer.dumps_function(func)
         dumps_arguments = self.serializer.dumps_arguments
         sign = self._sign
-        no_kwargs: dict = {}
+        no_kwargs: dict[str, Any] = {}
         prefix = f"{int(now * 1000):012x}"
         task_ids: list[str] = []
         payloads: list[bytes] = []
-        signatures: list[Optional[bytes]] = []
+        signatures: list[bytes | None] = []
         pause_at = time.perf_counter() + MAP_SLICE
-        for call in zip(*iterables):
+        for call in zip(*iterables, strict=False):  # stops at the shortest, as map() does
             task_id = prefix + secrets.token_hex(10)
             args = dumps_arguments(func, call, no_kwargs)
             task_ids.append(task_id)
@@ -167,12 +173,13 @@ class TaskQueue:
                 pause_at = time.perf_counter() + MAP_SLICE
         if task_ids:
             backend = await self._checked(writing=True)
-            await backend.enqueue(NewTaskBatch(name, func_bytes, start, now, max_attempts, task_ids, payloads, signatures))
+            batch = NewTaskBatch(name, func_bytes, start, now, max_attempts, task_ids, payloads, signatures)
+            await backend.enqueue(batch)
         return task_ids
 
     # -- results -------------------------------------------------------------
 
-    async def get_result(self, task_id: str, timeout: Optional[float] = None) -> Optional[Result]:
+    async def get_result(self, task_id: str, timeout: float | None = None) -> Result | None:
         """Wait for the task to finish and return its :class:`Result`.
 
         Returns ``None`` at once if no task has this id, and ``None`` if the
@@ -220,7 +227,7 @@ class TaskQueue:
             raise InvalidTaskError(f"task {result.task_id} is {result.status}; it has no value yet")
         return deserialize_value(result, self.serializer, self._signer, store_signed=self._store_signed)
 
-    async def cancel(self, task_id: str) -> Optional[str]:
+    async def cancel(self, task_id: str) -> str | None:
         """Cancel a task, and say what that did.
 
         ``"cancelled"``: it was pending and will never run. ``"requested"``: it
@@ -235,7 +242,7 @@ class TaskQueue:
 
     # -- state ---------------------------------------------------------------
 
-    async def status(self, task_id: str) -> Optional[TaskInfo]:
+    async def status(self, task_id: str) -> TaskInfo | None:
         """The task's current state, timings, attempts and progress; None if unknown."""
         _check_task_id(task_id)
         backend = await self._ready()
@@ -265,7 +272,7 @@ class TaskQueue:
 
 
 def deserialize_value(
-    result: Result, serializer: Serializer, signer: Optional[Signer], *, store_signed: bool = False
+    result: Result, serializer: Serializer, signer: Signer | None, *, store_signed: bool = False
 ) -> Any:
     """Check and unpickle a result's value: the one place sitq turns stored value bytes into an object.
 
@@ -304,7 +311,7 @@ def _check_callable(func: Any) -> None:
         )
 
 
-def _describe(func: Callable) -> tuple[str, int]:
+def _describe(func: Callable[..., Any]) -> tuple[str, int]:
     """The task's display name and how many attempts it gets."""
     if isinstance(func, Task):
         options = func.task_options

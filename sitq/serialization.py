@@ -17,7 +17,8 @@ import os
 import pickle
 import types
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import IO, Any
 
 import cloudpickle
 
@@ -26,9 +27,9 @@ from sitq.errors import SerializationError
 __all__ = ["Serializer", "CloudpickleSerializer", "describe_callable", "dumps_shipping_source", "loads_shipped"]
 
 
-def describe_callable(func: Callable) -> str:
+def describe_callable(func: Callable[..., Any]) -> str:
     """A short, readable name for a task function: ``module.qualname``."""
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    name: str | None = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
     if name is None:
         inner = getattr(func, "func", None)  # functools.partial
         return f"partial({describe_callable(inner)})" if inner is not None else type(func).__name__
@@ -46,12 +47,15 @@ class Serializer:
     """
 
     def dumps(self, obj: Any) -> bytes:
+        """``obj`` as bytes. Subclasses implement this and :meth:`loads`."""
         raise NotImplementedError
 
     def loads(self, data: bytes) -> Any:
+        """The object :meth:`dumps` turned into ``data``."""
         raise NotImplementedError
 
-    def dumps_function(self, func: Callable) -> bytes:
+    def dumps_function(self, func: Callable[..., Any]) -> bytes:
+        """The task function as bytes, or a :class:`SerializationError` that names it and says why not."""
         try:
             return self.dumps(func)
         except Exception as exc:
@@ -61,13 +65,17 @@ class Serializer:
                 "connections cannot travel to a worker; create those inside the function."
             ) from exc
 
-    def dumps_arguments(self, func: Callable, args: tuple, kwargs: dict) -> bytes:
+    def dumps_arguments(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+        """``(args, kwargs)`` as bytes, or a :class:`SerializationError` naming the first argument
+        that cannot be pickled."""
         try:
             return self.dumps((args, kwargs))
         except Exception as exc:
             raise self._argument_error(func, args, kwargs, exc) from exc
 
-    def _argument_error(self, func, args, kwargs, exc) -> SerializationError:
+    def _argument_error(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], exc: Exception
+    ) -> SerializationError:
         """Find the first argument that does not pickle, to name it in the message."""
         labelled = [(f"argument {i + 1}", a) for i, a in enumerate(args)]
         labelled += [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
@@ -83,6 +91,7 @@ class Serializer:
         return SerializationError(f"cannot pickle the arguments of {describe_callable(func)}(): {exc}")
 
     def dumps_value(self, value: Any) -> bytes:
+        """A task's return value as bytes, or a :class:`SerializationError` saying what it was."""
         try:
             return self.dumps(value)
         except Exception as exc:
@@ -91,7 +100,7 @@ class Serializer:
                 f"{_short_repr(value)}: {exc}. Return plain data instead."
             ) from exc
 
-    def loads_call(self, func: bytes, args: bytes) -> tuple:
+    def loads_call(self, func: bytes, args: bytes) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
         """Rebuild ``(func, args, kwargs)`` in a worker."""
         try:
             fn = self.loads(func)
@@ -108,7 +117,7 @@ class Serializer:
 class ShippedSource:
     """A pickled object with the source lines of code in it that lives only in memory."""
 
-    def __init__(self, obj: Any, sources: dict) -> None:
+    def __init__(self, obj: Any, sources: dict[str, list[str]]) -> None:
         self.obj = obj
         self.sources = sources
 
@@ -123,19 +132,20 @@ class ShippedSource:
 _code_reduce = getattr(getattr(cloudpickle, "cloudpickle", None), "_code_reduce", None)
 
 
-class _SourceKeepingPickler(cloudpickle.Pickler):
+class _SourceKeepingPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle has no types
     """cloudpickle, but code objects keep their file name and note their in-memory source."""
 
-    def __init__(self, file, protocol=None) -> None:
+    def __init__(self, file: IO[bytes], protocol: int | None = None) -> None:
         super().__init__(file, protocol=protocol)
-        self.sources: dict[str, list] = {}
+        self.sources: dict[str, list[str]] = {}
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is types.CodeType and _code_reduce is not None:
             return self._reduce_code(obj)
         return super().reducer_override(obj)
 
-    def _reduce_code(self, code: types.CodeType):
+    def _reduce_code(self, code: types.CodeType) -> tuple[Any, tuple[Any, ...]]:
+        assert _code_reduce is not None  # reducer_override checked
         rebuild, fields = _code_reduce(code)
         filename = code.co_filename
         if not os.path.exists(filename):
@@ -159,7 +169,7 @@ def loads_shipped(data: bytes) -> Any:
     return obj.install() if isinstance(obj, ShippedSource) else obj
 
 
-def _dumps(obj: Any) -> tuple[bytes, dict]:
+def _dumps(obj: Any) -> tuple[bytes, dict[str, list[str]]]:
     buffer = io.BytesIO()
     pickler = _SourceKeepingPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
     pickler.dump(obj)
@@ -178,7 +188,7 @@ class CloudpickleSerializer(Serializer):
     """
 
     def __init__(self) -> None:
-        self._by_reference: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._by_reference: weakref.WeakKeyDictionary[Callable[..., Any], bytes] = weakref.WeakKeyDictionary()
 
     def dumps(self, obj: Any) -> bytes:
         return dumps_shipping_source(obj)
@@ -186,7 +196,7 @@ class CloudpickleSerializer(Serializer):
     def loads(self, data: bytes) -> Any:
         return loads_shipped(data)
 
-    def dumps_function(self, func: Callable) -> bytes:
+    def dumps_function(self, func: Callable[..., Any]) -> bytes:
         if type(func) is not types.FunctionType:
             return super().dumps_function(func)
         data = self._by_reference.get(func)
@@ -196,7 +206,7 @@ class CloudpickleSerializer(Serializer):
                 self._by_reference[func] = data
         return data
 
-    def dumps_arguments(self, func: Callable, args: tuple, kwargs: dict) -> bytes:
+    def dumps_arguments(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
         if all(type(a) in _PLAIN for a in args) and all(type(v) in _PLAIN for v in kwargs.values()):
             return pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
         return super().dumps_arguments(func, args, kwargs)

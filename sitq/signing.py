@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from typing import Optional, Union
 
 from sitq.errors import InvalidTaskError, SignatureError
 
@@ -74,7 +73,7 @@ class Signer:
     def sign_value(self, task_id: str, value: bytes) -> bytes:
         return self._mac(_VALUE, task_id, value)
 
-    def verify_task(self, task_id: str, func: bytes, args: bytes, signature: Optional[bytes]) -> None:
+    def verify_task(self, task_id: str, func: bytes, args: bytes, signature: bytes | None) -> None:
         """Raise :class:`SignatureError` unless ``signature`` signs this payload for this task."""
         if signature is None:
             raise SignatureError(
@@ -88,7 +87,7 @@ class Signer:
                 "was signed with another key"
             )
 
-    def verify_value(self, task_id: str, name: str, value: bytes, signature: Optional[bytes]) -> None:
+    def verify_value(self, task_id: str, name: str, value: bytes, signature: bytes | None) -> None:
         """Raise :class:`SignatureError` unless ``signature`` signs this value for this task."""
         if signature is None:
             raise SignatureError(
@@ -105,11 +104,11 @@ class Signer:
             )
 
 
-def _equal(expected: bytes, signature) -> bool:
+def _equal(expected: bytes, signature: object) -> bool:
     return isinstance(signature, bytes) and hmac.compare_digest(expected, signature)
 
 
-def signer_from(secret_key: Union[str, bytes, None]) -> Optional[Signer]:
+def signer_from(secret_key: str | bytes | None) -> Signer | None:
     """The signer for an explicit key, else for ``SITQ_SECRET_KEY``, else None (no signing)."""
     if secret_key is None:
         secret_key = os.environ.get(ENVIRONMENT_VARIABLE) or None
@@ -122,7 +121,7 @@ def signer_from(secret_key: Union[str, bytes, None]) -> Optional[Signer]:
     return Signer(secret_key)
 
 
-def check_store_key(signer: Optional[Signer], recorded: Optional[str], store: str, who: str) -> None:
+def check_store_key(signer: Signer | None, recorded: str | None, store: str, who: str) -> None:
     """Raise :class:`SignatureError` if ``who`` (``"this worker"``, ``"this queue"``) may not use
     the store: it has no key for a store that records one, or a key other than the recorded one.
 

@@ -12,7 +12,8 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-from typing import Any, Callable, Coroutine, Optional, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import Any, TypeVar
 
 from sitq.backends import Target
 from sitq.core import QueueOverview, Result, TaskInfo
@@ -22,6 +23,8 @@ from sitq.serialization import Serializer
 
 __all__ = ["LoopThread", "shared_loop", "SyncTaskQueue"]
 
+T = TypeVar("T")
+
 
 class LoopThread:
     """An asyncio event loop running forever on a daemon thread."""
@@ -29,8 +32,8 @@ class LoopThread:
     def __init__(self, name: str = "sitq-loop") -> None:
         self.name = name
         self._lock = threading.Lock()
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
 
     def __repr__(self) -> str:
         state = "running" if self.is_running else "stopped"
@@ -51,6 +54,7 @@ class LoopThread:
                 self._thread.start()
                 ready.wait()
                 self._loop = loop
+            assert self._loop is not None  # set, and cleared, with the thread
             return self._loop
 
     @staticmethod
@@ -63,11 +67,11 @@ class LoopThread:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
-    def submit(self, coro: Coroutine) -> concurrent.futures.Future:
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedule ``coro`` on the loop and return a concurrent future for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-    def run(self, coro: Coroutine, timeout: Optional[float] = None) -> Any:
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run ``coro`` on the loop and block until it is done (Ctrl-C cancels it)."""
         if threading.current_thread() is self._thread:
             coro.close()
@@ -89,7 +93,7 @@ class LoopThread:
             thread.join(timeout=10)
 
 
-_shared: Optional[LoopThread] = None
+_shared: LoopThread | None = None
 _shared_lock = threading.Lock()
 
 
@@ -111,16 +115,20 @@ class SyncTaskQueue:
     :class:`TaskCancelledError`, returns ``None`` if the task has not finished within
     ``timeout``, and raises :class:`TaskNotFoundError` for an unknown id, since ``None``
     already means "not yet".
+
+    The arguments are :class:`TaskQueue`'s; ``loop`` is the :class:`LoopThread` the calls
+    run on (by default the process-wide one, :func:`shared_loop`). Every call blocks until
+    it is done, also inside a running event loop such as a notebook cell's.
     """
 
     def __init__(
         self,
         backend: Target,
-        serializer: Optional[Serializer] = None,
+        serializer: Serializer | None = None,
         *,
-        secret_key: Optional[Any] = None,
+        secret_key: str | bytes | None = None,
         clock: Callable[[], float] = time.time,
-        loop: Optional[LoopThread] = None,
+        loop: LoopThread | None = None,
     ) -> None:
         self.queue = TaskQueue(backend, serializer, secret_key=secret_key, clock=clock)
         self._loop = loop or shared_loop()
@@ -128,31 +136,35 @@ class SyncTaskQueue:
     def __repr__(self) -> str:
         return f"<SyncTaskQueue backend={self.queue.backend!r}>"
 
-    def __enter__(self) -> "SyncTaskQueue":
+    def __enter__(self) -> SyncTaskQueue:
         self._loop.run(self.queue._ready())
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def close(self) -> None:
+        """Close the backend's connections. Stored tasks stay where they are."""
         self._loop.run(self.queue.close())
 
-    def enqueue(self, func: Callable, /, *args: Any, eta: Any = None, **kwargs: Any) -> str:
+    def enqueue(self, func: Callable[..., Any], /, *args: Any, eta: Any = None, **kwargs: Any) -> str:
+        """Store a call of ``func(*args, **kwargs)`` and return its task id; see :meth:`TaskQueue.enqueue`."""
         return self._loop.run(self.queue.enqueue(func, *args, eta=eta, **kwargs))
 
-    def map(self, func: Callable, /, *iterables, eta: Any = None) -> list[str]:
+    def map(self, func: Callable[..., Any], /, *iterables: Iterable[Any], eta: Any = None) -> list[str]:
+        """Enqueue ``func(*items)`` for each item of ``zip(*iterables)`` in one transaction and
+        return the task ids in order; see :meth:`TaskQueue.map`."""
         return self._loop.run(self.queue.map(func, *iterables, eta=eta))
 
-    def get_result(self, task_id: str, timeout: Optional[float] = None) -> Optional[Result]:
+    def get_result(self, task_id: str, timeout: float | None = None) -> Result | None:
         """Wait for the task and return its :class:`Result`; see :meth:`TaskQueue.get_result`."""
         return self._loop.run(self.queue.get_result(task_id, timeout))
 
-    def value(self, task_id: str, timeout: Optional[float] = None) -> Any:
+    def value(self, task_id: str, timeout: float | None = None) -> Any:
         """Wait for the task and return its value (see the class docstring for failures)."""
         return self._loop.run(self._value(task_id, timeout))
 
-    async def _value(self, task_id: str, timeout: Optional[float]) -> Any:
+    async def _value(self, task_id: str, timeout: float | None) -> Any:
         result = await self.queue.get_result(task_id, timeout)
         if result is not None:
             return self.queue.deserialize_result(result)
@@ -160,17 +172,23 @@ class SyncTaskQueue:
             raise TaskNotFoundError(f"no task with id {task_id!r} in {self.queue.backend!r}")
         return None
 
-    def cancel(self, task_id: str) -> Optional[str]:
+    def cancel(self, task_id: str) -> str | None:
+        """Cancel a task: ``"cancelled"``, ``"requested"``, ``"finished"`` or None for an unknown id;
+        see :meth:`TaskQueue.cancel`."""
         return self._loop.run(self.queue.cancel(task_id))
 
     def deserialize_result(self, result: Result) -> Any:
+        """The value in ``result``, unpickled (or the task's error raised); see :meth:`TaskQueue.deserialize_result`."""
         return self.queue.deserialize_result(result)
 
-    def status(self, task_id: str) -> Optional[TaskInfo]:
+    def status(self, task_id: str) -> TaskInfo | None:
+        """The task's current state, timings, attempts and progress; None if unknown."""
         return self._loop.run(self.queue.status(task_id))
 
     def statuses(self, task_ids: Sequence[str]) -> dict[str, TaskInfo]:
+        """Current state of many tasks at once, keyed by id; unknown ids are left out."""
         return self._loop.run(self.queue.statuses(task_ids))
 
     def overview(self, limit: int = 20) -> QueueOverview:
+        """Counts per state for the whole queue and the ``limit`` newest tasks."""
         return self._loop.run(self.queue.overview(limit))

@@ -72,7 +72,8 @@ def wait_until(predicate, timeout=30.0, interval=0.01):
 # --- nbclient ---------------------------------------------------------------
 
 def new_notebook(*sources: str):
-    from nbformat.v4 import new_code_cell, new_notebook as _new
+    from nbformat.v4 import new_code_cell
+    from nbformat.v4 import new_notebook as _new
     nb = _new(cells=[new_code_cell(s) for s in sources])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}

@@ -96,7 +96,9 @@ def test_finish_is_guarded_by_the_claim(make_backend, run):
         assert again.attempts == 2
         late = Outcome(claimed.task_id, claimed.handle, claimed.attempts, OutcomeKind.SUCCESS, now + 3, value=b"late")
         assert await backend.finish("w1", [late]) == [False]
-        mine = Outcome(again.task_id, again.handle, again.attempts, OutcomeKind.FAILED, now + 4, error="E: x", traceback="tb")
+        mine = Outcome(
+            again.task_id, again.handle, again.attempts, OutcomeKind.FAILED, now + 4, error="E: x", traceback="tb"
+        )
         assert await backend.finish("w2", [mine]) == [True]
         result = await backend.fetch_result(task.task_id)
         assert (result.status, result.value, result.error, result.attempts) == ("failed", None, "E: x", 2)
@@ -113,7 +115,9 @@ def test_finish_and_claim_does_both(make_backend, run):
         tasks = new_tasks(3, now)
         await backend.enqueue(tasks)
         (first,) = await backend.claim("w", 1, now, now + 30)
-        outcome = Outcome(first.task_id, first.handle, first.attempts, OutcomeKind.SUCCESS, now, value=b"v", output="printed")
+        outcome = Outcome(
+            first.task_id, first.handle, first.attempts, OutcomeKind.SUCCESS, now, value=b"v", output="printed"
+        )
         stored, claimed = await backend.finish_and_claim("w", [outcome], 2, now, now + 30)
         assert stored == [True]
         assert [c.task_id for c in claimed] == [t.task_id for t in tasks[1:]]
@@ -182,7 +186,8 @@ def test_overview_counts_every_state_and_lists_newest_first(make_backend, run):
         tasks = new_tasks(4, now)
         await backend.enqueue(tasks)
         (one,) = await backend.claim("w", 1, now, now + 30)
-        await backend.finish("w", [Outcome(one.task_id, one.handle, one.attempts, OutcomeKind.SUCCESS, now, value=b"1")])
+        done = Outcome(one.task_id, one.handle, one.attempts, OutcomeKind.SUCCESS, now, value=b"1")
+        await backend.finish("w", [done])
         await backend.claim("w", 1, now, now + 30)
         overview = await backend.overview(2)
         assert overview.counts == {"pending": 2, "running": 1, "success": 1, "failed": 0, "cancelled": 0}
@@ -197,7 +202,7 @@ def test_bulk_enqueue_is_one_transaction(make_backend, run):
         now = time.time()
         tasks = new_tasks(3, now)
         duplicate = NewTask(tasks[0].task_id, "f", b"f", b"a", now, now)  # same id: the insert fails
-        with pytest.raises(Exception):
+        with pytest.raises(BackendError):
             await backend.enqueue(tasks[1:] + [duplicate] + [tasks[0]])
         assert (await backend.overview(10)).total == 0
 
@@ -307,7 +312,11 @@ def test_outcomes_keep_the_value_signature(make_backend, run):
         (task,) = new_tasks(1, now)
         await backend.enqueue([task])
         (claimed,) = await backend.claim("w", 1, now, now + 30)
-        await backend.finish("w", [Outcome(claimed.task_id, claimed.handle, claimed.attempts, OutcomeKind.SUCCESS, now, value=b"v", value_signature=b"s")])
+        done = Outcome(
+            claimed.task_id, claimed.handle, claimed.attempts, OutcomeKind.SUCCESS, now,
+            value=b"v", value_signature=b"s",
+        )
+        await backend.finish("w", [done])
         result = await backend.fetch_result(task.task_id)
         assert (result.value, result.value_signature) == (b"v", b"s")
 

@@ -110,8 +110,9 @@ def test_killed_workers_tasks_are_rerun_and_only_those(workers, tmp_path):
         victim, survivor = (workers.start("--concurrency", "2", "--lease", lease) for _ in range(2))
         ended_before = sum(event == "end" for event, _, _ in log_entries(log))
         wait_until(
-            lambda: sum(event == "end" for event, _, _ in log_entries(log)) >= ended_before + 30
-            and held_by(db, victim.pid),
+            lambda victim=victim, ended_before=ended_before: (
+                sum(event == "end" for event, _, _ in log_entries(log)) >= ended_before + 30 and held_by(db, victim.pid)
+            ),
             "the victim is running tasks",
         )
         victim.kill()  # SIGKILL, mid-task
@@ -120,7 +121,7 @@ def test_killed_workers_tasks_are_rerun_and_only_those(workers, tmp_path):
         caught = held_by(db, victim.pid)  # its lease has not run out yet: these were in flight
         in_flight.update(caught)
         # the survivor carries on, and takes the dead worker's tasks back once their lease runs out
-        wait_until(lambda: not held_by(db, victim.pid), "the dead worker's tasks are requeued")
+        wait_until(lambda victim=victim: not held_by(db, victim.pid), "the dead worker's tasks are requeued")
         workers.stop(survivor)
         assert "Traceback" not in workers.stderr(survivor)
     drain = subprocess.run(

@@ -96,7 +96,7 @@ def spec_blocks():
 def test_spec_page_runs_as_written(spec_blocks, tmp_path):
     namespace = {"__name__": "__main__", "asyncio": asyncio, "my_function": my_function}
     outputs = run_page(spec_blocks, tmp_path, namespace)
-    by_block = dict(zip(spec_blocks, outputs))
+    by_block = dict(zip(spec_blocks, outputs, strict=True))
 
     def printed(fragment):
         (block,) = [b for b in spec_blocks if fragment in b]

@@ -82,7 +82,9 @@ def test_healthy_workers_with_a_1s_lease_never_run_a_task_twice_under_load(tmp_p
             err = open(tmp_path / f"worker-{number}.err", "w")
             errs.append(tmp_path / f"worker-{number}.err")
             procs.append(subprocess.Popen(
-                sitq_command("worker", str(db), "--quiet", "--lease", "1", "--concurrency", "4", "--poll-interval", "0.2"),
+                sitq_command(
+                    "worker", str(db), "--quiet", "--lease", "1", "--concurrency", "4", "--poll-interval", "0.2"
+                ),
                 env=worker_env(), stdout=subprocess.DEVNULL, stderr=err,
             ))
             err.close()

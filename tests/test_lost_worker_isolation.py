@@ -50,7 +50,7 @@ def test_only_the_task_that_kills_its_worker_fails(db_path, tmp_path):
 
     results = {task_id: queue.get_result(task_id, timeout=0) for task_id in ids}
     queue.close()
-    for task_id, x in zip(innocent, (0, 1, 3)):
+    for task_id, x in zip(innocent, (0, 1, 3), strict=True):
         assert results[task_id].status == "success", results[task_id]
         assert queue.deserialize_result(results[task_id]) == x
     assert results[culprit].status == "failed"

@@ -268,7 +268,9 @@ def test_a_worker_process_abandons_a_coroutine_that_swallows_its_cancel(db_path,
         async def go():
             async with TaskQueue(SQLiteBackend(db_path)) as queue:
                 started = db_path.parent / "started"
-                task_id = await queue.enqueue(taskfuncs.async_swallow_cancel, "in a worker", "keep-running", str(started))
+                task_id = await queue.enqueue(
+                    taskfuncs.async_swallow_cancel, "in a worker", "keep-running", str(started)
+                )
                 await wait_for_file(started)
                 await queue.cancel(task_id)
                 cancelled = await queue.get_result(task_id, timeout=60)

@@ -9,7 +9,6 @@ import json
 import statistics
 
 import pytest
-
 from notebook_support import (
     browser_available,
     chromium_page,
@@ -130,7 +129,7 @@ def test_board_and_task_widgets_update_live_in_jupyterlab(lab, tmp_path):
         page.screenshot(path=str(shot), full_page=True)
         latency = page.evaluate("() => window.sitqLatency")
         updates = page.evaluate("() => window.sitqBoardUpdates")
-    gaps = [b - a for a, b in zip(updates, updates[1:])]
+    gaps = [b - a for a, b in zip(updates, updates[1:], strict=False)]
     print(f"\nscreenshot: {shot}")
     print(f"progress messages seen in the page: {len(latency)}; age when shown: median "
           f"{statistics.median(latency):.3f}s, max {max(latency):.3f}s")

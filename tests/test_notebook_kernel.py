@@ -11,8 +11,9 @@ import pytest
 
 pytest.importorskip("nbclient")
 
-import sitq
 from notebook_support import execute, new_notebook, outputs_text, visible_text, widget_states
+
+import sitq
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,11 +11,11 @@ pytest.importorskip("IPython")
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
+from notebook_support import visible_text, wait_until
 
 import sitq
 from sitq.notebook import runtime
 from sitq.notebook.render import result_html
-from notebook_support import visible_text, wait_until
 
 WORK = """
 import sitq, time

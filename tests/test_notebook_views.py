@@ -11,12 +11,12 @@ import threading
 import traceback
 
 import pytest
+from notebook_support import visible_text
 
 from sitq.core import Result, TaskInfo
 from sitq.notebook.render import board_html, result_html, task_html, traceback_html
 from sitq.notebook.rows import TaskRow, format_seconds, load_value, short_repr, task_row
 from sitq.serialization import CloudpickleSerializer
-from notebook_support import visible_text
 
 T0 = dt.datetime(2026, 11, 28, 12, 0, 0, tzinfo=dt.timezone.utc)
 

@@ -134,7 +134,9 @@ def test_readers_show_odd_values_and_never_fail_on_them(tmp_path):
         seqs = {shape: seq_of(db, queue.enqueue(taskfuncs.add, 1, 2)) for shape in ODD_VALUES}
     for shape, seq in seqs.items():
         edit(db, f"UPDATE sitq_tasks SET {ODD_VALUES[shape]} WHERE seq = ?", seq)
-    ids = {shape: query(db, "SELECT id FROM sitq_tasks WHERE seq = ?", seq)[0][0].decode() for shape, seq in seqs.items()}
+    ids = {
+        shape: query(db, "SELECT id FROM sitq_tasks WHERE seq = ?", seq)[0][0].decode() for shape, seq in seqs.items()
+    }
 
     status = sitq("status", str(db), "--limit", "50", env={**worker_env(), "COLUMNS": "250"})
     assert status.returncode == 0 and "Traceback" not in status.stderr, status.stderr
@@ -160,7 +162,8 @@ def test_readers_show_odd_values_and_never_fail_on_them(tmp_path):
             queue.value(ids["unknown status"], timeout=0)
         with pytest.raises(SerializationError, match="has text in column 'value' where sitq stores bytes"):
             queue.value(ids["value stored as text"])
-        results = [queue.get_result(ids[shape], timeout=0) for shape in ("times that are not times", "error that is not UTF-8")]
+        shapes = ("times that are not times", "error that is not UTF-8")
+        results = [queue.get_result(ids[shape], timeout=0) for shape in shapes]
 
     # the notebook's views draw them too
     html = board_html(overview.counts, [task_row(info) for info in overview.recent])

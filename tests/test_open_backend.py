@@ -55,7 +55,9 @@ def test_the_command_line_takes_a_sqlite_url(db_path):
     with SyncTaskQueue(db_path) as queue:
         task_id = queue.enqueue(taskfuncs.add, 20, 22)
     url = f"sqlite:///{db_path}"
-    drained = subprocess.run(sitq_command("worker", url, "--drain", "-q"), env=worker_env(), capture_output=True, text=True)
+    drained = subprocess.run(
+        sitq_command("worker", url, "--drain", "-q"), env=worker_env(), capture_output=True, text=True
+    )
     assert drained.returncode == 0, drained.stderr
     status = subprocess.run(sitq_command("status", url), env=worker_env(), capture_output=True, text=True)
     assert status.returncode == 0 and task_id in status.stdout and "success 1" in status.stdout

@@ -93,9 +93,9 @@ def test_attempts_wait_longer_and_longer(backend, tmp_path, run):
     _, result = run(outcome(backend, task, str(calls), 3))
     assert result.status == "success" and result.attempts == 4
     times = taskfuncs.call_times(calls)
-    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
     # an attempt never starts before its delay is over: 0.05, 0.15, 0.45 s
-    assert [gap >= expected for gap, expected in zip(gaps, (0.05, 0.15, 0.45))] == [True] * 3
+    assert [gap >= expected for gap, expected in zip(gaps, (0.05, 0.15, 0.45), strict=True)] == [True] * 3
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,6 @@ import pytest
 
 pytest.importorskip("nbclient")
 import nbformat
-
 from notebook_support import REPO, execute
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))

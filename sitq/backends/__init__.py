@@ -11,7 +11,9 @@ stores through :func:`open_backend` and never names a backend class.
 
 from __future__ import annotations
 
+import importlib
 import os
+from collections.abc import Callable
 from typing import Any, Union
 
 from sitq.backends.base import Backend
@@ -58,15 +60,17 @@ def open_backend(target: Target, **options: Any) -> Backend:
     )
 
 
-def _postgres_backend() -> Any:
+def _postgres_backend() -> Callable[..., Backend]:
+    # Imported by name, so this type-checks both before sitq/backends/postgres.py exists and after.
     try:
-        from sitq.backends.postgres import PostgresBackend  # type: ignore[import-not-found]
+        postgres = importlib.import_module("sitq.backends.postgres")
     except ImportError as exc:
         raise BackendError(
             "postgresql:// stores need sitq's PostgreSQL backend and its driver (psycopg 3 with its pool): "
             f"install them with pip install 'sitq[postgres]' ({exc})"
         ) from exc
-    return PostgresBackend
+    backend: Callable[..., Backend] = postgres.PostgresBackend
+    return backend
 
 
 def describe_target(target: Any) -> str:

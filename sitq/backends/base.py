@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable, Optional, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from sitq.backends.notify import ChangeNotifier
 from sitq.core import ClaimedTask, NewTask, Outcome, QueueOverview, Result, TaskInfo
@@ -107,7 +108,7 @@ class Backend:
         until it runs nothing, so that some worker can take the suspect alone."""
         raise NotImplementedError
 
-    async def next_eta(self) -> Optional[float]:
+    async def next_eta(self) -> float | None:
         """When the earliest pending task becomes ready (POSIX seconds), or None if none is pending."""
         raise NotImplementedError
 
@@ -139,7 +140,7 @@ class Backend:
         """
         raise NotImplementedError
 
-    async def cancel(self, task_id: str, now: float) -> Optional[str]:
+    async def cancel(self, task_id: str, now: float) -> str | None:
         """Cancel a task: ``"cancelled"`` (it was pending and never runs), ``"requested"``
         (it is running; its worker will stop it), ``"finished"`` (nothing changed), or
         None if there is no such task."""
@@ -150,14 +151,14 @@ class Backend:
         raise NotImplementedError
 
     async def set_progress(
-        self, worker_id: str, progress: Sequence[tuple[Any, int, Optional[float], Optional[float], Optional[str]]]
+        self, worker_id: str, progress: Sequence[tuple[Any, int, float | None, float | None, str | None]]
     ) -> None:
         """Store ``(handle, attempts, done, total, message)`` for tasks still running under this claim."""
         raise NotImplementedError
 
     # -- readers -----------------------------------------------------------
 
-    async def fetch_result(self, task_id: str) -> Optional[Result]:
+    async def fetch_result(self, task_id: str) -> Result | None:
         """The task's outcome fields in any state (``status`` may be pending), or None if unknown."""
         raise NotImplementedError
 
@@ -171,7 +172,7 @@ class Backend:
 
     # -- facts about the store -------------------------------------------------
 
-    async def get_meta(self, key: str) -> Optional[str]:
+    async def get_meta(self, key: str) -> str | None:
         """The text recorded under ``key`` about the store itself, or None if nothing is.
 
         Reads only: it works on a store opened read-only, and on a store made by an
@@ -202,13 +203,14 @@ class Backend:
         """Wake everyone waiting for a change. Safe to call from any thread."""
         self.changes.notify()
 
-    def watch(self, fut: asyncio.Future, token: int) -> bool:
+    def watch(self, fut: asyncio.Future[None], token: int) -> bool:
         """Resolve ``fut`` on the next change. False (and nothing registered) if ``token`` is stale."""
         return self.changes.watch(fut, token)
 
-    def unwatch(self, fut: asyncio.Future) -> None:
+    def unwatch(self, fut: asyncio.Future[None]) -> None:
+        """Forget a future registered with :meth:`watch` (its waiter stopped waiting)."""
         self.changes.unwatch(fut)
 
-    async def wait_for_change(self, token: int, timeout: Optional[float]) -> None:
+    async def wait_for_change(self, token: int, timeout: float | None) -> None:
         """Return on the next change after ``token`` was read, or after ``timeout`` seconds."""
         await self.changes.wait(token, timeout)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from sitq.backends.base import Backend
 from sitq.backends.rules import (
@@ -36,6 +37,7 @@ from sitq.core import (
     QueueOverview,
     Result,
     TaskInfo,
+    TaskStatus,
     to_datetime,
 )
 from sitq.errors import BackendError
@@ -43,6 +45,8 @@ from sitq.errors import BackendError
 __all__ = ["MemoryBackend"]
 
 RENEWALS_PER_LEASE = 5
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -52,25 +56,25 @@ class _Row:
     name: str
     func: bytes
     args: bytes
-    signature: Optional[bytes]
+    signature: bytes | None
     max_attempts: int
     eta: float
     enqueued_at: float
-    status: str = PENDING
+    status: TaskStatus = PENDING
     cancel_requested: bool = False
-    started_at: Optional[float] = None
-    finished_at: Optional[float] = None
+    started_at: float | None = None
+    finished_at: float | None = None
     attempts: int = 0
-    worker_id: Optional[str] = None
-    lease_until: Optional[float] = None
-    value: Optional[bytes] = None
-    value_signature: Optional[bytes] = None
-    error: Optional[str] = None
-    traceback: Optional[str] = None
-    output: Optional[str] = None
-    progress_done: Optional[float] = None
-    progress_total: Optional[float] = None
-    progress_message: Optional[str] = None
+    worker_id: str | None = None
+    lease_until: float | None = None
+    value: bytes | None = None
+    value_signature: bytes | None = None
+    error: str | None = None
+    traceback: str | None = None
+    output: str | None = None
+    progress_done: float | None = None
+    progress_total: float | None = None
+    progress_message: str | None = None
     lost: int = 0
 
 
@@ -101,21 +105,21 @@ class MemoryBackend(Backend):
 
     # -- a write: one locked step that says whether it changed anything --------
 
-    def _write(self, step: Callable[[], tuple[Any, bool]]) -> Any:
+    def _write(self, step: Callable[[], tuple[T, bool]]) -> T:
         with self._lock:
             result, changed = step()
         if changed:
             self.changes.notify()
         return result
 
-    def _read(self, step: Callable[[], Any]) -> Any:
+    def _read(self, step: Callable[[], T]) -> T:
         with self._lock:
             return step()
 
     # -- producers ---------------------------------------------------------
 
     async def enqueue(self, tasks: Sequence[NewTask]) -> None:
-        def step():
+        def step() -> tuple[None, bool]:
             fresh = [task.task_id for task in tasks]
             clash = next((i for i in fresh if i in self._rows), None)
             if clash is None and len(set(fresh)) < len(fresh):
@@ -136,21 +140,32 @@ class MemoryBackend(Backend):
 
     # -- workers -----------------------------------------------------------
 
-    async def claim(self, worker_id, limit, now, lease_until, *, alone=True):
+    async def claim(
+        self, worker_id: str, limit: int, now: float, lease_until: float, *, alone: bool = True
+    ) -> list[ClaimedTask]:
         return (await self.finish_and_claim(worker_id, (), limit, now, lease_until, alone=alone))[1]
 
-    async def finish(self, worker_id, outcomes):
+    async def finish(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[bool]:
         return (await self.finish_and_claim(worker_id, outcomes, 0, 0.0, 0.0))[0]
 
-    async def finish_and_claim(self, worker_id, outcomes, limit, now, lease_until, *, alone=True):
-        def step():
+    async def finish_and_claim(
+        self,
+        worker_id: str,
+        outcomes: Sequence[Outcome],
+        limit: int,
+        now: float,
+        lease_until: float,
+        *,
+        alone: bool = True,
+    ) -> tuple[list[bool], list[ClaimedTask]]:
+        def step() -> tuple[tuple[list[bool], list[ClaimedTask]], bool]:
             stored = [self._store_outcome(worker_id, outcome) for outcome in outcomes]
             claimed = self._claim(worker_id, limit, now, lease_until, alone) if limit > 0 else []
             return (stored, claimed), any(stored) or bool(claimed)
 
         return self._write(step)
 
-    def _claim(self, worker_id, limit, now, lease_until, alone) -> list[ClaimedTask]:
+    def _claim(self, worker_id: str, limit: int, now: float, lease_until: float, alone: bool) -> list[ClaimedTask]:
         ready = [r for r in self._by_seq.values() if r.status == PENDING and r.eta <= now]
         suspects = sorted((r for r in ready if r.lost > 0), key=lambda r: (r.eta, r.seq))
         if alone and suspects:
@@ -166,7 +181,7 @@ class MemoryBackend(Backend):
             for r in sorted(chosen, key=lambda r: r.seq)
         ]
 
-    def _held(self, worker_id: str, seq: int, attempts: int) -> Optional[_Row]:
+    def _held(self, worker_id: str, seq: int, attempts: int) -> _Row | None:
         """The row, if it is still running under this claim (the guard of every worker write)."""
         row = self._by_seq.get(seq)
         if row is None or row.status != RUNNING or row.worker_id != worker_id or row.attempts != attempts:
@@ -178,6 +193,7 @@ class MemoryBackend(Backend):
         if row is None:
             return False
         if o.kind is OutcomeKind.RETRY:  # another attempt is due at o.retry_at
+            assert o.retry_at is not None, "a RETRY outcome says when the next attempt is due"
             row.status = after_retry(row.cancel_requested)
             row.finished_at = o.finished_at if row.status == CANCELLED else None
             row.eta, row.error, row.traceback, row.output = o.retry_at, o.error, o.traceback, o.output
@@ -192,13 +208,15 @@ class MemoryBackend(Backend):
         row.progress_message = row.progress_message if message is None else message
         return True
 
-    async def suspects_waiting(self, now):
-        return self._read(lambda: any(r.status == PENDING and r.lost > 0 and r.eta <= now for r in self._by_seq.values()))
+    async def suspects_waiting(self, now: float) -> bool:
+        return self._read(
+            lambda: any(r.status == PENDING and r.lost > 0 and r.eta <= now for r in self._by_seq.values())
+        )
 
-    async def next_eta(self):
+    async def next_eta(self) -> float | None:
         return self._read(lambda: min((r.eta for r in self._by_seq.values() if r.status == PENDING), default=None))
 
-    async def renew(self, worker_id, lease_until):
+    async def renew(self, worker_id: str, lease_until: float) -> int:
         return self._renew(worker_id, lease_until)
 
     def _renew(self, worker_id: str, lease_until: float) -> int:
@@ -208,13 +226,13 @@ class MemoryBackend(Backend):
                 row.lease_until = lease_until
             return len(rows)
 
-    def start_heartbeat(self, worker_id: str, lease: float, clock: Callable[[], float] = time.time) -> "_Heartbeat":
+    def start_heartbeat(self, worker_id: str, lease: float, clock: Callable[[], float] = time.time) -> _Heartbeat:
         heartbeat = _Heartbeat(self, worker_id, lease, clock)
         heartbeat.start()
         return heartbeat
 
-    async def requeue_expired(self, now):
-        def step():
+    async def requeue_expired(self, now: float) -> int:
+        def step() -> tuple[int, bool]:
             count = 0
             for row in self._by_seq.values():
                 if row.status != RUNNING or row.lease_until is None or not row.lease_until < now:
@@ -233,8 +251,8 @@ class MemoryBackend(Backend):
 
         return self._write(step)
 
-    async def cancel(self, task_id, now):
-        def step():
+    async def cancel(self, task_id: str, now: float) -> CancelOutcome | None:
+        def step() -> tuple[CancelOutcome | None, bool]:
             row = self._rows.get(task_id)
             if row is None:
                 return None, False
@@ -247,7 +265,7 @@ class MemoryBackend(Backend):
 
         return self._write(step)
 
-    async def cancel_requests(self, worker_id):
+    async def cancel_requests(self, worker_id: str) -> list[str]:
         return self._read(
             lambda: [
                 r.task_id
@@ -256,8 +274,10 @@ class MemoryBackend(Backend):
             ]
         )
 
-    async def set_progress(self, worker_id, progress):
-        def step():
+    async def set_progress(
+        self, worker_id: str, progress: Sequence[tuple[Any, int, float | None, float | None, str | None]]
+    ) -> None:
+        def step() -> tuple[None, bool]:
             changed = False
             for handle, attempts, done, total, message in progress:
                 row = self._held(worker_id, handle, attempts)
@@ -270,15 +290,15 @@ class MemoryBackend(Backend):
 
     # -- readers -----------------------------------------------------------
 
-    async def fetch_result(self, task_id):
+    async def fetch_result(self, task_id: str) -> Result | None:
         return self._read(lambda: _result(self._rows[task_id]) if task_id in self._rows else None)
 
-    async def fetch_info(self, task_ids):
+    async def fetch_info(self, task_ids: Sequence[str]) -> dict[str, TaskInfo]:
         return self._read(lambda: {i: _info(self._rows[i]) for i in task_ids if i in self._rows})
 
-    async def overview(self, limit):
-        def step():
-            counts = dict.fromkeys(STATES, 0)
+    async def overview(self, limit: int) -> QueueOverview:
+        def step() -> QueueOverview:
+            counts: dict[str, int] = dict.fromkeys(STATES, 0)
             for row in self._by_seq.values():
                 counts[row.status] = counts.get(row.status, 0) + 1
             recent = [_info(row) for row in sorted(self._by_seq.values(), key=lambda r: -r.seq)[:limit]]
@@ -288,11 +308,11 @@ class MemoryBackend(Backend):
 
     # -- facts about the store -------------------------------------------------
 
-    async def get_meta(self, key):
+    async def get_meta(self, key: str) -> str | None:
         return self._read(lambda: self._meta.get(key))
 
-    async def set_meta_if_absent(self, key, value):
-        def step():
+    async def set_meta_if_absent(self, key: str, value: str) -> str:
+        def step() -> tuple[str, bool]:
             if key in self._meta:
                 return self._meta[key], False
             self._meta[key] = value

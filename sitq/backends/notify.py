@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Callable, Optional
+from collections.abc import Callable
 
 __all__ = ["ChangeNotifier"]
 
@@ -32,10 +32,10 @@ __all__ = ["ChangeNotifier"]
 class ChangeNotifier:
     """A change token and the futures waiting for it to move. See the module docstring."""
 
-    def __init__(self, on_watch: Optional[Callable[[], None]] = None) -> None:
+    def __init__(self, on_watch: Callable[[], None] | None = None) -> None:
         self._count = 0
         self._lock = threading.Lock()
-        self._watchers: set[asyncio.Future] = set()
+        self._watchers: set[asyncio.Future[None]] = set()
         self._on_watch = on_watch
 
     def __repr__(self) -> str:
@@ -79,7 +79,7 @@ class ChangeNotifier:
             elif not loop.is_closed():
                 loop.call_soon_threadsafe(_resolve, fut)
 
-    def watch(self, fut: asyncio.Future, token: int) -> bool:
+    def watch(self, fut: asyncio.Future[None], token: int) -> bool:
         """Resolve ``fut`` on the next change. False (and nothing registered) if ``token`` is stale."""
         with self._lock:
             if token != self._count:
@@ -89,11 +89,11 @@ class ChangeNotifier:
             self._on_watch()
         return True
 
-    def unwatch(self, fut: asyncio.Future) -> None:
+    def unwatch(self, fut: asyncio.Future[None]) -> None:
         with self._lock:
             self._watchers.discard(fut)
 
-    async def wait(self, token: int, timeout: Optional[float]) -> None:
+    async def wait(self, token: int, timeout: float | None) -> None:
         """Return on the next change after ``token`` was read, or after ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
@@ -108,6 +108,6 @@ class ChangeNotifier:
             self.unwatch(fut)
 
 
-def _resolve(fut: asyncio.Future) -> None:
+def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)

@@ -93,7 +93,7 @@ class CancelOutcome(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
-    __format__ = str.__format__
+    __format__ = str.__format__  # type: ignore[assignment]  # as TaskStatus's, in sitq.core
 
 
 def cancel(status: TaskStatus) -> CancelOutcome:

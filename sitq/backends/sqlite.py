@@ -52,11 +52,13 @@ import os
 import queue
 import random
 import sqlite3
+import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Literal, TypeVar, cast, overload
 
 from sitq.backends.base import Backend
 from sitq.backends.rules import LOST_WORKER_LIMIT, CancelOutcome, lost_worker_error
@@ -280,6 +282,10 @@ UPDATE sitq_tasks SET lease_until = 0 WHERE status = 'running' AND (lease_until 
 
 CHECKPOINT = "PRAGMA wal_checkpoint(PASSIVE)"
 
+T = TypeVar("T")
+# A job for a helper thread: called with the helper's connection and its stop event.
+_Job = Callable[[sqlite3.Connection, threading.Event], Any]
+
 MEMORY = ":memory:"
 NO_PROGRESS = (None, None, None)
 # Work on more rows than this runs on a helper thread: at a few microseconds a row, the loop
@@ -316,7 +322,7 @@ class SQLiteBackend(Backend):
 
     def __init__(
         self,
-        path: Union[str, os.PathLike],
+        path: str | os.PathLike[str],
         *,
         lock_timeout: float = 60.0,
         change_check_interval: float = 0.001,
@@ -330,9 +336,9 @@ class SQLiteBackend(Backend):
         self.lock_timeout = lock_timeout
         self.change_check_interval = change_check_interval
         self._lock = threading.RLock()  # guards the loop's connection
-        self._conn: Optional[sqlite3.Connection] = None
-        self._opened: Optional[tuple] = None  # (absolute path, device, inode) of the file at open
-        self._watcher: Optional[_ChangeWatcher] = None
+        self._conn: sqlite3.Connection | None = None
+        self._opened: tuple[str, int, int] | None = None  # (absolute path, device, inode) of the file at open
+        self._watcher: _ChangeWatcher | None = None
         self._threads_lock = threading.Lock()  # guards the helpers and heartbeats below
         self._helpers: dict[str, _Helper] = {}
         self._heartbeats: set[_Heartbeat] = set()
@@ -345,6 +351,7 @@ class SQLiteBackend(Backend):
 
     @property
     def is_memory(self) -> bool:
+        """Whether this is a ``:memory:`` store, private to this backend object."""
         return self.path == MEMORY
 
     # -- lifecycle ---------------------------------------------------------
@@ -400,8 +407,9 @@ class SQLiteBackend(Backend):
         what = self._moved()
         if what is not None:
             self._empty_wal()
+            opened = self._opened[0] if self._opened else self.path  # set: it was found moved
             raise BackendError(
-                f"the database file {self._opened[0]!r} was {what} while this worker ran; it stopped so "
+                f"the database file {opened!r} was {what} while this worker ran; it stopped so "
                 "that it does not write to a file no one can see; restart it on the file you mean. Tasks "
                 "it was running stay claimed in the old file until their lease expires."
             )
@@ -421,7 +429,7 @@ class SQLiteBackend(Backend):
                 except sqlite3.Error:
                     pass
 
-    def _moved(self) -> Optional[str]:
+    def _moved(self) -> str | None:
         """How the file at the path stopped being the one opened, or None if it did not (or cannot tell)."""
         opened = self._opened
         if opened is None:  # ':memory:' has no file; a closed backend has nothing open
@@ -435,7 +443,7 @@ class SQLiteBackend(Backend):
             return None  # cannot look just now (a network file system, say); the next look decides
         return None if (now.st_dev, now.st_ino) == (device, inode) else "replaced by another file"
 
-    async def _retry_while_busy(self, attempt):
+    async def _retry_while_busy(self, attempt: Callable[[], T]) -> T:
         """Call ``attempt()`` until it does not fail with SQLite's busy error, sleeping between tries."""
         delay = 0.001
         deadline = None
@@ -460,11 +468,17 @@ class SQLiteBackend(Backend):
             "(look for it with `fuser`), or raise lock_timeout"
         )
 
-    async def _run(self, fn, *args, write: bool = False):
+    @overload
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+    @overload
+    async def _run(self, fn: Callable[..., tuple[T, bool]], *args: Any, write: Literal[True]) -> T: ...
+
+    async def _run(self, fn: Callable[..., Any], *args: Any, write: bool = False) -> Any:
         """Run ``fn(conn, *args)`` under the lock, retrying while another process holds the lock."""
         if self._conn is None:
             await self.connect()
-        conn = self._conn
+        conn = self._connection()
         lock = self._lock
         delay = 0.001
         deadline = None
@@ -503,21 +517,14 @@ class SQLiteBackend(Backend):
         self.changes.wake()
         return result
 
-    def _locked_error(self) -> BackendError:
-        return BackendError(
-            f"the sitq database {self.path!r} stayed locked by another process for "
-            f"{self.lock_timeout:g} s; a process may be stuck holding a write transaction "
-            "(look for it with `fuser`), or raise lock_timeout"
-        )
-
-    async def _write(self, fn, *args):
+    async def _write(self, fn: Callable[..., tuple[T, bool]], *args: Any) -> T:
         """Run ``fn(conn, *args) -> (result, changed)`` as ``_run`` does, and move the change
         token (waking waiters) if it changed anything."""
         return await self._run(fn, *args, write=True)
 
     # -- helper threads ----------------------------------------------------
 
-    async def _offload(self, job: Callable[[sqlite3.Connection, threading.Event], object]):
+    async def _offload(self, job: Callable[[sqlite3.Connection, threading.Event], T]) -> T:
         """Run ``job(conn, stopped)`` on the helper thread and await its result; the loop stays free.
 
         The job gets the helper's connection and its stop event, for ``_call_here``.
@@ -526,7 +533,7 @@ class SQLiteBackend(Backend):
             await self.connect()  # the file is opened and checked by the loop's connection first
         return await asyncio.wrap_future(self._helper("offload").submit(job))
 
-    def _helper(self, kind: str) -> "_Helper":
+    def _helper(self, kind: str) -> _Helper:
         with self._threads_lock:
             helper = self._helpers.get(kind)
             if helper is None:
@@ -559,11 +566,20 @@ class SQLiteBackend(Backend):
             raise _translate(exc, self.path) from exc
         return conn
 
-    def _release_side_connection(self, conn: Optional[sqlite3.Connection]) -> None:
+    def _release_side_connection(self, conn: sqlite3.Connection | None) -> None:
         if conn is not None and conn is not self._conn:
             conn.close()
 
-    def _call_here(self, conn, fn, args, stopped: threading.Event, *, write=False, slowest=0.05):
+    def _call_here(
+        self,
+        conn: sqlite3.Connection,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        stopped: threading.Event,
+        *,
+        write: bool = False,
+        slowest: float = 0.05,
+    ) -> Any:
         """Run ``fn(conn, *args)`` on this helper thread, sleeping here while another process
         holds the lock, up to ``lock_timeout``; ``stopped`` ends the waiting early."""
         shared = conn is self._conn  # an in-memory store's only connection
@@ -609,7 +625,7 @@ class SQLiteBackend(Backend):
         # Another process checkpointing at the same time is not an error (it reports busy).
         conn.execute(CHECKPOINT).fetchall()
 
-    def start_heartbeat(self, worker_id: str, lease: float, clock: Callable[[], float] = time.time) -> "_Heartbeat":
+    def start_heartbeat(self, worker_id: str, lease: float, clock: Callable[[], float] = time.time) -> _Heartbeat:
         self._connection()
         heartbeat = _Heartbeat(self, worker_id, lease, clock)
         with self._threads_lock:
@@ -624,7 +640,7 @@ class SQLiteBackend(Backend):
             await self._write(_insert, tasks)
             return
 
-        def job(conn, stopped):  # still one statement: all tasks are stored or none is
+        def job(conn: sqlite3.Connection, stopped: threading.Event) -> None:  # one statement: all tasks or none
             self._call_here(conn, _stage, (tasks,), stopped)
             try:
                 self._call_here(conn, _insert_staged, (), stopped, write=True)
@@ -636,13 +652,24 @@ class SQLiteBackend(Backend):
 
     # -- workers -----------------------------------------------------------
 
-    async def claim(self, worker_id, limit, now, lease_until, *, alone=True):
+    async def claim(
+        self, worker_id: str, limit: int, now: float, lease_until: float, *, alone: bool = True
+    ) -> list[ClaimedTask]:
         return (await self.finish_and_claim(worker_id, (), limit, now, lease_until, alone=alone))[1]
 
-    async def finish(self, worker_id, outcomes):
+    async def finish(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[bool]:
         return (await self.finish_and_claim(worker_id, outcomes, 0, 0.0, 0.0))[0]
 
-    async def finish_and_claim(self, worker_id, outcomes, limit, now, lease_until, *, alone=True):
+    async def finish_and_claim(
+        self,
+        worker_id: str,
+        outcomes: Sequence[Outcome],
+        limit: int,
+        now: float,
+        lease_until: float,
+        *,
+        alone: bool = True,
+    ) -> tuple[list[bool], list[ClaimedTask]]:
         if len(outcomes) + limit <= BATCH_ROWS:
             return await self._write(_finish_and_claim, worker_id, outcomes, limit, now, lease_until, alone)
         # A big batch (many slots taking runs of short tasks) runs in slices of BATCH_ROWS rows,
@@ -651,61 +678,67 @@ class SQLiteBackend(Backend):
         stored: list[bool] = []
         for first in range(0, len(outcomes), BATCH_ROWS):
             await asyncio.sleep(0)
-            stored += (await self._write(_finish_and_claim, worker_id, outcomes[first : first + BATCH_ROWS], 0, now, 0, False))[0]
+            batch = outcomes[first : first + BATCH_ROWS]
+            stored += (await self._write(_finish_and_claim, worker_id, batch, 0, now, 0, False))[0]
         claimed: list[ClaimedTask] = []
         while limit > 0:
             await asyncio.sleep(0)
             wanted = min(limit, BATCH_ROWS)
-            got = (await self._write(_finish_and_claim, worker_id, (), wanted, now, lease_until, alone and not claimed))[1]
+            alone_now = alone and not claimed
+            got = (await self._write(_finish_and_claim, worker_id, (), wanted, now, lease_until, alone_now))[1]
             claimed += got
             limit -= wanted
             if len(got) < wanted or got[0].lost:
                 break  # nothing more is ready, or it took a suspect, which runs alone
         return stored, claimed
 
-    async def suspects_waiting(self, now):
+    async def suspects_waiting(self, now: float) -> bool:
         return await self._run(_fetch_one, SUSPECTS_WAITING, (now,)) is not None
 
-    async def next_eta(self):
+    async def next_eta(self) -> float | None:
         eta = (await self._run(_fetch_one, NEXT_ETA, ()))[0]
         # Numbers sort first, so anything else means only tasks with unreadable etas are pending.
         return eta if isinstance(eta, (int, float)) else None
 
-    async def renew(self, worker_id, lease_until):
+    async def renew(self, worker_id: str, lease_until: float) -> int:
         return await self._run(_execute_count, RENEW_LEASES, (lease_until, worker_id))
 
-    async def requeue_expired(self, now):
+    async def requeue_expired(self, now: float) -> int:
         return await self._write(_requeue_expired, now)
 
-    async def cancel(self, task_id, now):
+    async def cancel(self, task_id: str, now: float) -> CancelOutcome | None:
         return await self._write(_cancel, task_id, now)
 
-    async def cancel_requests(self, worker_id):
+    async def cancel_requests(self, worker_id: str) -> list[str]:
         return [row[0] for row in await self._run(_fetch_all, SELECT_CANCEL_REQUESTS, (worker_id,))]
 
-    async def set_progress(self, worker_id, progress):
-        rows = [(done, total, message, handle, attempts, worker_id) for handle, attempts, done, total, message in progress]
+    async def set_progress(
+        self, worker_id: str, progress: Sequence[tuple[Any, int, float | None, float | None, str | None]]
+    ) -> None:
+        rows = [
+            (done, total, message, handle, attempts, worker_id) for handle, attempts, done, total, message in progress
+        ]
         await self._write(_execute_many, SET_PROGRESS, rows)
 
     # -- readers -----------------------------------------------------------
 
-    async def fetch_result(self, task_id):
+    async def fetch_result(self, task_id: str) -> Result | None:
         row = await self._run(_fetch_result, task_id)
         return None if row is None else _result(row)
 
-    async def fetch_info(self, task_ids):
+    async def fetch_info(self, task_ids: Sequence[str]) -> dict[str, TaskInfo]:
         if len(task_ids) <= OFFLOAD_ROWS:
             return _infos(await self._run(_fetch_all, SELECT_INFO, (json.dumps(list(task_ids)),)))
 
-        def job(conn, stopped):
+        def job(conn: sqlite3.Connection, stopped: threading.Event) -> dict[str, TaskInfo]:
             return _infos(self._call_here(conn, _fetch_all, (SELECT_INFO, (json.dumps(list(task_ids)),)), stopped))
 
         return await self._offload(job)
 
-    async def overview(self, limit):
-        def job(conn, stopped):  # the counts scan the whole table: never on the loop
+    async def overview(self, limit: int) -> QueueOverview:
+        def job(conn: sqlite3.Connection, stopped: threading.Event) -> QueueOverview:  # a table scan: off the loop
             counts, rows = self._call_here(conn, _overview, (limit,), stopped)
-            full = dict.fromkeys(STATES, 0)
+            full: dict[str, int] = dict.fromkeys(STATES, 0)
             for status, count in counts:
                 status = TaskStatus.read(_text(status))  # one sitq does not know is counted under its own name
                 full[status] = full.get(status, 0) + count
@@ -715,10 +748,10 @@ class SQLiteBackend(Backend):
 
     # -- facts about the store -------------------------------------------------
 
-    async def get_meta(self, key):
+    async def get_meta(self, key: str) -> str | None:
         return await self._run(_get_meta, key)
 
-    async def set_meta_if_absent(self, key, value):
+    async def set_meta_if_absent(self, key: str, value: str) -> str:
         return await self._write(_set_meta_if_absent, key, value)
 
     # -- change notification -------------------------------------------------
@@ -739,17 +772,17 @@ class SQLiteBackend(Backend):
 # -- statements run under the backend's lock ---------------------------------
 
 
-def _task_rows(tasks: Sequence[NewTask]):
+def _task_rows(tasks: Sequence[NewTask]) -> Iterable[tuple[Any, ...]]:
     """The INSERT's parameters; for a batch, made one at a time from its columns."""
     if isinstance(tasks, NewTaskBatch):
         n = len(tasks)
         t = tasks
         return zip(t.task_ids, repeat(t.name, n), repeat(t.func, n), t.args, t.signatures, repeat(t.max_attempts, n),
-                   repeat(t.eta, n), repeat(t.enqueued_at, n))
+                   repeat(t.eta, n), repeat(t.enqueued_at, n), strict=False)
     return [(t.task_id, t.name, t.func, t.args, t.signature, t.max_attempts, t.eta, t.enqueued_at) for t in tasks]
 
 
-def _insert(conn: sqlite3.Connection, tasks: Sequence[NewTask]) -> tuple:
+def _insert(conn: sqlite3.Connection, tasks: Sequence[NewTask]) -> tuple[None, bool]:
     rows = _task_rows(tasks)
     if len(tasks) == 1:
         conn.execute(INSERT_TASK, next(iter(rows)))
@@ -767,19 +800,27 @@ def _stage(conn: sqlite3.Connection, tasks: Sequence[NewTask]) -> None:
     conn.execute("COMMIT")
 
 
-def _insert_staged(conn: sqlite3.Connection) -> tuple:
+def _insert_staged(conn: sqlite3.Connection) -> tuple[None, bool]:
     conn.execute(INSERT_STAGED)
     return None, True
 
 
-def _finish_and_claim(conn, worker_id, outcomes, limit, now, lease_until, alone):
+def _finish_and_claim(
+    conn: sqlite3.Connection,
+    worker_id: str,
+    outcomes: Sequence[Outcome],
+    limit: int,
+    now: float,
+    lease_until: float,
+    alone: bool,
+) -> tuple[tuple[list[bool], list[ClaimedTask]], bool]:
     batch = bool(outcomes) and limit > 0 or len(outcomes) > 1
     if batch:
         conn.execute("BEGIN IMMEDIATE")
     stored = [conn.execute(*_outcome_statement(o, worker_id)).rowcount == 1 for o in outcomes]
-    claimed = []
+    claimed: list[ClaimedTask] = []
     if limit > 0:
-        rows = []
+        rows: list[Any] = []
         if alone:
             rows = _claimed_rows(conn, conn.execute(CLAIM_SUSPECT, (worker_id, now, lease_until, now)))
         if not rows:
@@ -790,7 +831,7 @@ def _finish_and_claim(conn, worker_id, outcomes, limit, now, lease_until, alone)
     return (stored, claimed), any(stored) or bool(claimed)
 
 
-def _outcome_statement(o: Outcome, worker_id: str) -> tuple:
+def _outcome_statement(o: Outcome, worker_id: str) -> tuple[str, tuple[Any, ...]]:
     if o.kind is OutcomeKind.RETRY:  # another attempt is due at o.retry_at (or cancelled: rules.after_retry)
         return RETRY_TASK, (o.finished_at, o.retry_at, o.error, o.traceback, o.output, o.handle, o.attempts, worker_id)
     progress = o.progress or NO_PROGRESS
@@ -800,7 +841,7 @@ def _outcome_statement(o: Outcome, worker_id: str) -> tuple:
     )
 
 
-def _requeue_expired(conn, now) -> int:
+def _requeue_expired(conn: sqlite3.Connection, now: float) -> tuple[int, bool]:
     lost = lost_worker_error(LOST_WORKER_LIMIT)
     conn.execute("BEGIN IMMEDIATE")
     _settle_unreadable_times(conn, now)
@@ -811,7 +852,7 @@ def _requeue_expired(conn, now) -> int:
     return count, count > 0
 
 
-def _settle_unreadable_times(conn, now) -> None:
+def _settle_unreadable_times(conn: sqlite3.Connection, now: float) -> None:
     failed = conn.execute(FAIL_UNREADABLE_ETA, (now,)).rowcount
     ended = conn.execute(END_UNREADABLE_LEASES).rowcount
     if failed:
@@ -821,7 +862,7 @@ def _settle_unreadable_times(conn, now) -> None:
                     "it counts as expired", ended)
 
 
-def _cancel(conn, task_id, now):
+def _cancel(conn: sqlite3.Connection, task_id: str, now: float) -> tuple[CancelOutcome | None, bool]:
     conn.execute("BEGIN IMMEDIATE")
     if conn.execute(CANCEL_PENDING, (now, task_id)).rowcount:
         state = CancelOutcome.CANCELLED
@@ -835,7 +876,7 @@ def _cancel(conn, task_id, now):
     return state, state in (CancelOutcome.CANCELLED, CancelOutcome.REQUESTED)
 
 
-def _fetch_result(conn, task_id):
+def _fetch_result(conn: sqlite3.Connection, task_id: str) -> Any:
     try:
         return _fetch_one(conn, SELECT_RESULT, (task_id,))
     except sqlite3.OperationalError as exc:
@@ -845,17 +886,18 @@ def _fetch_result(conn, task_id):
     return _fetch_one(conn, SELECT_RESULT.replace("value_signature", "NULL"), (task_id,))
 
 
-def _get_meta(conn, key):
+def _get_meta(conn: sqlite3.Connection, key: str) -> str | None:
     try:
         row = conn.execute(SELECT_META, (key,)).fetchone()
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc):
             return None  # a version 1 file opened read-only: it has no meta table, so no facts
         raise
-    return None if row is None else row[0]
+    value: str | None = None if row is None else row[0]
+    return value
 
 
-def _set_meta_if_absent(conn, key, value):
+def _set_meta_if_absent(conn: sqlite3.Connection, key: str, value: str) -> tuple[str, bool]:
     conn.execute("BEGIN IMMEDIATE")
     added = conn.execute(INSERT_META_IF_ABSENT, (key, value)).rowcount == 1
     (recorded,) = conn.execute(SELECT_META, (key,)).fetchone()
@@ -863,11 +905,11 @@ def _set_meta_if_absent(conn, key, value):
     return recorded, added
 
 
-def _execute_count(conn, sql, params) -> int:
+def _execute_count(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> int:
     return conn.execute(sql, params).rowcount
 
 
-def _execute_many(conn, sql, rows) -> tuple:
+def _execute_many(conn: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> tuple[None, bool]:
     if not rows:
         return None, False
     before = conn.total_changes
@@ -877,15 +919,15 @@ def _execute_many(conn, sql, rows) -> tuple:
     return None, conn.total_changes > before
 
 
-def _fetch_one(conn, sql, params):
+def _fetch_one(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
     return _read(conn, lambda: conn.execute(sql, params).fetchone())
 
 
-def _fetch_all(conn, sql, params):
+def _fetch_all(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
     return _read(conn, lambda: conn.execute(sql, params).fetchall())
 
 
-def _overview(conn, limit):
+def _overview(conn: sqlite3.Connection, limit: int) -> tuple[list[Any], list[Any]]:
     conn.execute("BEGIN")  # one snapshot for counts and rows
     try:
         counts = _read(conn, lambda: conn.execute(COUNT_BY_STATUS).fetchall())
@@ -895,19 +937,19 @@ def _overview(conn, limit):
     return counts, rows
 
 
-def _renew(conn, worker_id, lease, clock) -> int:
+def _renew(conn: sqlite3.Connection, worker_id: str, lease: float, clock: Callable[[], float]) -> int:
     return conn.execute(RENEW_LEASES, (clock() + lease, worker_id)).rowcount
 
 
-def _infos(rows) -> dict:
+def _infos(rows: Iterable[Any]) -> dict[str, TaskInfo]:
     return {row[0]: _info(row) for row in rows}
 
 
-def _result(row) -> Result:
+def _result(row: Sequence[Any]) -> Result:
     task_id, name, status, value, error, tb, enqueued, started, finished, attempts, output, value_signature = row
     return Result(
-        task_id=task_id if type(task_id) is str else _text(task_id),
-        name=name if type(name) is str else _text(name),
+        task_id=task_id if type(task_id) is str else cast(str, _text(task_id)),  # NOT NULL: never None
+        name=name if type(name) is str else cast(str, _text(name)),
         status=TaskStatus.read(status if type(status) is str else _text(status)),
         value=value,  # as stored: deserialize_result names it if it is not bytes
         error=_text(error),
@@ -921,12 +963,12 @@ def _result(row) -> Result:
     )
 
 
-def _info(row) -> TaskInfo:
+def _info(row: Sequence[Any]) -> TaskInfo:
     (task_id, name, status, enqueued, eta, started, finished, attempts, worker_id, done, total, message, error) = row
     # The inline checks keep the usual row, which holds only what sitq writes, fast.
     return TaskInfo(
-        task_id=task_id if type(task_id) is str else _text(task_id),
-        name=name if type(name) is str else _text(name),
+        task_id=task_id if type(task_id) is str else cast(str, _text(task_id)),  # NOT NULL: never None
+        name=name if type(name) is str else cast(str, _text(name)),
         status=TaskStatus.read(status if type(status) is str else _text(status)),
         enqueued_at=to_datetime(enqueued),
         eta=to_datetime(eta),
@@ -970,7 +1012,7 @@ def _is_undecodable(exc: sqlite3.Error) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and "Could not decode to UTF-8" in str(exc)
 
 
-def _read(conn: sqlite3.Connection, read):
+def _read(conn: sqlite3.Connection, read: Callable[[], T]) -> T:
     """``read()``; if some stored text is not UTF-8, ``read()`` again with text read leniently.
 
     The lenient reader costs a Python call per text value, so it is used only when needed.
@@ -987,10 +1029,10 @@ def _read(conn: sqlite3.Connection, read):
         conn.text_factory = str
 
 
-def _claimed_rows(conn: sqlite3.Connection, cursor: sqlite3.Cursor) -> list:
+def _claimed_rows(conn: sqlite3.Connection, cursor: sqlite3.Cursor) -> list[Any]:
     """The rows a claim returns. The claim has happened by now, so it cannot be run again: after
     text that is not UTF-8, reading resumes at the row that failed, with text read leniently."""
-    rows: list = []
+    rows: list[Any] = []
     try:
         rows.extend(cursor)  # keeps the rows read before a failure
     except sqlite3.OperationalError as exc:
@@ -1004,7 +1046,7 @@ def _claimed_rows(conn: sqlite3.Connection, cursor: sqlite3.Cursor) -> list:
     return rows
 
 
-def _claimed(row) -> ClaimedTask:
+def _claimed(row: Sequence[Any]) -> ClaimedTask:
     task = ClaimedTask(*row)
     _, task_id, name, func, args, signature, attempts, *_ = row
     if (
@@ -1016,7 +1058,7 @@ def _claimed(row) -> ClaimedTask:
         and type(attempts) is int
     ):
         return task
-    for (column, kind, nullable), value in zip(CLAIMED_COLUMNS, row[1:]):
+    for (column, kind, nullable), value in zip(CLAIMED_COLUMNS, row[1:], strict=False):
         if type(value) is not kind and not (nullable and value is None):
             expected = _KINDS[kind] + (" (or NULL)" if nullable else "")
             task.problem = (
@@ -1027,7 +1069,7 @@ def _claimed(row) -> ClaimedTask:
     return task
 
 
-def _describe(value) -> str:
+def _describe(value: object) -> str:
     """What a stored value is, for messages: ``text 'abc'``, ``bytes``, ``NULL``, ``the number 2.5``."""
     if value is None:
         return "NULL"
@@ -1040,7 +1082,7 @@ def _describe(value) -> str:
     return f"the number {value!r}"
 
 
-def _text(value) -> Optional[str]:
+def _text(value: object) -> str | None:
     """Stored text as it is; anything else in a text column as a short description of it."""
     if type(value) is str or value is None:
         return value
@@ -1051,12 +1093,12 @@ def _text(value) -> Optional[str]:
     return str(value)
 
 
-def _number(value) -> Optional[float]:
+def _number(value: object) -> float | None:
     """A stored number as a float; None for anything else."""
     return float(value) if type(value) is float or type(value) is int else None
 
 
-def _whole(value) -> Optional[int]:
+def _whole(value: object) -> int | None:
     """A stored whole number; None for anything else."""
     if type(value) is int:
         return value
@@ -1068,7 +1110,7 @@ def _whole(value) -> Optional[int]:
 # -- opening and checking the file -------------------------------------------
 
 
-def _parse_path(path: Union[str, os.PathLike]) -> str:
+def _parse_path(path: str | os.PathLike[str]) -> str:
     if isinstance(path, os.PathLike):
         path = os.fspath(path)
     if not isinstance(path, str):
@@ -1180,7 +1222,7 @@ def _ensure_schema(conn: sqlite3.Connection, path: str, read_only: bool) -> None
 def _schema_version(conn: sqlite3.Connection, path: str) -> int:
     """The sitq schema version of the file, 0 for a new empty file; raises for anyone else's file."""
     app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
     if app_id == APPLICATION_ID:
         if version > SCHEMA_VERSION:
             raise SchemaVersionError(
@@ -1201,7 +1243,7 @@ def _schema_version(conn: sqlite3.Connection, path: str) -> int:
     return 0
 
 
-def _file_identity(path: str) -> Optional[tuple]:
+def _file_identity(path: str) -> tuple[str, int, int] | None:
     """(absolute path, device, inode) of the file just opened; absolute because a task may chdir."""
     if path == MEMORY:
         return None
@@ -1220,8 +1262,8 @@ def _execute_script(conn: sqlite3.Connection, script: str) -> None:
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11 on, as are the constants
+    if code is not None and sys.version_info >= (3, 11):
         return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
     text = str(exc)
     return "database is locked" in text or "database table is locked" in text
@@ -1311,13 +1353,13 @@ class _Helper(threading.Thread):
         super().__init__(name=f"sitq-{kind}-{Path(backend.path).name}", daemon=True)
         self.backend = backend
         self.stopped = threading.Event()
-        self.exited: concurrent.futures.Future = concurrent.futures.Future()
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.exited: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._jobs: queue.SimpleQueue[tuple[_Job, concurrent.futures.Future[Any]] | None] = queue.SimpleQueue()
         self._closing = threading.Lock()
         self._closed = False
 
-    def submit(self, job: Callable) -> concurrent.futures.Future:
-        fut: concurrent.futures.Future = concurrent.futures.Future()
+    def submit(self, job: Callable[[sqlite3.Connection, threading.Event], T]) -> concurrent.futures.Future[T]:
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._closing:
             if self._closed:
                 raise BackendError(f"the sitq backend for {self.backend.path!r} is closing")
@@ -1328,7 +1370,9 @@ class _Helper(threading.Thread):
         self.stopped.set()
         self._jobs.put(None)
 
-    def _serve(self, job: Callable, fut: concurrent.futures.Future, conn: Optional[sqlite3.Connection]):
+    def _serve(
+        self, job: _Job, fut: concurrent.futures.Future[Any], conn: sqlite3.Connection | None
+    ) -> sqlite3.Connection | None:
         if not fut.set_running_or_notify_cancel():
             return conn  # its caller gave up before it started
         try:
@@ -1342,7 +1386,7 @@ class _Helper(threading.Thread):
         return conn
 
     def run(self) -> None:
-        conn = None
+        conn: sqlite3.Connection | None = None
         try:
             while (item := self._jobs.get()) is not None:
                 conn = self._serve(*item, conn)
@@ -1386,7 +1430,7 @@ class _Heartbeat(threading.Thread):
 
     def run(self) -> None:
         backend = self.backend
-        conn = None
+        conn: sqlite3.Connection | None = None
         failing = False
         try:
             while not self._stopped.is_set():
@@ -1411,6 +1455,6 @@ class _Heartbeat(threading.Thread):
             backend._release_side_connection(conn)
 
 
-def _log_failure(fut: concurrent.futures.Future) -> None:
+def _log_failure(fut: concurrent.futures.Future[None]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.warning("sitq: a WAL checkpoint failed (%s); the next one tries again", fut.exception())

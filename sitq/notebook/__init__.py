@@ -13,10 +13,16 @@ sitq's records (``Result``, ``TaskInfo``, ``QueueOverview``) with the shell's
 display formatter: the core knows nothing of notebooks and draws nothing.
 """
 
+from __future__ import annotations
+
 import sys
+from typing import TYPE_CHECKING, Any
 
 from sitq.notebook.handle import TaskHandle
 from sitq.notebook.runtime import Runtime, board, current, start_worker, stop_worker, submit, task
+
+if TYPE_CHECKING:  # IPython loads with the magics, not with this package
+    from IPython.core.interactiveshell import InteractiveShell
 
 __all__ = [
     "Runtime",
@@ -32,7 +38,7 @@ __all__ = [
 ]
 
 
-def load_ipython_extension(ipython) -> None:
+def load_ipython_extension(ipython: InteractiveShell) -> None:
     """Register ``%sitq``/``%%sitq`` and HTML displays for sitq's records."""
     from sitq.notebook.magics import SitqMagics
 
@@ -40,26 +46,29 @@ def load_ipython_extension(ipython) -> None:
     _register_displays(ipython)
 
 
-def _register_displays(ipython) -> None:
+def _register_displays(ipython: InteractiveShell) -> None:
     """Draw sitq's records as HTML in this IPython shell (what the core leaves to this layer)."""
     from sitq.core import QueueOverview, Result, TaskInfo
     from sitq.notebook.render import board_html, result_html, task_html
     from sitq.notebook.rows import task_row
 
-    html = ipython.display_formatter.formatters["text/html"]
+    formatter = ipython.display_formatter
+    if formatter is None:  # IPython's shells all have one; a shell without one shows no HTML
+        return
+    html = formatter.formatters["text/html"]
     html.for_type(Result, result_html)
     html.for_type(TaskInfo, lambda info: task_html(task_row(info)))
     html.for_type(QueueOverview, lambda ov: board_html(ov.counts, [task_row(i) for i in ov.recent]))
 
 
-def unload_ipython_extension(ipython) -> None:
+def unload_ipython_extension(ipython: InteractiveShell) -> None:
     """Stop the kernel's worker and remove the magics."""
     stop_worker()
     for kind in ("line", "cell"):
         ipython.magics_manager.magics[kind].pop("sitq", None)
 
 
-def _running_shell():
+def _running_shell() -> Any:
     """The IPython shell this code runs in, if any; IPython is not imported to find out."""
     ipython = sys.modules.get("IPython")
     get_ipython = getattr(ipython, "get_ipython", None)

@@ -13,9 +13,12 @@ import asyncio
 import builtins
 import linecache
 import re
-from typing import Any, Mapping
+from collections.abc import Awaitable, Mapping
+from typing import Any, TypeVar
 
 __all__ = ["CellTask", "names_read"]
+
+T = TypeVar("T")
 
 _RESULT = "_sitq_cell_result_"
 # IPython's own variables; a cell task never needs them
@@ -75,5 +78,5 @@ def _with_result(tree: ast.Module) -> ast.Module:
     return tree
 
 
-async def _awaited(awaitable):
+async def _awaited(awaitable: Awaitable[T]) -> T:
     return await awaitable

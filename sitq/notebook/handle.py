@@ -9,7 +9,8 @@ outside a kernel it draws as HTML. ``await handle`` and the blocking
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Optional, Protocol
+from collections.abc import Coroutine, Generator
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sitq.errors import SitqError, TaskNotFoundError
 from sitq.notebook.render import result_html, task_html
@@ -18,10 +19,13 @@ from sitq.notebook.rows import task_row
 if TYPE_CHECKING:
     from sitq.core import Result, TaskInfo
     from sitq.notebook.refresher import Refresher
+    from sitq.notebook.widgets import TaskWidget
     from sitq.queue import TaskQueue
     from sitq.sync import LoopThread
 
 __all__ = ["TaskHandle", "widgets_enabled"]
+
+T = TypeVar("T")
 
 
 class _Runtime(Protocol):
@@ -37,11 +41,11 @@ class _Runtime(Protocol):
     loop: LoopThread
     refresher: Refresher
 
-    def run(self, coro: Any, timeout: Optional[float] = None) -> Any: ...
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T: ...
 
     def cancel(self, task_id: str) -> Any: ...
 
-    def successor(self) -> Optional[_Runtime]: ...
+    def successor(self) -> _Runtime | None: ...
 
 
 class TaskHandle:
@@ -51,7 +55,7 @@ class TaskHandle:
         self._runtime = runtime
         self.task_id = task_id
         self.name = name
-        self._widget = None
+        self._widget: TaskWidget | None = None
 
     @property
     def runtime(self) -> _Runtime:
@@ -94,26 +98,26 @@ class TaskHandle:
 
     # -- results ---------------------------------------------------------------
 
-    def outcome(self, timeout: Optional[float] = None) -> Result:
+    def outcome(self, timeout: float | None = None) -> Result:
         """Wait for the task and return its :class:`sitq.Result` (value still pickled).
         Raises the builtin ``TimeoutError`` if it has not finished in ``timeout`` s."""
         runtime = self.runtime
         return runtime.run(self._outcome(runtime, timeout))
 
-    def result(self, timeout: Optional[float] = None) -> Any:
+    def result(self, timeout: float | None = None) -> Any:
         """Wait for the task and return its value. Raises ``TaskFailedError`` (with
         the remote traceback) if it failed, ``TaskCancelledError`` if it was
         cancelled and ``TimeoutError`` if it is not done within ``timeout`` s."""
         return self.runtime.queue.deserialize_result(self.outcome(timeout))
 
-    def __await__(self):
+    def __await__(self) -> Generator[Any, None, Any]:
         # The queue lives on the runtime's loop; the awaiting cell on the kernel's.
         runtime = self.runtime
         future = asyncio.wrap_future(runtime.loop.submit(self._outcome(runtime, None)))
         result = yield from future.__await__()
         return runtime.queue.deserialize_result(result)
 
-    async def _outcome(self, runtime: _Runtime, timeout: Optional[float]) -> Result:
+    async def _outcome(self, runtime: _Runtime, timeout: float | None) -> Result:
         result = await runtime.queue.get_result(self.task_id, timeout)
         if result is not None:
             return result
@@ -124,7 +128,7 @@ class TaskHandle:
 
     # -- display ---------------------------------------------------------------
 
-    def _repr_mimebundle_(self, include=None, exclude=None, **kwargs) -> dict:
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None, **kwargs: Any) -> dict[str, Any]:
         info = self.info()
         runtime = self.runtime
         if info.finished:

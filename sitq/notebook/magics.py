@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
+from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments
+from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_arguments
 
 from sitq.errors import SitqError
 from sitq.notebook import runtime
 from sitq.notebook.cells import CellTask, names_read
+from sitq.notebook.handle import TaskHandle
 
 __all__ = ["SitqMagics"]
 
@@ -22,31 +25,31 @@ __all__ = ["SitqMagics"]
 @argument("--concurrency", "-c", type=int, default=None, help="tasks run at once (default 4)")
 @argument("--processes", "-p", type=int, default=None,
           help="run task functions in N processes, for CPU-bound work")
-def _start(args):
+def _start(args: argparse.Namespace) -> None:
     """Start the background worker in this kernel (again: does nothing)."""
 
 
 @magic_arguments(name="%sitq stop")
 @argument("--timeout", type=float, default=None, help="seconds to wait for running tasks")
-def _stop(args):
+def _stop(args: argparse.Namespace) -> None:
     """Stop the worker; running tasks finish first."""
 
 
 @magic_arguments(name="%sitq status")
 @argument("--limit", "-n", type=int, default=20, help="how many recent tasks to list")
-def _status(args):
+def _status(args: argparse.Namespace) -> None:
     """Show the live status board of the queue."""
 
 
 @magic_arguments(name="%sitq result")
 @argument("task_id", metavar="TASK_ID")
-def _result(args):
+def _result(args: argparse.Namespace) -> None:
     """Show a task's result (or live state), also one from before a kernel restart."""
 
 
 @magic_arguments(name="%sitq cancel")
 @argument("task_id", metavar="TASK_ID")
-def _cancel(args):
+def _cancel(args: argparse.Namespace) -> None:
     """Cancel a pending or running task."""
 
 
@@ -54,7 +57,7 @@ def _cancel(args):
 @argument("-o", "--output", metavar="NAME", default=None, help="store the task's handle in NAME")
 @argument("--name", default=None, help="the task's name on the board (default: the first line)")
 @argument("--delay", type=float, default=None, metavar="SECONDS", help="start no sooner than this")
-def _cell(args):
+def _cell(args: argparse.Namespace) -> None:
     """Run the body of the cell as a background task and show its handle."""
 
 
@@ -67,7 +70,7 @@ _CELL_PARSER = _cell.parser
 @magics_class
 class SitqMagics(Magics):
     @line_cell_magic
-    def sitq(self, line: str, cell: str | None = None):
+    def sitq(self, line: str, cell: str | None = None) -> object:
         if cell is not None:
             return self._run_cell(_parse(_CELL_PARSER, line), cell)
         command, _, rest = line.strip().partition(" ")
@@ -81,24 +84,24 @@ class SitqMagics(Magics):
         except SitqError as exc:
             raise UsageError(f"%sitq {command}: {exc}") from exc
 
-    def _start(self, args):
+    def _start(self, args: argparse.Namespace) -> runtime.Runtime:
         for label in ("concurrency", "processes"):
             value = getattr(args, label)
             if value is not None and value < 1:
                 raise UsageError(f"%sitq start: --{label} must be 1 or more, not {value}")
         return runtime.start_worker(args.path, args.concurrency, args.processes)
 
-    def _stop(self, args):
+    def _stop(self, args: argparse.Namespace) -> None:
         if not runtime.stop_worker(args.timeout):
             print("sitq: no worker was running")
 
-    def _status(self, args):
+    def _status(self, args: argparse.Namespace) -> object:  # the board: a widget, or a table to draw
         return runtime.board(args.limit)
 
-    def _result(self, args):
+    def _result(self, args: argparse.Namespace) -> TaskHandle:
         return runtime.task(args.task_id)
 
-    def _cancel(self, args):
+    def _cancel(self, args: argparse.Namespace) -> None:
         rt = runtime.current()
         if not rt.can_cancel():
             raise UsageError("%sitq cancel: this version of sitq cannot cancel tasks yet")
@@ -107,7 +110,7 @@ class SitqMagics(Magics):
             raise UsageError(f"%sitq cancel: no task with id {args.task_id!r} in {rt.path}")
         print(f"sitq: task {args.task_id} {_CANCELLED.get(outcome, outcome)}")
 
-    def _run_cell(self, args, body: str):
+    def _run_cell(self, args: argparse.Namespace, body: str) -> TaskHandle:
         if not body.strip():
             raise UsageError("%%sitq: the cell is empty; put the code to run below the %%sitq line")
         try:
@@ -117,9 +120,11 @@ class SitqMagics(Magics):
             raise UsageError(f"%%sitq: {exc}") from exc
         except SyntaxError as exc:
             raise UsageError(f"%%sitq: the cell does not parse: {exc}") from exc
-        user_ns = self.shell.user_ns
+        shell = self.shell
+        assert shell is not None  # IPython registers magics with the shell they run in
+        user_ns = shell.user_ns
         namespace = {name: user_ns[name] for name in names if name in user_ns}
-        task = CellTask(body, f"<sitq cell {self.shell.execution_count}>", args.name)
+        task = CellTask(body, f"<sitq cell {shell.execution_count}>", args.name)
         eta = dt.timedelta(seconds=args.delay) if args.delay else None
         try:
             handle = rt.enqueue(task, namespace, eta=eta)
@@ -138,16 +143,17 @@ _CANCELLED = {
 }
 
 
-def _parse(parser, argstring: str):
+def _parse(parser: MagicArgumentParser, argstring: str) -> argparse.Namespace:
     try:
-        return parser.parse_argstring(argstring)
+        args: argparse.Namespace = parser.parse_argstring(argstring)
+        return args
     except UsageError as exc:
         raise UsageError(f"{parser.prog}: {exc}; usage: {parser.format_usage().strip()[7:]}") from None
     except ValueError as exc:  # unbalanced quotes
         raise UsageError(f"{parser.prog}: {exc}") from None
 
 
-def _unpicklable(namespace: dict) -> str | None:
+def _unpicklable(namespace: dict[str, Any]) -> str | None:
     """Name the first variable that cannot travel to the worker."""
     import cloudpickle
 

@@ -24,6 +24,7 @@ import inspect
 import io
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.context
 import multiprocessing.util
 import pickle
 import signal
@@ -31,7 +32,8 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Optional
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import cloudpickle
 
@@ -43,7 +45,9 @@ from sitq.worker.runners import _describe, _message
 
 __all__ = ["InProcess", "ProcessDiedError", "ProcessPool", "ProcessTraceback"]
 
-_pool: Optional["ProcessPool"] = None  # this process's pool, if a runtime started one
+T = TypeVar("T")
+
+_pool: ProcessPool | None = None  # this process's pool, if a runtime started one
 PROGRESS_EVERY = 0.1  # a child relays progress at most this often (and always the last)
 STOP_POLL = 0.05  # how often a thread waiting for its child looks whether the worker stopped the task
 TERMINATE_GRACE = 2.0  # seconds a child gets to exit after SIGTERM before it is killed
@@ -53,14 +57,14 @@ class InProcess:
     """A task function that runs in the kernel's process pool (in the calling
     thread when this process has none, e.g. in a headless worker)."""
 
-    def __init__(self, func: Callable) -> None:
+    def __init__(self, func: Callable[..., Any]) -> None:
         self.func = func
         # describe_callable() reads these: the board shows the user's function name
         self.__qualname__ = describe_callable(func)
         self.__module__ = "__main__"
 
     @classmethod
-    def around(cls, func: Callable) -> Callable:
+    def around(cls, func: Callable[..., Any]) -> Callable[..., Any]:
         """``func`` to run in the pool; a :class:`sitq.Task` keeps its options (its timeout, retries)
         on the outside, where the worker reads them."""
         if isinstance(func, Task):
@@ -116,7 +120,7 @@ class ProcessPool:
     def __repr__(self) -> str:
         return f"<sitq ProcessPool size={self.size} processes={len(self._children)} idle={len(self._idle)}>"
 
-    def call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+    def call(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run ``func(*args, **kwargs)`` in a child; progress and output come back here.
 
         Called in the worker's thread for the task. If the worker stops
@@ -158,7 +162,8 @@ class ProcessPool:
                                        f"here ({_describe(exc)}); its traceback is below")
         raise error from ProcessTraceback(text)
 
-    def _acquire(self, stopped: threading.Event) -> "_Child":
+    def _acquire(self, stopped: threading.Event) -> _Child:
+        child: _Child | None
         with self._free:
             while True:
                 if self._closed:
@@ -185,7 +190,7 @@ class ProcessPool:
                 self._free.notify()
         return child
 
-    def _release(self, child: "_Child", reusable: bool) -> None:
+    def _release(self, child: _Child, reusable: bool) -> None:
         if not reusable:
             child.close()  # stopped, dead, or in an unknown state: a fresh one replaces it
         with self._free:
@@ -215,7 +220,7 @@ class ProcessPool:
 class _Child:
     """One spawned process and the parent's end of its pipe."""
 
-    def __init__(self, context) -> None:
+    def __init__(self, context: multiprocessing.context.SpawnContext) -> None:
         self._ending = threading.Lock()  # serializes ending and reaping the process
         self.conn, child_end = context.Pipe()
         self.process = context.Process(target=_serve, args=(child_end,), name="sitq-task-process")
@@ -228,13 +233,14 @@ class _Child:
         except OSError:
             raise self._died() from None
 
-    def next_message(self, stopped: threading.Event) -> tuple:
+    def next_message(self, stopped: threading.Event) -> tuple[Any, ...]:
         """The child's next message; raises once the worker stopped the task or the child died."""
         while True:
             ready = multiprocessing.connection.wait([self.conn, self.process.sentinel], STOP_POLL)
             if self.conn in ready:  # what it sent before it died still counts
                 try:
-                    return self.conn.recv()
+                    message: tuple[Any, ...] = self.conn.recv()
+                    return message
                 except (EOFError, OSError):
                     raise self._died() from None
             if ready:
@@ -279,7 +285,7 @@ class _Child:
         self.conn.close()
 
 
-def _end_children(children: set) -> None:
+def _end_children(children: set[_Child]) -> None:
     for child in list(children):
         child.end()
 
@@ -287,7 +293,7 @@ def _end_children(children: set) -> None:
 # -- in the child process --------------------------------------------------------
 
 
-def _serve(conn) -> None:
+def _serve(conn: multiprocessing.connection.Connection) -> None:
     """A child's life: run the tasks its pipe brings, one at a time, until the pipe closes."""
     # Interrupting a cell signals the kernel's whole process group; a background
     # task must not die of it.
@@ -300,7 +306,7 @@ def _serve(conn) -> None:
         conn.send(_run(conn, payload))
 
 
-def _run(conn, payload: bytes) -> tuple:
+def _run(conn: multiprocessing.connection.Connection, payload: bytes) -> tuple[str, str, str, bytes, str | None]:
     """Run one task, relaying its progress, and return its outcome message.
 
     Progress and outcome travel on the same pipe, so the last progress
@@ -308,6 +314,7 @@ def _run(conn, payload: bytes) -> tuple:
     """
     relay = _ProgressRelay(conn)
     output = io.StringIO()
+    text: str | None
     try:
         func, args, kwargs = loads_shipped(payload)
         with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output), \
@@ -323,7 +330,7 @@ def _run(conn, payload: bytes) -> tuple:
     return ("outcome", status, output.getvalue(), data, text)
 
 
-def _dumps_value(value: Any) -> tuple:
+def _dumps_value(value: Any) -> tuple[str, bytes, str | None]:
     try:
         return "success", cloudpickle.dumps(value), None
     except BaseException as exc:
@@ -334,7 +341,7 @@ def _dumps_value(value: Any) -> tuple:
         return "failed", cloudpickle.dumps(error), f"{_describe(error)}\n"
 
 
-def _dumps_exception(exc: BaseException) -> tuple:
+def _dumps_exception(exc: BaseException) -> tuple[bytes, str]:
     """The exception as bytes the worker can rebuild, and the child's traceback as text.
 
     An exception that cannot be pickled, or not rebuilt from its pickle (an
@@ -362,12 +369,12 @@ def _dumps_exception(exc: BaseException) -> tuple:
 class _ProgressRelay:
     """Sends the latest progress at most every PROGRESS_EVERY seconds."""
 
-    def __init__(self, conn) -> None:
+    def __init__(self, conn: multiprocessing.connection.Connection) -> None:
         self.conn = conn
-        self.pending: Optional[tuple] = None
+        self.pending: tuple[float, float | None, str | None] | None = None
         self.sent_at = 0.0
 
-    def __call__(self, done, total=None, message=None) -> None:
+    def __call__(self, done: float, total: float | None = None, message: str | None = None) -> None:
         self.pending = (done, total, message)
         if time.monotonic() - self.sent_at >= PROGRESS_EVERY:
             self.flush()
@@ -378,5 +385,5 @@ class _ProgressRelay:
             self.pending, self.sent_at = None, time.monotonic()
 
 
-async def _awaited(awaitable):
+async def _awaited(awaitable: Awaitable[T]) -> T:
     return await awaitable

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any
 
+from sitq.core import TaskStatus
 from sitq.notebook.render import result_html, task_html
 from sitq.notebook.rows import task_row
 from sitq.queue import TaskQueue
 from sitq.sync import LoopThread
+
+if TYPE_CHECKING:  # the widgets (and ipywidgets) load when a view is first shown
+    from sitq.notebook.widgets import BoardWidget, TaskWidget
 
 __all__ = ["Refresher", "REFRESH_INTERVAL"]
 
@@ -27,9 +32,9 @@ COALESCE = 0.05  # after a change, wait this long so a burst of changes is one r
 
 @dataclass(eq=False)
 class _Board:
-    widget: Any
+    widget: BoardWidget
     limit: int
-    detail_of: Optional[tuple] = field(default=None)  # (task id, state) the detail shows
+    detail_of: tuple[str, TaskStatus | str] | None = field(default=None)  # (task id, state) the detail shows
 
 
 class Refresher:
@@ -40,29 +45,29 @@ class Refresher:
 
     def __init__(self, queue: TaskQueue, loop: LoopThread) -> None:
         self.queue = queue
-        self.tasks: dict[str, list] = {}
+        self.tasks: dict[str, list[TaskWidget]] = {}
         self.boards: list[_Board] = []
         self._loop = loop
         self._wake = asyncio.Event()  # binds to the loop thread's loop on first use
 
-    def add_task(self, widget) -> None:
+    def add_task(self, widget: TaskWidget) -> None:
         self._call_soon(self._add_task, widget)
 
-    def add_board(self, widget, limit: int) -> None:
+    def add_board(self, widget: BoardWidget, limit: int) -> None:
         self._call_soon(self._add_board, widget, limit)
 
     def wake(self) -> None:
         self._call_soon(self._wake.set)
 
-    def _call_soon(self, callback, *args) -> None:
+    def _call_soon(self, callback: Callable[..., object], *args: Any) -> None:
         if self._loop.is_running:  # a stopped runtime's views stay as they are
             self._loop.loop.call_soon_threadsafe(callback, *args)
 
-    def _add_task(self, widget) -> None:
+    def _add_task(self, widget: TaskWidget) -> None:
         self.tasks.setdefault(widget.task_id, []).append(widget)
         self._wake.set()
 
-    def _add_board(self, widget, limit: int) -> None:
+    def _add_board(self, widget: BoardWidget, limit: int) -> None:
         self.boards.append(_Board(widget, limit))
         self._wake.set()
 

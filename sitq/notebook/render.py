@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import html
 import io
-from typing import Any, Callable, Iterable, Mapping, Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.style import Style
+    from rich.syntax import SyntaxTheme
 
 from sitq.notebook.rows import TaskRow, format_seconds, load_value, short_repr, task_row
 
@@ -55,7 +60,7 @@ def state_badge(status: str) -> str:
             f' font-weight: 600;">{e(status)}</span>')
 
 
-def progress_html(fraction: Optional[float], width: str = "8em") -> str:
+def progress_html(fraction: float | None, width: str = "8em") -> str:
     """A small static bar (the board's table); live bars are widgets."""
     if fraction is None:
         return ""
@@ -117,7 +122,7 @@ def board_html(counts: Mapping[str, int], rows: Iterable[TaskRow]) -> str:
     return f'<div class="sitq-board-view">{counts_html(counts)}{table_html(rows)}</div>'
 
 
-def result_html(result: Any, deserialize: Optional[Callable[[Any], Any]] = None) -> str:
+def result_html(result: Any, deserialize: Callable[[Any], Any] | None = None) -> str:
     """A finished task: state, timings, a short repr of the value, the remote
     traceback of a failure, and what the task printed. ``deserialize`` loads the
     value (the queue's ``deserialize_result``; see ``rows.load_value``)."""
@@ -182,10 +187,10 @@ def traceback_html(traceback: str, width: int = 100) -> str:
         f'<pre class="sitq-traceback" style="{pre}">{{code}}</pre>'))
 
 
-_THEME = None
+_THEME: SyntaxTheme | None = None
 
 
-def _traceback_theme():
+def _traceback_theme() -> SyntaxTheme:
     """Mid-tone colours and no background: readable on white and on near-black.
     Unstyled text gets no colour at all, so it inherits the theme's."""
     global _THEME
@@ -206,21 +211,21 @@ def _traceback_theme():
         }
 
         class TracebackTheme(SyntaxTheme):
-            def get_style_for_token(self, token_type):
+            def get_style_for_token(self, token_type: Any) -> Style:  # a pygments token type
                 while token_type is not None:
                     if token_type in palette:
                         return palette[token_type]
                     token_type = token_type.parent
                 return Style()
 
-            def get_background_style(self):
+            def get_background_style(self) -> Style:
                 return Style()
 
         _THEME = TracebackTheme()
     return _THEME
 
 
-def _value_repr(result: Any, deserialize: Optional[Callable[[Any], Any]]) -> str:
+def _value_repr(result: Any, deserialize: Callable[[Any], Any] | None) -> str:
     try:
         return short_repr(load_value(result, deserialize))
     except Exception as exc:  # e.g. the value's class is not importable here, or its signature is wrong

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import datetime as dt
 import reprlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 from sitq.queue import deserialize_value
 from sitq.serialization import CloudpickleSerializer
@@ -40,19 +41,19 @@ class TaskRow:
     name: str
     status: str
     attempts: int = 0
-    elapsed: Optional[float] = None
-    wait: Optional[float] = None
-    progress_done: Optional[float] = None
-    progress_total: Optional[float] = None
-    progress_message: Optional[str] = None
-    error: Optional[str] = None
+    elapsed: float | None = None
+    wait: float | None = None
+    progress_done: float | None = None
+    progress_total: float | None = None
+    progress_message: str | None = None
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
         return self.status in ("success", "failed", "cancelled")
 
     @property
-    def fraction(self) -> Optional[float]:
+    def fraction(self) -> float | None:
         if self.progress_done is None or not self.progress_total:
             return None
         return max(0.0, min(1.0, self.progress_done / self.progress_total))
@@ -90,7 +91,7 @@ class TaskRow:
         return " ".join(bits)
 
 
-def task_row(record: Any, now: Optional[dt.datetime] = None) -> TaskRow:
+def task_row(record: Any, now: dt.datetime | None = None) -> TaskRow:
     """Build a row from a ``TaskInfo`` or ``Result`` (duck-typed)."""
     now = now or dt.datetime.now(dt.timezone.utc)
     started = _moment(getattr(record, "started_at", None))
@@ -115,11 +116,11 @@ def task_row(record: Any, now: Optional[dt.datetime] = None) -> TaskRow:
     )
 
 
-def _moment(value: Any) -> Optional[dt.datetime]:
+def _moment(value: Any) -> dt.datetime | None:
     return value if isinstance(value, dt.datetime) and value.tzinfo is not None else None
 
 
-def _amount(value: Any) -> Optional[float]:
+def _amount(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
@@ -127,11 +128,11 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else short_repr(value)
 
 
-def _optional_text(value: Any) -> Optional[str]:
+def _optional_text(value: Any) -> str | None:
     return None if value is None else _text(value)
 
 
-def load_value(result: Any, deserialize: Optional[Callable[[Any], Any]] = None) -> Any:
+def load_value(result: Any, deserialize: Callable[[Any], Any] | None = None) -> Any:
     """A successful result's value, loaded as sitq loads values, never with a bare ``pickle.loads``.
 
     ``deserialize`` is the queue's ``deserialize_result`` when the view has the queue the result
@@ -168,7 +169,7 @@ def format_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
-def _number(value: Optional[float]) -> str:
+def _number(value: float | None) -> str:
     if value is None:
         return "?"
     return str(int(value)) if float(value).is_integer() else f"{value:.3g}"

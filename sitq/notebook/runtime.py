@@ -20,7 +20,8 @@ import contextvars
 import logging
 import os
 import threading
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from sitq.backends import describe_target, open_backend
 from sitq.errors import SitqError, TaskNotFoundError
@@ -31,13 +32,19 @@ from sitq.serialization import describe_callable
 from sitq.sync import LoopThread
 from sitq.worker import Worker
 
+if TYPE_CHECKING:  # both load when first used: a process pool or a board is asked for
+    from sitq.notebook.processes import ProcessPool
+    from sitq.notebook.widgets import BoardWidget
+
 __all__ = ["Runtime", "start_worker", "stop_worker", "current", "submit", "task", "board",
            "DEFAULT_PATH"]
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 DEFAULT_PATH = "sitq.db"
-_runtime: Optional["Runtime"] = None
+_runtime: Runtime | None = None
 _lock = threading.Lock()
 
 
@@ -50,27 +57,29 @@ class Runtime:
     run in a pool of N processes instead, so N CPU-bound tasks use N cores.
     """
 
-    def __init__(self, path: str | os.PathLike = DEFAULT_PATH, concurrency: Optional[int] = None,
-                 processes: Optional[int] = None, poll_interval: float = 1.0) -> None:
+    def __init__(self, path: str | os.PathLike[str] = DEFAULT_PATH, concurrency: int | None = None,
+                 processes: int | None = None, poll_interval: float = 1.0) -> None:
         self.backend = open_backend(path)
-        self.path = getattr(self.backend, "path", None) or describe_target(path)
+        self.path: str = getattr(self.backend, "path", None) or describe_target(path)
         self.processes = processes or 0
         self.concurrency = concurrency or max(self.processes, 4)
         self.loop = LoopThread(name="sitq-notebook")
         self.queue = TaskQueue(self.backend)
         self.worker = Worker(self.backend, max_concurrency=self.concurrency,
                              poll_interval=poll_interval, name="notebook", capture_output=True)
-        self.pool = None
+        self.pool: ProcessPool | None = None
         self.refresher = Refresher(self.queue, self.loop)
         self.stopped = False
-        self._tasks: list = []
+        self._tasks: list[concurrent.futures.Future[None]] = []
 
     def __repr__(self) -> str:
         mode = f"processes={self.processes}" if self.processes else f"concurrency={self.concurrency}"
         state = "running" if self._tasks else "stopped"
         return f"<sitq notebook worker {state} on {self.path} {mode}>"
 
-    def matches(self, path, concurrency, processes) -> bool:
+    def matches(
+        self, path: str | os.PathLike[str] | None, concurrency: int | None, processes: int | None
+    ) -> bool:
         """Whether asking for these settings means this runtime (None: any)."""
         return ((path is None or _same_store(path, self.path))
                 and (concurrency is None or concurrency == self.concurrency)
@@ -89,12 +98,12 @@ class Runtime:
                        contextvars.Context().run(self.loop.submit, self.refresher.run())]
         self._tasks[0].add_done_callback(self._worker_ended)
 
-    def _worker_ended(self, future) -> None:
+    def _worker_ended(self, future: concurrent.futures.Future[None]) -> None:
         if not future.cancelled() and future.exception() is not None:
             log.error("sitq: the notebook worker on %s stopped: %s", self.path, future.exception(),
                       exc_info=future.exception())
 
-    def stop(self, timeout: Optional[float] = None) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         """Stop claiming tasks, let running ones finish (up to ``timeout``), close."""
         self.stopped = True
         try:
@@ -118,16 +127,16 @@ class Runtime:
             finally:
                 self.loop.stop()
 
-    def successor(self) -> Optional[Runtime]:
+    def successor(self) -> Runtime | None:
         """The kernel's runtime on this runtime's store, for handles made before it was stopped."""
         now = current(required=False)
         return now if now is not None and now.path == self.path else None
 
-    def run(self, coro, timeout: Optional[float] = None) -> Any:
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run a coroutine on the runtime's loop and wait for its value."""
         return self.loop.run(coro, timeout)
 
-    def enqueue(self, func: Callable, /, *args: Any, eta: Any = None, **kwargs: Any) -> TaskHandle:
+    def enqueue(self, func: Callable[..., Any], /, *args: Any, eta: Any = None, **kwargs: Any) -> TaskHandle:
         """Store a call and return its :class:`TaskHandle`."""
         if self.pool is not None:
             from sitq.notebook.processes import InProcess
@@ -150,7 +159,7 @@ class Runtime:
             raise SitqError("this version of sitq cannot cancel tasks yet")
         return self.run(self.queue.cancel(task_id))
 
-    def board(self, limit: int = 20):
+    def board(self, limit: int = 20) -> BoardWidget:
         """A live board widget for this queue."""
         from sitq.notebook.widgets import BoardWidget
 
@@ -158,9 +167,12 @@ class Runtime:
             self.refresher.wake()
 
         def cancel(task_id: str) -> None:
+            def report(f: concurrent.futures.Future[Any]) -> None:
+                if not f.cancelled() and f.exception() is not None:
+                    log.warning("sitq: cancel %s failed: %s", task_id, f.exception())
+
             future = self.loop.submit(self.queue.cancel(task_id))
-            future.add_done_callback(lambda f: f.cancelled() or f.exception() is None
-                                     or log.warning("sitq: cancel %s failed: %s", task_id, f.exception()))
+            future.add_done_callback(report)
             self.refresher.wake()
 
         widget = BoardWidget(select, cancel if self.can_cancel() else None)
@@ -170,8 +182,8 @@ class Runtime:
 
 # -- the kernel's runtime ------------------------------------------------------
 
-def start_worker(path: str | os.PathLike | None = None, concurrency: Optional[int] = None,
-                 processes: Optional[int] = None) -> Runtime:
+def start_worker(path: str | os.PathLike[str] | None = None, concurrency: int | None = None,
+                 processes: int | None = None) -> Runtime:
     """Start sitq's worker inside this kernel and return its runtime.
 
     Tasks run in the background while you keep running cells. ``path`` is the
@@ -193,7 +205,7 @@ def start_worker(path: str | os.PathLike | None = None, concurrency: Optional[in
         return runtime
 
 
-def stop_worker(timeout: Optional[float] = None) -> bool:
+def stop_worker(timeout: float | None = None) -> bool:
     """Stop the kernel's worker (running tasks finish first, up to ``timeout``
     seconds). Returns False when no worker was running."""
     global _runtime
@@ -205,7 +217,15 @@ def stop_worker(timeout: Optional[float] = None) -> bool:
     return True
 
 
-def current(required: bool = True) -> Optional[Runtime]:
+@overload
+def current(required: Literal[True] = True) -> Runtime: ...
+
+
+@overload
+def current(required: bool) -> Runtime | None: ...
+
+
+def current(required: bool = True) -> Runtime | None:
     """The kernel's runtime; raises a SitqError saying what to do when there is none."""
     runtime = _runtime
     if runtime is None and required:
@@ -214,18 +234,18 @@ def current(required: bool = True) -> Optional[Runtime]:
     return runtime
 
 
-def submit(func: Callable, /, *args: Any, eta: Any = None, **kwargs: Any):
+def submit(func: Callable[..., Any], /, *args: Any, eta: Any = None, **kwargs: Any) -> TaskHandle:
     """Enqueue ``func(*args, **kwargs)`` on the kernel's queue; returns a
     :class:`TaskHandle` that shows itself live in a cell."""
     return current().enqueue(func, *args, eta=eta, **kwargs)
 
 
-def task(task_id: str):
+def task(task_id: str) -> TaskHandle:
     """A handle for a stored task, e.g. one submitted before a kernel restart."""
     return current().handle(task_id)
 
 
-def board(limit: int = 20):
+def board(limit: int = 20) -> BoardWidget | _StaticBoard:
     """The live status board of the kernel's queue (a static table outside a
     kernel with widgets, e.g. in a terminal IPython)."""
     runtime = current()
@@ -267,7 +287,7 @@ def _stop_at_exit() -> None:
     stop_worker(timeout=5)
 
 
-def _same_store(target, path: str) -> bool:
+def _same_store(target: str | os.PathLike[str], path: str) -> bool:
     """Whether ``target`` names the store this runtime has open (``path``)."""
     backend = open_backend(target)
     return (getattr(backend, "path", None) or describe_target(target)) == path

@@ -9,7 +9,8 @@ Never ``with output:`` from a thread: that would follow the running cell.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import ipywidgets as W
 
@@ -45,7 +46,7 @@ class TaskWidget:
             self.bar.layout.display = None
         self.bar.bar_style = _BAR_STYLE.get(row.status, "info")
 
-    def finish(self, result: Any, deserialize: Optional[Callable[[Any], Any]] = None) -> None:
+    def finish(self, result: Any, deserialize: Callable[[Any], Any] | None = None) -> None:
         """Replace the live view by the result (or traceback) and captured output;
         ``deserialize`` loads the value (the queue's ``deserialize_result``)."""
         self.finished = True
@@ -60,7 +61,7 @@ class TaskWidget:
     def __repr__(self) -> str:
         return f"<sitq task widget {self.task_id}>"
 
-    def _repr_mimebundle_(self, **kwargs):
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         return _bundle(self, **kwargs)
 
 
@@ -73,7 +74,7 @@ class BoardWidget:
     """
 
     def __init__(self, on_select: Callable[[str], None],
-                 on_cancel: Optional[Callable[[str], None]]) -> None:
+                 on_cancel: Callable[[str], None] | None) -> None:
         self._on_select = on_select
         self._on_cancel = on_cancel
         self._syncing = False
@@ -98,7 +99,8 @@ class BoardWidget:
 
     @property
     def selected(self) -> str:
-        return self.picker.value
+        value: str = self.picker.value
+        return value
 
     def show(self, counts: Mapping[str, int], rows: Iterable[TaskRow]) -> None:
         """Draw the queue: counts, the table, and the picker's choices."""
@@ -121,7 +123,7 @@ class BoardWidget:
         self.detail.value = html
         self.cancel.disabled = not (cancellable and self._on_cancel)
 
-    def _picked(self, change) -> None:
+    def _picked(self, change: Mapping[str, Any]) -> None:
         if self._syncing:
             return
         self.cancel.disabled = True
@@ -129,7 +131,7 @@ class BoardWidget:
         if change["new"]:
             self._on_select(change["new"])
 
-    def _cancel_clicked(self, _button) -> None:
+    def _cancel_clicked(self, _button: Any) -> None:
         if self.picker.value and self._on_cancel:
             self.cancel.disabled = True
             self._on_cancel(self.picker.value)
@@ -137,7 +139,7 @@ class BoardWidget:
     def __repr__(self) -> str:
         return "<sitq board>"
 
-    def _repr_mimebundle_(self, **kwargs):
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         return _bundle(self, **kwargs)
 
 
@@ -145,8 +147,8 @@ def _label(row: TaskRow) -> str:
     return f"{row.task_id} · {row.name} · {row.status}"
 
 
-def _bundle(view, **kwargs) -> dict:
+def _bundle(view: TaskWidget | BoardWidget, **kwargs: Any) -> dict[str, Any]:
     """The box's widget view, with a one-line text form instead of the widget tree."""
-    bundle = view.box._repr_mimebundle_(**kwargs)
+    bundle: dict[str, Any] = view.box._repr_mimebundle_(**kwargs)
     bundle["text/plain"] = repr(view)
     return bundle

@@ -15,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-from typing import Callable, Optional, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, Protocol, TypeVar
 
 from sitq.errors import InvalidTaskError
 from sitq.output import CapturedOutput, capture_into
@@ -26,45 +27,50 @@ __all__ = ["ProgressLog", "progress", "reporting_progress", "stop_event"]
 class TaskRecord(Protocol):
     """What this module reads and writes of the worker's record of a running task."""
 
-    progress: Optional[tuple]
-    stop_reason: Optional[str]  # "timeout" or "cancel" once the worker stopped waiting for it
-    stopped: Optional[threading.Event]  # see stop_event()
-    progress_log: ProgressLog
+    progress: tuple[float, float | None, str | None] | None
+    stop_reason: str | None  # "timeout" or "cancel" once the worker stopped waiting for it
+    stopped: threading.Event | None  # see stop_event()
+    progress_log: ProgressLog[Any]
 
 
-class ProgressLog:
+R = TypeVar("R", bound=TaskRecord)
+
+
+class ProgressLog(Generic[R]):
     """The running tasks whose progress changed since the worker last stored it.
 
     Task threads add to it while the worker's loop takes it away; hence the lock.
     """
 
     def __init__(self) -> None:
-        self._changed: set = set()
+        self._changed: set[R] = set()
         self._lock = threading.Lock()
 
     def __bool__(self) -> bool:
         return bool(self._changed)  # a cheap look without the lock: take() is what counts
 
-    def add(self, running: TaskRecord) -> None:
+    def add(self, running: R) -> None:
         with self._lock:
             self._changed.add(running)
 
-    def discard(self, running: TaskRecord) -> None:
+    def discard(self, running: R) -> None:
         with self._lock:
             self._changed.discard(running)
 
-    def take(self) -> set:
+    def take(self) -> set[R]:
         with self._lock:
             changed, self._changed = self._changed, set()
         return changed
 
 
-_current: contextvars.ContextVar[Optional[TaskRecord]] = contextvars.ContextVar("sitq_current_task", default=None)
-_reporter: contextvars.ContextVar[Optional[Callable]] = contextvars.ContextVar("sitq_progress_reporter", default=None)
+_current: contextvars.ContextVar[TaskRecord | None] = contextvars.ContextVar("sitq_current_task", default=None)
+_reporter: contextvars.ContextVar[Callable[[float, float | None, str | None], None] | None] = contextvars.ContextVar(
+    "sitq_progress_reporter", default=None
+)
 _stop_lock = threading.Lock()  # between a task's thread asking for its stop event and the loop setting it
 
 
-def task_context(running: TaskRecord, output: Optional[CapturedOutput]) -> contextvars.Context:
+def task_context(running: TaskRecord, output: CapturedOutput | None) -> contextvars.Context:
     """A copy of the current context for running's code to run in: :func:`progress` and
     :func:`stop_event` find its record there, and what it prints goes to ``output`` (unless None)."""
     context = contextvars.copy_context()
@@ -87,7 +93,7 @@ def mark_stopped(running: TaskRecord, reason: str) -> None:
 
 
 @contextlib.contextmanager
-def reporting_progress(report: Callable[[float, Optional[float], Optional[str]], None]):
+def reporting_progress(report: Callable[[float, float | None, str | None], None]) -> Iterator[None]:
     """Within this block, :func:`progress` calls ``report(done, total, message)``.
 
     For runners that execute a task's function somewhere else (another
@@ -100,7 +106,7 @@ def reporting_progress(report: Callable[[float, Optional[float], Optional[str]],
         _reporter.reset(token)
 
 
-def stop_event() -> Optional[threading.Event]:
+def stop_event() -> threading.Event | None:
     """The event set once the worker stops waiting for the task running in this context.
 
     The worker sets it when the task's timeout passes or the task is
@@ -120,7 +126,7 @@ def stop_event() -> Optional[threading.Event]:
         return running.stopped
 
 
-def progress(done: float, total: Optional[float] = None, message: Optional[str] = None) -> bool:
+def progress(done: float, total: float | None = None, message: str | None = None) -> bool:
     """Report progress from inside a running task: ``done`` out of ``total``, and a short message.
 
     Works in coroutine and thread tasks. Cheap enough to call in a tight loop:

@@ -19,7 +19,7 @@ import os
 import secrets
 import socket
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
 
 from sitq.backends import Backend, Target, open_backend
 from sitq.core import ClaimedTask, Outcome, OutcomeKind
@@ -57,6 +57,12 @@ class Worker:
     :mod:`sitq.signing`) when it has no key or another one; a worker with a
     key records it in a store that has none.
 
+    ``name`` begins the worker's id (``worker_id``, ``name:pid:random``, the
+    host name by default), which the board, ``sitq status`` and the logs show.
+    Progress that tasks report is stored about every ``progress_interval`` seconds.
+    ``serializer`` must match the one the tasks were enqueued with; ``clock``
+    returns POSIX seconds (tests pass their own). ``processed`` and ``failed``
+    count the outcomes this worker stored.
 
     A coroutine that is timed out or cancelled gets ``cancel_grace`` seconds
     to end after its ``CancelledError``; one that catches it and goes on is
@@ -70,13 +76,13 @@ class Worker:
         backend: Target,
         max_concurrency: int = 1,
         poll_interval: float = 1.0,
-        serializer: Optional[Serializer] = None,
+        serializer: Serializer | None = None,
         *,
-        name: Optional[str] = None,
+        name: str | None = None,
         lease: float = 60.0,
         progress_interval: float = 0.2,
         capture_output: bool = True,
-        secret_key: Optional[Any] = None,
+        secret_key: str | bytes | None = None,
         cancel_grace: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -102,16 +108,18 @@ class Worker:
         self._side = _SideTasks(self)
         self._wakeup = _Wakeup(self.backend)
         self._outcomes: list[Outcome] = []
-        self._suspect: Optional[int] = None  # the seq of a suspect running alone here
+        self._suspect: str | None = None  # the id of a suspect running alone here
         self._stopping = False
-        self._done: Optional[asyncio.Event] = None
+        self._done: asyncio.Event | None = None
 
     def __repr__(self) -> str:
         state = "running" if self.is_running else "stopped"
-        return f"<Worker {self.worker_id} {state} active={len(self._runner.active)}/{self.max_concurrency} processed={self.processed}>"
+        active = f"{len(self._runner.active)}/{self.max_concurrency}"
+        return f"<Worker {self.worker_id} {state} active={active} processed={self.processed}>"
 
     @property
     def is_running(self) -> bool:
+        """Whether :meth:`start` or :meth:`drain` is running now."""
         return self._done is not None and not self._done.is_set()
 
     @property
@@ -218,7 +226,7 @@ class Worker:
         return bool(self._outcomes) or self._side.fatal is not None or (self._stopping and watching)
 
     def _count(self, outcomes: list[Outcome], stored: list[bool]) -> None:
-        for outcome, ok in zip(outcomes, stored):
+        for outcome, ok in zip(outcomes, stored, strict=False):
             if not ok:
                 log.warning(
                     "task %s: lost its claim before it finished (its lease expired and another "
@@ -229,7 +237,7 @@ class Worker:
                 self.failed += 1
             self.processed += ok
 
-    def _settled(self, task: ClaimedTask, outcome: Optional[Outcome]) -> None:
+    def _settled(self, task: ClaimedTask, outcome: Outcome) -> None:
         """The runner recorded a task's outcome: store it with the next claim."""
         if task.task_id == self._suspect:
             self._suspect = None
@@ -249,7 +257,7 @@ class _SideTasks:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.suspects_waiting = False  # suspects wait for a worker with nothing else running
-        self.fatal: Optional[BaseException] = None  # why the worker must stop at once
+        self.fatal: BaseException | None = None  # why the worker must stop at once
 
     async def run(self) -> None:
         worker = self.worker
@@ -310,14 +318,14 @@ class _Wakeup:
 
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
-        self._fut: Optional[asyncio.Future] = None
+        self._fut: asyncio.Future[None] | None = None
 
     def signal(self) -> None:
         """Something the loop must act on happened (a task finished, a stop request): wake it."""
         if self._fut is not None:
             _resolve(self._fut)
 
-    async def wait(self, token: Optional[int], timeout: Optional[float], woken: Callable[[bool], bool]) -> None:
+    async def wait(self, token: int | None, timeout: float | None, woken: Callable[[bool], bool]) -> None:
         """Wait for :meth:`signal`, a change in the store since ``token`` (unless None) or the timeout.
         ``woken(watching)`` says whether something happened while the loop got ready to wait."""
         loop = asyncio.get_running_loop()
@@ -346,7 +354,7 @@ def _check_settings(max_concurrency: int, **timings: float) -> None:
             raise InvalidTaskError(f"{label} must be a number of seconds > 0, not {seconds!r}")
 
 
-async def _check_key(backend: Backend, signer: Optional[Signer], who: str) -> None:
+async def _check_key(backend: Backend, signer: Signer | None, who: str) -> None:
     """Refuse a store whose recorded key ``who`` does not hold; record ours in a store without one."""
     recorded = await backend.get_meta(STORE_KEY_RECORD)
     if recorded is None and signer is not None:
@@ -354,6 +362,6 @@ async def _check_key(backend: Backend, signer: Optional[Signer], who: str) -> No
     check_store_key(signer, recorded, repr(backend), who)
 
 
-def _resolve(fut: asyncio.Future) -> None:
+def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)

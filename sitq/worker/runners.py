@@ -35,8 +35,10 @@ import queue as thread_queue
 import threading
 import time
 import traceback
+import types
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, TypeVar
 
 from sitq.core import ClaimedTask, Outcome, OutcomeKind
 from sitq.errors import SerializationError, TaskTimeoutError
@@ -54,29 +56,33 @@ DEFAULT_OPTIONS = TaskOptions()
 RUN_BUDGET = 0.002  # seconds of work one slot may claim at once, judged by recent task times
 MAX_RUN = 64  # tasks one slot may claim at once
 
+T = TypeVar("T")
+# A task's unpickled call: (function, args, kwargs).
+_Call = tuple[Any, tuple[Any, ...], dict[str, Any]]
+
 
 @dataclass(eq=False)
 class _Running:
     """A claimed task this worker is running."""
 
     task: ClaimedTask
-    progress_log: ProgressLog
+    progress_log: ProgressLog[_Running]
     options: TaskOptions = DEFAULT_OPTIONS
-    output: Optional[CapturedOutput] = None
-    progress: Optional[tuple] = None
+    output: CapturedOutput | None = None
+    progress: tuple[float, float | None, str | None] | None = None
     handle: Any = field(default=None, repr=False)  # the asyncio task of a coroutine
-    stop_reason: Optional[str] = None  # "timeout" or "cancel" once the worker stopped waiting for it
+    stop_reason: str | None = None  # "timeout" or "cancel" once the worker stopped waiting for it
     settled: bool = False  # its outcome is recorded; anything later is discarded
     started: bool = False  # its run has started it
     elapsed: float = 0.0  # seconds the function ran, measured in its thread
-    call: Optional[tuple] = field(default=None, repr=False)  # (func, args, kwargs) once unpickled
-    context: Optional[contextvars.Context] = field(default=None, repr=False)
+    call: _Call | None = field(default=None, repr=False)  # (func, args, kwargs) once unpickled
+    context: contextvars.Context | None = field(default=None, repr=False)
     is_async: bool = False
-    run: Optional["_Run"] = field(default=None, repr=False)
+    run: _Run | None = field(default=None, repr=False)
     timer: Any = field(default=None, repr=False)  # the timeout's timer, cancelled once settled
     grace: Any = field(default=None, repr=False)  # the timer that abandons a coroutine ignoring its cancel
-    waiter: Optional[asyncio.Future] = field(default=None, repr=False)  # resolved once settled (runs on the loop)
-    stopped: Optional[threading.Event] = field(default=None, repr=False)  # see stop_event()
+    waiter: asyncio.Future[None] | None = field(default=None, repr=False)  # resolved once settled (runs on the loop)
+    stopped: threading.Event | None = field(default=None, repr=False)  # see stop_event()
 
     def release(self) -> None:
         """Drop what a settled task no longer needs: its arguments, context and output may be
@@ -88,7 +94,7 @@ class _Running:
 class _Run:
     """Tasks one slot executes one after another; the slot is free once all have settled."""
 
-    def __init__(self, jobs: list) -> None:
+    def __init__(self, jobs: list[_Running]) -> None:
         self.jobs = jobs
         self.on_loop = False  # run by a coroutine on the loop (else by a thread)
         self.unsettled = len(jobs)
@@ -97,7 +103,7 @@ class _Run:
         for job in jobs:
             job.run = self
 
-    def take(self) -> Optional[_Running]:
+    def take(self) -> _Running | None:
         """The next job to start, or None when the run is over (called from the executing thread)."""
         with self.lock:
             while self.next < len(self.jobs):
@@ -108,7 +114,7 @@ class _Run:
                     return job
             return None
 
-    def take_rest(self) -> list:
+    def take_rest(self) -> list[_Running]:
         """Take the jobs not started yet away from this run, to run them elsewhere."""
         with self.lock:
             rest, self.next = self.jobs[self.next :], len(self.jobs)
@@ -122,7 +128,7 @@ class Runner:
 
     ``on_settled(task, outcome)`` is called on the worker's loop once a task's
     outcome is recorded (finished, stopped, or failed before it could start);
-    anything the task does after that is discarded. ``active`` maps the seq
+    anything the task does after that is discarded. ``active`` maps the id
     of every task handed over and not yet settled to its record, and
     ``busy_slots`` counts the runs under way. :meth:`open` binds the runner to
     the loop of a worker run, :meth:`close` ends that run's side effects.
@@ -131,10 +137,10 @@ class Runner:
     def __init__(
         self,
         worker_id: str,
-        on_settled: Callable[[ClaimedTask, Optional[Outcome]], None],
+        on_settled: Callable[[ClaimedTask, Outcome], None],
         *,
         serializer: Serializer,
-        signer: Optional[Signer],
+        signer: Signer | None,
         clock: Callable[[], float],
         capture_output: bool,
         cancel_grace: float,
@@ -143,16 +149,16 @@ class Runner:
         self.recorder = Recorder(serializer, signer, clock)
         self.serializer = serializer
         self.capture_output = capture_output
-        self.progress = ProgressLog()
-        self.active: dict[int, _Running] = {}
+        self.progress: ProgressLog[_Running] = ProgressLog()
+        self.active: dict[str, _Running] = {}
         self.busy_slots = 0
         self._coroutines = _Coroutines(worker_id, cancel_grace, self.recorder, self._settle, self._timed)
         self._signer = signer
         self._on_settled = on_settled
         self._loop: Any = None
-        self._loop_runs: set[asyncio.Task] = set()
-        self._average_run: Optional[float] = None  # moving average of task run times, in seconds
-        self._threads: Optional[_Threads] = None
+        self._loop_runs: set[asyncio.Task[None]] = set()
+        self._average_run: float | None = None  # moving average of task run times, in seconds
+        self._threads: _Threads | None = None
 
     def open(self, loop: asyncio.AbstractEventLoop) -> None:
         """Run tasks on ``loop`` (the loop of the worker run that starts now)."""
@@ -183,7 +189,7 @@ class Runner:
         for i in range(slots):
             self._start_run(_Run(jobs[i::slots]))
 
-    def _prepare(self, task: ClaimedTask) -> Optional[_Running]:
+    def _prepare(self, task: ClaimedTask) -> _Running | None:
         running = _Running(task, self.progress)
         self.active[task.task_id] = running
         recorder = self.recorder
@@ -197,7 +203,7 @@ class Runner:
             if isinstance(func, Task):
                 running.options, func = func.task_options, func.func
             running.is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
-                getattr(func, "__call__", None)
+                getattr(func, "__call__", None)  # noqa: B004 - an object whose __call__ is async, not a callable check
             )
         except BaseException as exc:  # whatever unpickling a payload raises fails its task, not the worker
             self._settle(running, recorder.record(running, exc, failed=True, skip_frames=0))
@@ -236,13 +242,14 @@ class Runner:
                 self._coroutines.start(job, self._loop)
             else:
                 self._thread_pool().submit(
-                    lambda job=job: self._settle_from_thread([(job, self._call_in_thread(job))])
+                    # (mypy cannot type a lambda whose parameter has a default)
+                    lambda job=job: self._settle_from_thread([(job, self._call_in_thread(job))])  # type: ignore[misc]
                 )
             await waiter
 
     def _run_in_thread(self, run: _Run) -> None:
         """Run a run of plain functions in this thread; settle them on the loop in one hop."""
-        settled = []
+        settled: list[tuple[_Running, Outcome | None]] = []
         try:
             while (job := run.take()) is not None:
                 if job.options.timeout is not None:
@@ -251,19 +258,19 @@ class Runner:
         finally:
             self._settle_from_thread(settled)
 
-    def _call_in_thread(self, running: _Running) -> Optional[Outcome]:
+    def _call_in_thread(self, running: _Running) -> Outcome | None:
         call, context = running.call, running.context
         if call is None or context is None:
             return None  # stopped just as this thread took it: its outcome is recorded already
         return context.run(self.recorder.call_sync, running, call)
 
-    def _settle_from_thread(self, settled: list) -> None:
+    def _settle_from_thread(self, settled: list[tuple[_Running, Outcome | None]]) -> None:
         try:
             self._loop.call_soon_threadsafe(self._settle_all, settled)
         except RuntimeError:
             pass  # the worker stopped and its loop closed while an abandoned thread ran on
 
-    def _settle_all(self, settled: list) -> None:
+    def _settle_all(self, settled: list[tuple[_Running, Outcome | None]]) -> None:
         for job, outcome in settled:
             self._timed(job.elapsed)
             self._settle(job, outcome)
@@ -290,9 +297,10 @@ class Runner:
         if rest:
             self._start_run(_Run(rest))
 
-    def _settle(self, running: _Running, outcome: Optional[Outcome]) -> None:
+    def _settle(self, running: _Running, outcome: Outcome | None) -> None:
         if running.settled:
             return  # a thread or coroutine that returned after its timeout or cancel: discard
+        assert outcome is not None  # only a task settled already comes without one (_call_in_thread)
         running.settled = True
         for timer in (running.timer, running.grace):
             if timer is not None:
@@ -326,21 +334,23 @@ class _Coroutines:
         worker_id: str,
         cancel_grace: float,
         recorder: Recorder,
-        settle: Callable[[_Running, Optional[Outcome]], None],
+        settle: Callable[[_Running, Outcome | None], None],
         timed: Callable[[float], None],
     ) -> None:
         self.worker_id = worker_id
         self.cancel_grace = cancel_grace
         self.recorder = recorder
-        self.abandoned: set[asyncio.Task] = set()  # coroutines that ignored their cancel, kept to cancel on stop
+        self.abandoned: set[asyncio.Task[None]] = set()  # coroutines that ignored their cancel, kept to cancel on stop
         self._settle = settle
         self._timed = timed
 
     def start(self, running: _Running, loop: asyncio.AbstractEventLoop) -> None:
+        assert running.context is not None  # set by Runner._prepare; cleared only once settled
         running.handle = running.context.run(loop.create_task, self._run_coroutine(running))
         running.handle.add_done_callback(functools.partial(self._coroutine_ended, running))
 
     async def _run_coroutine(self, running: _Running) -> None:
+        assert running.call is not None  # a coroutine stopped before its first step never gets here
         func, args, kwargs = running.call
         started = time.perf_counter()
         cancelled = None
@@ -360,7 +370,7 @@ class _Coroutines:
         if cancelled is not None:
             raise cancelled
 
-    def _coroutine_ended(self, running: _Running, handle: asyncio.Task) -> None:
+    def _coroutine_ended(self, running: _Running, handle: asyncio.Task[None]) -> None:
         if not running.settled:  # cancelled before its first step: _run_coroutine never ran to settle it
             outcome = self.recorder.record(running, asyncio.CancelledError(), failed=True, skip_frames=0)
             self._settle(running, outcome)
@@ -407,12 +417,12 @@ class Recorder:
     task with a message that says so.
     """
 
-    def __init__(self, serializer: Serializer, signer: Optional[Signer], clock: Callable[[], float]) -> None:
+    def __init__(self, serializer: Serializer, signer: Signer | None, clock: Callable[[], float]) -> None:
         self.serializer = serializer
         self.clock = clock
         self._signer = signer
 
-    def call_sync(self, running: _Running, call: tuple) -> Outcome:
+    def call_sync(self, running: _Running, call: _Call) -> Outcome:
         """Call a plain function in this thread and record what it returned or raised."""
         func, args, kwargs = call
         del call
@@ -483,12 +493,13 @@ class Recorder:
             return self.outcome(running, OutcomeKind.RETRY, error=error, traceback=text, retry_at=self.clock() + delay)
         return self.outcome(running, OutcomeKind.FAILED, error=error, traceback=text)
 
-    def outcome(self, running: _Running, kind: OutcomeKind, **fields) -> Outcome:
+    def outcome(self, running: _Running, kind: OutcomeKind, **fields: Any) -> Outcome:
         captured = running.output  # read once: the loop may release it while an abandoned thread gets here
         output = captured.text() if captured is not None else None
         task = running.task
         return Outcome(
-            task.task_id, task.handle, task.attempts, kind, self.clock(), output=output, progress=running.progress, **fields
+            task.task_id, task.handle, task.attempts, kind, self.clock(), output=output, progress=running.progress,
+            **fields,
         )
 
 
@@ -502,7 +513,7 @@ class _Threads:
 
     def __init__(self, name: str) -> None:
         self._name = name
-        self._jobs: thread_queue.SimpleQueue = thread_queue.SimpleQueue()
+        self._jobs: thread_queue.SimpleQueue[Callable[[], None] | None] = thread_queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0
         self._count = 0
@@ -536,7 +547,7 @@ class _Threads:
             self._jobs.put(None)
 
 
-async def _awaited(awaitable):
+async def _awaited(awaitable: Awaitable[T]) -> T:
     return await awaitable
 
 
@@ -554,7 +565,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
-def _format_traceback(exc: BaseException, tb) -> Optional[str]:
+def _format_traceback(exc: BaseException, tb: types.TracebackType | None) -> str | None:
     try:
         return "".join(traceback.format_exception(type(exc), exc, tb))
     except BaseException as inner:
@@ -569,6 +580,6 @@ def _cancelled_from_outside() -> bool:
     return cancelling is None or cancelling() > 0
 
 
-def _resolve(fut: asyncio.Future) -> None:
+def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
