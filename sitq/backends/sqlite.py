@@ -531,7 +531,8 @@ class SQLiteBackend(Backend):
             return _infos(await self._run(_fetch_all, SELECT_INFO, (json.dumps(list(task_ids)),)))
 
         def job(conn, stopped):
-            return _infos(self._call_here(conn, _fetch_all, (SELECT_INFO, (json.dumps(list(task_ids)),)), stopped))
+            rows = self._call_here(conn, _fetch_all, (SELECT_INFO, (json.dumps(list(task_ids)),)), stopped)
+            return _infos(rows, share_gil=True)
 
         return await self._offload(job)
 
@@ -684,8 +685,17 @@ def _renew(conn, worker_id, lease, clock) -> int:
     return conn.execute(RENEW_LEASES, (clock() + lease, worker_id)).rowcount
 
 
-def _infos(rows) -> dict:
-    return {row[0]: _info(row) for row in rows}
+def _infos(rows, share_gil: bool = False) -> dict:
+    """The records keyed by id. On a helper thread (``share_gil``), let the event loop's thread
+    take the GIL every few hundred records instead of waiting out Python's 5 ms switch interval."""
+    if not share_gil:
+        return {row[0]: _info(row) for row in rows}
+    infos = {}
+    for i, row in enumerate(rows, 1):
+        infos[row[0]] = _info(row)
+        if i % 256 == 0:
+            time.sleep(0)
+    return infos
 
 
 def _result(row) -> Result:
