@@ -346,7 +346,8 @@ class SQLiteBackend(Backend):
                 raise self._locked_error()
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.05)
-        self._wake_watchers()
+        if write:  # a read must not wake anyone: two waiters in one process would wake each other forever
+            self._wake_watchers()
         return result
 
     def _locked_error(self) -> BackendError:
