@@ -1010,7 +1010,11 @@ class _Heartbeat(threading.Thread):
                     if self._stopped.is_set():
                         break
                     if not failing:
-                        log.warning("worker %s: could not renew its leases (%s); trying again", self.worker_id, exc)
+                        log.warning(
+                            "worker %s: could not renew its leases (%s); trying again every %g s. If this "
+                            "goes on, other workers take its tasks over once their leases run out",
+                            self.worker_id, exc, self.interval,
+                        )
                     failing = True
                 else:
                     if failing:
