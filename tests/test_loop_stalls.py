@@ -8,6 +8,7 @@ checkpoints) runs on helper threads that ``close()`` stops.
 """
 
 import asyncio
+import datetime as dt
 import os
 import signal
 import sqlite3
@@ -21,6 +22,7 @@ import pytest
 import taskfuncs
 from conftest import sitq_command, worker_env
 
+import sitq
 from sitq import SQLiteBackend, SyncTaskQueue, TaskQueue
 from sitq.backends.sqlite import CHECKPOINT_ROWS, OFFLOAD_ROWS
 from sitq.core import NewTaskBatch
@@ -240,3 +242,28 @@ def test_an_in_memory_store_shares_its_one_connection_with_the_helpers(run):
         assert [info.task_id for info in overview.recent] == ids[::-1][:5]
 
     run(go())
+
+
+class CountingBackend(SQLiteBackend):
+    """Counts the result lookups get_result makes: one per wake-up."""
+
+    lookups = 0
+
+    async def fetch_result(self, task_id):
+        self.lookups += 1
+        return await super().fetch_result(task_id)
+
+
+def test_an_idle_worker_and_a_waiter_in_one_process_do_not_wake_each_other(db_path, run):
+    async def go():
+        backend = CountingBackend(db_path)
+        async with TaskQueue(backend) as queue:
+            later = await queue.enqueue(taskfuncs.echo, 1, eta=dt.timedelta(hours=1))
+            worker = sitq.Worker(backend, poll_interval=0.1)
+            running = asyncio.ensure_future(worker.start())
+            assert await queue.get_result(later, timeout=0.5) is None  # the worker polls 5 times meanwhile
+            await worker.stop()
+            await running
+        return backend.lookups
+
+    assert run(go()) < 20  # at most once per poll of the worker (about 5), not by every read

@@ -141,7 +141,7 @@ VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?)
 
 # A big batch is first written to a private temporary table, then copied in one statement:
 # the write lock, which every other process's writes and every worker's lease renewal wait
-# for, is held for the copy alone, a third to a half as long as inserting row by row.
+# for, is held for the copy alone: about half as long as inserting row by row.
 STAGE_TABLE = """
 CREATE TEMP TABLE IF NOT EXISTS sitq_new (id, name, func, args, signature, max_attempts, eta, enqueued_at)
 """
@@ -291,8 +291,9 @@ NO_PROGRESS = (None, None, None)
 # Work on more rows than this runs on a helper thread: at a few microseconds a row, the loop
 # would otherwise be blocked for longer than a few milliseconds.
 OFFLOAD_ROWS = 500
-# A worker's finish-and-claim touching more rows than this is split into several transactions.
-BATCH_ROWS = 256
+# The most rows a worker's finish-and-claim touches in one transaction, and the most tasks
+# it claims at once: about 2 ms of statements, and of unpickling what it claimed.
+BATCH_ROWS = 128
 # A checkpoint is due once the loop's connection changed this many rows since the last one
 # (SQLite's own automatic checkpoint, off here, comes every 1,000 pages written).
 CHECKPOINT_ROWS = 1000
@@ -514,7 +515,8 @@ class SQLiteBackend(Backend):
                 raise self._locked_error()
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.05)
-        self.changes.wake()
+        if write:  # a read must not wake anyone: two waiters in one process would wake each other forever
+            self.changes.wake()
         return result
 
     async def _write(self, fn: Callable[..., tuple[T, bool]], *args: Any) -> T:
@@ -552,10 +554,21 @@ class SQLiteBackend(Backend):
         if self.is_memory:
             return self._connection()
         opened = self._opened
+        if opened is None:
+            # Closed (or never opened): nothing checked the file at the path, and after a close it
+            # may be another file by now; a helper opening it would read this store's WAL into it.
+            raise BackendError(f"the sitq backend for {self.path!r} is not open")
         try:
-            conn = _connect(opened[0] if opened else self.path, self.read_only, create=False)
+            conn = _connect(opened[0], self.read_only, create=False)
         except sqlite3.Error as exc:
             raise _translate(exc, self.path) from exc
+        # Before the first statement reads anything: if another file has the path now, a statement
+        # would read this store's WAL (named after the path) as that file's, and closing would lay
+        # its pages over that file.
+        moved = self._moved()
+        if moved is not None:
+            conn.close()
+            raise BackendError(f"the database file {self.path!r} was {moved} while sitq had it open")
         try:
             conn.execute("PRAGMA busy_timeout = 0")
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -621,6 +634,8 @@ class SQLiteBackend(Backend):
 
     def _checkpoint(self, conn: sqlite3.Connection, stopped: threading.Event) -> None:
         self._checkpoint_queued = False
+        if self._moved() is not None:
+            return  # the WAL is named after the path: it must not meet another file there
         # PASSIVE: copies what no reader still needs, without waiting for or blocking anyone.
         # Another process checkpointing at the same time is not an error (it reports busy).
         conn.execute(CHECKPOINT).fetchall()
@@ -670,26 +685,23 @@ class SQLiteBackend(Backend):
         *,
         alone: bool = True,
     ) -> tuple[list[bool], list[ClaimedTask]]:
+        # At most BATCH_ROWS rows per transaction, and as many tasks claimed (the worker claims
+        # more on its next round): at concurrency 8, runs of short tasks would otherwise finish
+        # and claim 512 tasks at once, blocking the loop for tens of milliseconds for the
+        # statements and for unpickling what was claimed. A bigger batch goes in slices, each
+        # its own transaction, with the loop running in between.
+        limit = min(limit, BATCH_ROWS)
         if len(outcomes) + limit <= BATCH_ROWS:
             return await self._write(_finish_and_claim, worker_id, outcomes, limit, now, lease_until, alone)
-        # A big batch (many slots taking runs of short tasks) runs in slices of BATCH_ROWS rows,
-        # each its own short transaction, and the loop runs in between: one transaction for
-        # everything would block it for tens of milliseconds.
         stored: list[bool] = []
         for first in range(0, len(outcomes), BATCH_ROWS):
             await asyncio.sleep(0)
             batch = outcomes[first : first + BATCH_ROWS]
             stored += (await self._write(_finish_and_claim, worker_id, batch, 0, now, 0, False))[0]
         claimed: list[ClaimedTask] = []
-        while limit > 0:
+        if limit > 0:
             await asyncio.sleep(0)
-            wanted = min(limit, BATCH_ROWS)
-            alone_now = alone and not claimed
-            got = (await self._write(_finish_and_claim, worker_id, (), wanted, now, lease_until, alone_now))[1]
-            claimed += got
-            limit -= wanted
-            if len(got) < wanted or got[0].lost:
-                break  # nothing more is ready, or it took a suspect, which runs alone
+            claimed = (await self._write(_finish_and_claim, worker_id, (), limit, now, lease_until, alone))[1]
         return stored, claimed
 
     async def suspects_waiting(self, now: float) -> bool:
@@ -731,7 +743,8 @@ class SQLiteBackend(Backend):
             return _infos(await self._run(_fetch_all, SELECT_INFO, (json.dumps(list(task_ids)),)))
 
         def job(conn: sqlite3.Connection, stopped: threading.Event) -> dict[str, TaskInfo]:
-            return _infos(self._call_here(conn, _fetch_all, (SELECT_INFO, (json.dumps(list(task_ids)),)), stopped))
+            rows = self._call_here(conn, _fetch_all, (SELECT_INFO, (json.dumps(list(task_ids)),)), stopped)
+            return _infos(rows, share_gil=True)
 
         return await self._offload(job)
 
@@ -941,8 +954,17 @@ def _renew(conn: sqlite3.Connection, worker_id: str, lease: float, clock: Callab
     return conn.execute(RENEW_LEASES, (clock() + lease, worker_id)).rowcount
 
 
-def _infos(rows: Iterable[Any]) -> dict[str, TaskInfo]:
-    return {row[0]: _info(row) for row in rows}
+def _infos(rows: Iterable[Any], share_gil: bool = False) -> dict[str, TaskInfo]:
+    """The records keyed by id. On a helper thread (``share_gil``), let the event loop's thread
+    take the GIL every few hundred records instead of waiting out Python's 5 ms switch interval."""
+    if not share_gil:
+        return {row[0]: _info(row) for row in rows}
+    infos = {}
+    for i, row in enumerate(rows, 1):
+        infos[row[0]] = _info(row)
+        if i % 256 == 0:
+            time.sleep(0)
+    return infos
 
 
 def _result(row: Sequence[Any]) -> Result:
@@ -1444,7 +1466,11 @@ class _Heartbeat(threading.Thread):
                     if self._stopped.is_set():
                         break
                     if not failing:
-                        log.warning("worker %s: could not renew its leases (%s); trying again", self.worker_id, exc)
+                        log.warning(
+                            "worker %s: could not renew its leases (%s); trying again every %g s. If this "
+                            "goes on, other workers take its tasks over once their leases run out",
+                            self.worker_id, exc, self.interval,
+                        )
                     failing = True
                 else:
                     if failing:
