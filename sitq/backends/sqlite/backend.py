@@ -1,0 +1,706 @@
+"""The :class:`SQLiteBackend` class (connections, the busy retry, the contract's methods) and its
+helper threads: the change watcher, the offload and checkpoint helpers, and heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import logging
+import os
+import queue
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, overload
+
+from sitq.backends.base import Backend
+from sitq.backends.rules import CancelOutcome
+from sitq.backends.sqlite import rows as readers
+from sitq.backends.sqlite import schema
+from sitq.backends.sqlite import statements as sql
+from sitq.backends.sqlite.schema import MEMORY
+from sitq.core import STATES, ClaimedTask, NewTask, Outcome, QueueOverview, Result, TaskInfo, TaskStatus
+from sitq.errors import BackendError
+
+__all__ = ["SQLiteBackend"]
+
+log = logging.getLogger("sitq.backends.sqlite")
+
+T = TypeVar("T")
+# A job for a helper thread: called with the helper's connection and its stop event.
+Job = Callable[[sqlite3.Connection, threading.Event], Any]
+
+# Work on more rows than this runs on a helper thread: at a few microseconds a row, the loop
+# would otherwise be blocked for longer than a few milliseconds.
+OFFLOAD_ROWS = 500
+# The most rows a worker's finish-and-claim touches in one transaction, and the most tasks
+# it claims at once: about 2 ms of statements, and of unpickling what it claimed.
+BATCH_ROWS = 128
+# A checkpoint is due once the loop's connection changed this many rows since the last one
+# (SQLite's own automatic checkpoint, off here, comes every 1,000 pages written).
+CHECKPOINT_ROWS = 1000
+
+
+class SQLiteBackend(Backend):
+    """Tasks and results in one SQLite file (WAL mode), shared safely by many processes.
+
+    ``path`` is a file path (``str`` or ``Path``), a ``sqlite:///`` URL, or
+    ``":memory:"`` for a store private to this backend object (a queue and a
+    worker in one process can share it by sharing the object). New files are
+    created readable and writable by their owner only.
+
+    ``lock_timeout`` is how long a statement keeps retrying while another
+    process holds the write lock before sitq gives up with ``BackendError``;
+    ``change_check_interval`` is the fastest rate at which other processes'
+    writes are looked for while something waits. With ``read_only`` the file
+    must exist and is never written, created, upgraded or switched to WAL
+    (``sitq status`` opens it so); writes then fail with ``BackendError``.
+
+    Before changing anything in a file, sitq checks that the file is its own
+    (or new and empty): another application's database is left exactly as it was.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        lock_timeout: float = 60.0,
+        change_check_interval: float = 0.001,
+        read_only: bool = False,
+    ) -> None:
+        super().__init__()
+        self.path = schema.parse_path(path)
+        self.read_only = bool(read_only)
+        if self.read_only and self.path == MEMORY:
+            raise ValueError("a ':memory:' store cannot be opened read-only: it starts empty")
+        self.lock_timeout = lock_timeout
+        self.change_check_interval = change_check_interval
+        self._lock = threading.RLock()  # guards the loop's connection
+        self._conn: sqlite3.Connection | None = None
+        self._opened: tuple[str, int, int] | None = None  # (absolute path, device, inode) of the file at open
+        self._watcher: ChangeWatcher | None = None
+        self._threads_lock = threading.Lock()  # guards the helpers and heartbeats below
+        self._helpers: dict[str, Helper] = {}
+        self._heartbeats: set[Heartbeat] = set()
+        self._checkpoint_mark = 0  # the loop connection's total_changes at the last checkpoint request
+        self._checkpoint_queued = False
+
+    def __repr__(self) -> str:
+        mode = ", read_only=True" if self.read_only else ""
+        return f"SQLiteBackend({self.path!r}{mode})"
+
+    @property
+    def is_memory(self) -> bool:
+        """Whether this is a ``:memory:`` store, private to this backend object."""
+        return self.path == MEMORY
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the file and check, create or upgrade its schema. Safe to call twice.
+
+        Another process setting up the same new file at the same moment holds a lock
+        for a moment; sitq waits for it as for any lock, without blocking the loop.
+        """
+        if self._conn is None:
+            await self._retry_while_busy(self._open_once)
+
+    def _connection(self) -> sqlite3.Connection:
+        """The loop's connection, for code that runs after ``connect()``."""
+        conn = self._conn
+        if conn is None:
+            raise BackendError(
+                f"the sitq backend for {self.path!r} is not connected (or was closed); await connect() first"
+            )
+        return conn
+
+    def _open_once(self) -> None:
+        with self._lock:
+            if self._conn is None:
+                self._conn = schema.open_file(self.path, self.read_only)
+                self._opened = schema.file_identity(self.path)
+
+    async def close(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.stop()
+        with self._threads_lock:
+            heartbeats, self._heartbeats = self._heartbeats, set()
+        for heartbeat in heartbeats:
+            heartbeat.stop()
+        # The offload helper first: its last write may still ask the checkpointer for a checkpoint.
+        for kind in ("offload", "checkpoint"):
+            with self._threads_lock:
+                helper = self._helpers.pop(kind, None)
+            if helper is not None:
+                helper.stop()
+                await asyncio.wrap_future(helper.exited)  # a statement in progress runs to its end
+        with self._lock:
+            conn, self._conn = self._conn, None
+            self._opened = None
+            self._checkpoint_mark = 0
+            if conn is not None:
+                conn.close()
+
+    async def ensure_same_store(self) -> None:
+        """One ``os.stat``: raise ``BackendError`` if the file at the path is not the one opened."""
+        what = self._moved()
+        if what is not None:
+            self._empty_wal()
+            opened = self._opened[0] if self._opened else self.path  # set: it was found moved
+            raise BackendError(
+                f"the database file {opened!r} was {what} while this worker ran; it stopped so "
+                "that it does not write to a file no one can see; restart it on the file you mean. Tasks "
+                "it was running stay claimed in the old file until their lease expires."
+            )
+
+    def _empty_wal(self) -> None:
+        """Copy the WAL into the file this connection still holds, and empty the WAL.
+
+        The WAL is named after the path, so it now pairs with whatever file took the path,
+        and SQLite would lay these pages over that file when it next opens it. Emptied, it
+        cannot; and a file moved away (``mv tasks.db old.db``) keeps all it had. Best effort:
+        another process reading the WAL makes SQLite give up, and that process then does it.
+        """
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                except sqlite3.Error:
+                    pass
+
+    def _moved(self) -> str | None:
+        """How the file at the path stopped being the one opened, or None if it did not (or cannot tell)."""
+        opened = self._opened
+        if opened is None:  # ':memory:' has no file; a closed backend has nothing open
+            return None
+        path, device, inode = opened
+        try:
+            now = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return "deleted (or moved away)"
+        except OSError:
+            return None  # cannot look just now (a network file system, say); the next look decides
+        return None if (now.st_dev, now.st_ino) == (device, inode) else "replaced by another file"
+
+    async def _retry_while_busy(self, attempt: Callable[[], T]) -> T:
+        """Call ``attempt()`` until it does not fail with SQLite's busy error, sleeping between tries."""
+        delay = 0.001
+        deadline = None
+        while True:
+            try:
+                return attempt()
+            except sqlite3.Error as exc:
+                if not schema.is_busy(exc):
+                    raise schema.translate(exc, self.path) from exc
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.lock_timeout
+            elif now >= deadline:
+                raise self._locked_error()
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.05)
+
+    def _locked_error(self) -> BackendError:
+        return BackendError(
+            f"the sitq database {self.path!r} stayed locked by another process for "
+            f"{self.lock_timeout:g} s; a process may be stuck holding a write transaction "
+            "(look for it with `fuser`), or raise lock_timeout"
+        )
+
+    @overload
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+    @overload
+    async def _run(self, fn: Callable[..., tuple[T, bool]], *args: Any, write: Literal[True]) -> T: ...
+
+    async def _run(self, fn: Callable[..., Any], *args: Any, write: bool = False) -> Any:
+        """Run ``fn(conn, *args)`` under the lock, retrying while another process holds the lock."""
+        if self._conn is None:
+            await self.connect()
+        conn = self._connection()
+        lock = self._lock
+        delay = 0.001
+        deadline = None
+        while True:
+            # Never block the loop for the lock: a helper thread may hold it (in-memory stores),
+            # or another loop's thread sharing this backend; then wait as for another process.
+            if lock.acquire(blocking=False):
+                try:
+                    result = fn(conn, *args)
+                    if write:
+                        result, changed = result
+                        if changed:  # a write that changed nothing must not wake anyone, or idle workers spin
+                            self.changes.mark()
+                            if conn.total_changes - self._checkpoint_mark >= CHECKPOINT_ROWS:
+                                self._checkpoint_mark = conn.total_changes
+                                self._request_checkpoint()
+                    break
+                except sqlite3.Error as exc:
+                    if conn.in_transaction:
+                        conn.rollback()
+                    if not schema.is_busy(exc):
+                        raise schema.translate(exc, self.path, self.read_only) from exc
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.rollback()
+                    raise
+                finally:
+                    lock.release()
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.lock_timeout
+            elif now >= deadline:
+                raise self._locked_error()
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.05)
+        if write:  # a read must not wake anyone: two waiters in one process would wake each other forever
+            self.changes.wake()
+        return result
+
+    async def _write(self, fn: Callable[..., tuple[T, bool]], *args: Any) -> T:
+        """Run ``fn(conn, *args) -> (result, changed)`` as ``_run`` does, and move the change
+        token (waking waiters) if it changed anything."""
+        return await self._run(fn, *args, write=True)
+
+    # -- helper threads ----------------------------------------------------
+
+    async def _offload(self, job: Callable[[sqlite3.Connection, threading.Event], T]) -> T:
+        """Run ``job(conn, stopped)`` on the helper thread and await its result; the loop stays free.
+
+        The job gets the helper's connection and its stop event, for ``_call_here``.
+        """
+        if self._conn is None:
+            await self.connect()  # the file is opened and checked by the loop's connection first
+        return await asyncio.wrap_future(self._helper("offload").submit(job))
+
+    def _helper(self, kind: str) -> Helper:
+        with self._threads_lock:
+            helper = self._helpers.get(kind)
+            if helper is None:
+                helper = self._helpers[kind] = Helper(self, kind)
+                helper.start()
+            return helper
+
+    def _side_connection(self) -> sqlite3.Connection:
+        """A connection for a helper thread: no waiting inside SQLite, no automatic checkpoints.
+
+        It opens the file the loop's connection opened (by its path as resolved then: a task
+        may have changed the working folder), never creates one, and a read-only backend's
+        helpers are read-only too. An in-memory store has only the loop's connection;
+        ``_call_here`` takes the lock for it.
+        """
+        if self.is_memory:
+            return self._connection()
+        opened = self._opened
+        if opened is None:
+            # Closed (or never opened): nothing checked the file at the path, and after a close it
+            # may be another file by now; a helper opening it would read this store's WAL into it.
+            raise BackendError(f"the sitq backend for {self.path!r} is not open")
+        try:
+            conn = schema.connect_file(opened[0], self.read_only, create=False)
+        except sqlite3.Error as exc:
+            raise schema.translate(exc, self.path) from exc
+        # Before the first statement reads anything: if another file has the path now, a statement
+        # would read this store's WAL (named after the path) as that file's, and closing would lay
+        # its pages over that file.
+        moved = self._moved()
+        if moved is not None:
+            conn.close()
+            raise BackendError(f"the database file {self.path!r} was {moved} while sitq had it open")
+        try:
+            conn.execute("PRAGMA busy_timeout = 0")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            conn.execute("PRAGMA temp_store = MEMORY")  # a big map is staged in a temporary table
+        except sqlite3.Error as exc:
+            conn.close()
+            raise schema.translate(exc, self.path) from exc
+        return conn
+
+    def _release_side_connection(self, conn: sqlite3.Connection | None) -> None:
+        if conn is not None and conn is not self._conn:
+            conn.close()
+
+    def _call_here(
+        self,
+        conn: sqlite3.Connection,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        stopped: threading.Event,
+        *,
+        write: bool = False,
+        slowest: float = 0.05,
+    ) -> Any:
+        """Run ``fn(conn, *args)`` on this helper thread, sleeping here while another process
+        holds the lock, up to ``lock_timeout``; ``stopped`` ends the waiting early."""
+        shared = conn is self._conn  # an in-memory store's only connection
+        delay = 0.001
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            try:
+                with self._lock if shared else contextlib.nullcontext():
+                    try:
+                        result = fn(conn, *args)
+                    except BaseException:
+                        if conn.in_transaction:
+                            conn.rollback()
+                        raise
+            except sqlite3.Error as exc:
+                if not schema.is_busy(exc):
+                    raise schema.translate(exc, self.path) from exc
+            else:
+                if write:
+                    result, changed = result
+                    if changed:
+                        self.notify_change()
+                return result
+            if time.monotonic() >= deadline:
+                raise self._locked_error()
+            if stopped.wait(delay * (0.5 + random.random())):
+                raise BackendError(f"the sitq backend for {self.path!r} was closed while it waited for a lock")
+            delay = min(delay * 2, slowest)
+
+    def _request_checkpoint(self) -> None:
+        """Have the checkpoint helper copy the WAL into the database, unless it is about to."""
+        if self.is_memory or self._checkpoint_queued:
+            return
+        self._checkpoint_queued = True
+        try:
+            self._helper("checkpoint").submit(self._checkpoint).add_done_callback(log_failure)
+        except BackendError:  # closing
+            self._checkpoint_queued = False
+
+    def _checkpoint(self, conn: sqlite3.Connection, stopped: threading.Event) -> None:
+        self._checkpoint_queued = False
+        if self._moved() is not None:
+            return  # the WAL is named after the path: it must not meet another file there
+        # PASSIVE: copies what no reader still needs, without waiting for or blocking anyone.
+        # Another process checkpointing at the same time is not an error (it reports busy).
+        conn.execute(sql.CHECKPOINT).fetchall()
+
+    def start_heartbeat(
+        self, worker_id: str, lease: float, clock: Callable[[], float] = time.time
+    ) -> Heartbeat:
+        self._connection()
+        heartbeat = Heartbeat(self, worker_id, lease, clock)
+        with self._threads_lock:
+            self._heartbeats.add(heartbeat)
+        heartbeat.start()
+        return heartbeat
+
+    # -- producers ---------------------------------------------------------
+
+    async def enqueue(self, tasks: Sequence[NewTask]) -> None:
+        if len(tasks) <= OFFLOAD_ROWS:
+            await self._write(sql.insert, tasks)
+            return
+
+        def job(conn: sqlite3.Connection, stopped: threading.Event) -> None:  # one statement: all tasks or none
+            self._call_here(conn, sql.stage, (tasks,), stopped)
+            try:
+                self._call_here(conn, sql.insert_staged, (), stopped, write=True)
+            finally:
+                self._call_here(conn, sql.execute_count, (sql.UNSTAGE, ()), stopped)
+            self._request_checkpoint()
+
+        await self._offload(job)
+
+    # -- workers -----------------------------------------------------------
+
+    async def claim(
+        self, worker_id: str, limit: int, now: float, lease_until: float, *, alone: bool = True
+    ) -> list[ClaimedTask]:
+        return (await self.finish_and_claim(worker_id, (), limit, now, lease_until, alone=alone))[1]
+
+    async def finish(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[bool]:
+        return (await self.finish_and_claim(worker_id, outcomes, 0, 0.0, 0.0))[0]
+
+    async def finish_and_claim(
+        self,
+        worker_id: str,
+        outcomes: Sequence[Outcome],
+        limit: int,
+        now: float,
+        lease_until: float,
+        *,
+        alone: bool = True,
+    ) -> tuple[list[bool], list[ClaimedTask]]:
+        # At most BATCH_ROWS rows per transaction, and as many tasks claimed (the worker claims
+        # more on its next round): at concurrency 8, runs of short tasks would otherwise finish
+        # and claim 512 tasks at once, blocking the loop for tens of milliseconds for the
+        # statements and for unpickling what was claimed. A bigger batch goes in slices, each
+        # its own transaction, with the loop running in between.
+        limit = min(limit, BATCH_ROWS)
+        if len(outcomes) + limit <= BATCH_ROWS:
+            return await self._write(sql.finish_and_claim, worker_id, outcomes, limit, now, lease_until, alone)
+        stored: list[bool] = []
+        for first in range(0, len(outcomes), BATCH_ROWS):
+            await asyncio.sleep(0)
+            batch = outcomes[first : first + BATCH_ROWS]
+            stored += (await self._write(sql.finish_and_claim, worker_id, batch, 0, now, 0, False))[0]
+        claimed: list[ClaimedTask] = []
+        if limit > 0:
+            await asyncio.sleep(0)
+            claimed = (await self._write(sql.finish_and_claim, worker_id, (), limit, now, lease_until, alone))[1]
+        return stored, claimed
+
+    async def suspects_waiting(self, now: float) -> bool:
+        return await self._run(sql.fetch_one, sql.SUSPECTS_WAITING, (now,)) is not None
+
+    async def next_eta(self) -> float | None:
+        eta = (await self._run(sql.fetch_one, sql.NEXT_ETA, ()))[0]
+        # Numbers sort first, so anything else means only tasks with unreadable etas are pending.
+        return eta if isinstance(eta, (int, float)) else None
+
+    async def renew(self, worker_id: str, lease_until: float) -> int:
+        return await self._run(sql.execute_count, sql.RENEW_LEASES, (lease_until, worker_id))
+
+    async def requeue_expired(self, now: float) -> int:
+        return await self._write(sql.requeue_expired, now)
+
+    async def cancel(self, task_id: str, now: float) -> CancelOutcome | None:
+        return await self._write(sql.cancel, task_id, now)
+
+    async def cancel_requests(self, worker_id: str) -> list[str]:
+        return [row[0] for row in await self._run(sql.fetch_all, sql.SELECT_CANCEL_REQUESTS, (worker_id,))]
+
+    async def set_progress(
+        self, worker_id: str, progress: Sequence[tuple[Any, int, float | None, float | None, str | None]]
+    ) -> None:
+        rows = [
+            (done, total, message, handle, attempts, worker_id) for handle, attempts, done, total, message in progress
+        ]
+        await self._write(sql.execute_many, sql.SET_PROGRESS, rows)
+
+    # -- readers -----------------------------------------------------------
+
+    async def fetch_result(self, task_id: str) -> Result | None:
+        row = await self._run(sql.fetch_result, task_id)
+        return None if row is None else readers.result(row)
+
+    async def fetch_info(self, task_ids: Sequence[str]) -> dict[str, TaskInfo]:
+        if len(task_ids) <= OFFLOAD_ROWS:
+            return readers.infos(await self._run(sql.fetch_all, sql.SELECT_INFO, (json.dumps(list(task_ids)),)))
+
+        def job(conn: sqlite3.Connection, stopped: threading.Event) -> dict[str, TaskInfo]:
+            rows = self._call_here(conn, sql.fetch_all, (sql.SELECT_INFO, (json.dumps(list(task_ids)),)), stopped)
+            return readers.infos(rows, share_gil=True)
+
+        return await self._offload(job)
+
+    async def overview(self, limit: int) -> QueueOverview:
+        def job(conn: sqlite3.Connection, stopped: threading.Event) -> QueueOverview:  # a table scan: off the loop
+            counts, rows = self._call_here(conn, sql.overview, (limit,), stopped)
+            full: dict[str, int] = dict.fromkeys(STATES, 0)
+            for status, count in counts:
+                status = TaskStatus.read(readers.text(status))  # one sitq does not know is counted under its own name
+                full[status] = full.get(status, 0) + count
+            return QueueOverview(counts=full, recent=[readers.info(row) for row in rows])
+
+        return await self._offload(job)
+
+    # -- facts about the store -------------------------------------------------
+
+    async def get_meta(self, key: str) -> str | None:
+        return await self._run(sql.get_meta, key)
+
+    async def set_meta_if_absent(self, key: str, value: str) -> str:
+        return await self._write(sql.set_meta_if_absent, key, value)
+
+    # -- change notification -------------------------------------------------
+
+    def _on_watch(self) -> None:
+        if self.is_memory:
+            return  # nobody outside this object can write to it
+        watcher = self._watcher
+        if watcher is None:
+            with self._lock:
+                if self._watcher is None:
+                    self._watcher = ChangeWatcher(self)
+                    self._watcher.start()
+                watcher = self._watcher
+        watcher.wanted.set()
+
+
+# A heartbeat renews leases this many times per lease: with a 1 s lease, a renewal that another
+# process's write transaction holds up for 0.8 s still comes in time.
+RENEWALS_PER_LEASE = 5
+
+class ChangeWatcher(threading.Thread):
+    """Notices commits by other connections while something waits for a change."""
+
+    QUIET_AFTER = 1.0
+    SLOWEST = 0.025
+
+    def __init__(self, backend: SQLiteBackend) -> None:
+        super().__init__(name=f"sitq-watch-{Path(backend.path).name}", daemon=True)
+        self.backend = backend
+        self.wanted = threading.Event()
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.wanted.set()
+        if self is not threading.current_thread():
+            self.join(timeout=5)
+
+    def run(self) -> None:
+        backend = self.backend
+        try:
+            conn = backend._side_connection()
+        except BackendError:
+            return  # the main connection reports the problem; waiters fall back to their timeouts
+        if backend._moved() is not None:  # SQLite reads nothing before the first statement
+            conn.close()
+            return
+        try:
+            # No baseline: a write that landed after a waiter read its token but before this
+            # connection first looked must still wake it, so the first look always notifies.
+            last = None
+            last_change = time.monotonic()
+            while not self._stopped.is_set():
+                if not backend.changes.has_watchers:
+                    self.wanted.clear()
+                    if not backend.changes.has_watchers:
+                        self.wanted.wait()
+                    continue
+                quiet = time.monotonic() - last_change > self.QUIET_AFTER
+                self._stopped.wait(self.SLOWEST if quiet else backend.change_check_interval)
+                try:
+                    version = conn.execute("PRAGMA data_version").fetchone()[0]
+                except sqlite3.Error:
+                    continue  # busy or being recovered; look again next round
+                if version != last:
+                    last, last_change = version, time.monotonic()
+                    backend.notify_change()
+        finally:
+            conn.close()
+
+
+class Helper(threading.Thread):
+    """A thread with a connection of its own, for work the event loop must not wait for.
+
+    Jobs run one at a time, in the order given. ``stop()`` lets the job in progress end
+    (a job waiting for another process's lock gives up at once) and fails the ones not
+    started; ``exited`` resolves when the thread is gone.
+    """
+
+    def __init__(self, backend: SQLiteBackend, kind: str) -> None:
+        super().__init__(name=f"sitq-{kind}-{Path(backend.path).name}", daemon=True)
+        self.backend = backend
+        self.stopped = threading.Event()
+        self.exited: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._jobs: queue.SimpleQueue[tuple[Job, concurrent.futures.Future[Any]] | None] = queue.SimpleQueue()
+        self._closing = threading.Lock()
+        self._closed = False
+
+    def submit(self, job: Callable[[sqlite3.Connection, threading.Event], T]) -> concurrent.futures.Future[T]:
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._closing:
+            if self._closed:
+                raise BackendError(f"the sitq backend for {self.backend.path!r} is closing")
+            self._jobs.put((job, fut))
+        return fut
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self._jobs.put(None)
+
+    def _serve(
+        self, job: Job, fut: concurrent.futures.Future[Any], conn: sqlite3.Connection | None
+    ) -> sqlite3.Connection | None:
+        if not fut.set_running_or_notify_cancel():
+            return conn  # its caller gave up before it started
+        try:
+            if conn is None:
+                conn = self.backend._side_connection()
+            result = job(conn, self.stopped)
+        except BaseException as exc:  # delivered to the caller, who decides
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+        return conn
+
+    def run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        try:
+            while (item := self._jobs.get()) is not None:
+                conn = self._serve(*item, conn)
+                del item  # a job may hold a whole batch: free it now, not when the next job comes
+        finally:
+            with self._closing:
+                self._closed = True
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    item = self._jobs.get_nowait()
+                    if item is not None and item[1].set_running_or_notify_cancel():
+                        item[1].set_exception(BackendError(f"the sitq backend for {self.backend.path!r} was closed"))
+            self.backend._release_side_connection(conn)
+            self.exited.set_result(None)
+
+
+class Heartbeat(threading.Thread):
+    """Renews a worker's leases every ``lease / RENEWALS_PER_LEASE`` seconds, from its own thread
+    and connection, so neither the worker's event loop nor its statements can hold a renewal up."""
+
+    def __init__(self, backend: SQLiteBackend, worker_id: str, lease: float, clock: Callable[[], float]) -> None:
+        super().__init__(name=f"sitq-heartbeat-{worker_id}", daemon=True)
+        self.backend = backend
+        self.worker_id = worker_id
+        self.lease = lease
+        self.clock = clock
+        self.interval = lease / RENEWALS_PER_LEASE
+        self._stopped = threading.Event()
+
+    def __repr__(self) -> str:
+        state = "stopped" if self._stopped.is_set() else "running"
+        return f"<sitq heartbeat of {self.worker_id} every {self.interval:g} s, {state}>"
+
+    def stop(self) -> None:
+        """Stop renewing; returns once a renewal in progress has ended."""
+        self._stopped.set()
+        if self is not threading.current_thread() and self.is_alive():
+            self.join()
+        with self.backend._threads_lock:
+            self.backend._heartbeats.discard(self)
+
+    def run(self) -> None:
+        backend = self.backend
+        conn: sqlite3.Connection | None = None
+        failing = False
+        try:
+            while not self._stopped.is_set():
+                try:
+                    if conn is None:
+                        conn = backend._side_connection()
+                    # Poll the lock every few ms: when a long write elsewhere ends, be first in.
+                    args = (self.worker_id, self.lease, self.clock)
+                    backend._call_here(conn, sql.renew, args, self._stopped, slowest=0.002)
+                except Exception as exc:  # the thread must outlive a bad moment: keep trying
+                    if self._stopped.is_set():
+                        break
+                    if not failing:
+                        log.warning(
+                            "worker %s: could not renew its leases (%s); trying again every %g s. If this "
+                            "goes on, other workers take its tasks over once their leases run out",
+                            self.worker_id, exc, self.interval,
+                        )
+                    failing = True
+                else:
+                    if failing:
+                        log.warning("worker %s: renewing its leases works again", self.worker_id)
+                    failing = False
+                self._stopped.wait(self.interval)
+        finally:
+            backend._release_side_connection(conn)
+
+
+def log_failure(fut: concurrent.futures.Future[None]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("sitq: a WAL checkpoint failed (%s); the next one tries again", fut.exception())
