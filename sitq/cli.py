@@ -20,7 +20,9 @@ from sitq.worker import Worker
 
 __all__ = ["main"]
 
-STATE_STYLES = {"pending": "yellow", "running": "cyan", "success": "green", "failed": "red", "cancelled": "magenta"}
+STATE_STYLES = {
+    "waiting": "blue", "pending": "yellow", "running": "cyan", "success": "green", "failed": "red", "cancelled": "magenta",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

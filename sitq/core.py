@@ -21,6 +21,7 @@ from typing import Any, overload
 
 __all__ = [
     "TaskStatus",
+    "WAITING",
     "PENDING",
     "RUNNING",
     "SUCCESS",
@@ -31,6 +32,11 @@ __all__ = [
     "Result",
     "TaskInfo",
     "QueueOverview",
+    "GroupInfo",
+    "ScheduleInfo",
+    "Schedule",
+    "PurgeReport",
+    "Enqueued",
     "NewTask",
     "NewTaskBatch",
     "ClaimedTask",
@@ -43,10 +49,13 @@ __all__ = [
 class TaskStatus(str, enum.Enum):
     """A task's state. Each member is also its string, so ``result.status == "success"`` holds.
 
+    ``waiting``: it runs after other tasks (``after=``), and not all of them have succeeded yet.
     ``pending``: waiting for its eta or a worker. ``running``: claimed by a worker. The
-    finished states, which never change again: ``success``, ``failed``, ``cancelled``.
+    finished states, which never change again (unless it is retried by hand):
+    ``success``, ``failed``, ``cancelled``.
     """
 
+    WAITING = "waiting"
     PENDING = "pending"
     RUNNING = "running"
     SUCCESS = "success"
@@ -72,6 +81,7 @@ class TaskStatus(str, enum.Enum):
         return status
 
 
+WAITING = TaskStatus.WAITING
 PENDING = TaskStatus.PENDING
 RUNNING = TaskStatus.RUNNING
 SUCCESS = TaskStatus.SUCCESS
@@ -79,6 +89,8 @@ FAILED = TaskStatus.FAILED
 CANCELLED = TaskStatus.CANCELLED
 STATES = tuple(TaskStatus)
 FINISHED_STATES = frozenset((SUCCESS, FAILED, CANCELLED))
+UNFINISHED_STATES = frozenset((WAITING, PENDING, RUNNING))
+DEFAULT_QUEUE = "default"
 _STATUS_BY_VALUE = {status.value: status for status in TaskStatus}
 
 
@@ -115,10 +127,10 @@ class Result:
     """The outcome of a finished task.
 
     ``status`` is a :class:`TaskStatus`, equal to ``"success"``, ``"failed"`` or
-    ``"cancelled"`` (``"pending"`` or ``"running"`` only from a look that does not
-    wait, such as ``get_result(..., timeout=...)`` running out). ``value`` holds
-    the pickled return value (bytes, only on success); turn it back into the
-    object with ``TaskQueue.deserialize_result``. ``error`` reads
+    ``"cancelled"`` (``"waiting"``, ``"pending"`` or ``"running"`` only from a look
+    that does not wait, such as ``get_result(..., timeout=...)`` running out).
+    ``value`` holds the pickled return value (bytes, only on success); turn it back
+    into the object with ``TaskQueue.deserialize_result``. ``error`` reads
     ``"ExceptionType: message"`` and ``traceback`` is the formatted remote
     traceback. ``output`` is what the task printed, when the worker captured it.
     ``value_signature`` is the worker's signature of ``value`` in a store used
@@ -152,7 +164,12 @@ class Result:
 
 @dataclass(frozen=True)
 class TaskInfo:
-    """A task's current state, as the non-blocking status calls report it."""
+    """A task's current state, as the non-blocking status calls report it.
+
+    ``queue`` is the named queue it was sent to, ``priority`` its priority (higher
+    runs first), ``group_id`` the group it belongs to (``map(..., group=...)``) and
+    ``key`` the dedupe key it was enqueued with, if any.
+    """
 
     task_id: str
     name: str
@@ -167,6 +184,10 @@ class TaskInfo:
     progress_total: float | None
     progress_message: str | None
     error: str | None
+    queue: str = DEFAULT_QUEUE
+    priority: int = 0
+    group_id: str | None = None
+    key: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -178,11 +199,79 @@ class TaskInfo:
 
 
 @dataclass(frozen=True)
+class GroupInfo:
+    """A group of tasks enqueued together (``map(..., group=...)``): its name and counts per state.
+
+    The counts are kept by the store as tasks move, so reading them costs the same for a
+    group of ten tasks and of a million.
+    """
+
+    group_id: str
+    name: str
+    created_at: dt.datetime | None
+    counts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        """How many tasks the group holds, in every state."""
+        return sum(self.counts.values())
+
+    @property
+    def finished(self) -> int:
+        """How many of its tasks have finished (succeeded, failed or were cancelled)."""
+        return sum(n for state, n in self.counts.items() if state in FINISHED_STATES)
+
+    def __repr__(self) -> str:
+        counts = " ".join(f"{state}={n}" for state, n in self.counts.items() if n)
+        return f"<GroupInfo {self.group_id} {self.name} {counts or 'empty'}>"
+
+
+@dataclass(frozen=True)
+class ScheduleInfo:
+    """A periodic task: what it runs, how often, and when it runs next.
+
+    ``every`` is its period in seconds, or ``cron`` its cron expression (read in the
+    time zone ``tz``); ``next_run`` is the tick the next worker to look will enqueue.
+    """
+
+    name: str
+    task_name: str
+    queue: str
+    every: float | None
+    cron: str | None
+    tz: str
+    next_run: dt.datetime | None
+    last_run: dt.datetime | None
+
+    @property
+    def period(self) -> str:
+        """``every 300s`` or ``cron '0 9 * * *' (UTC)``, for people."""
+        if self.cron is not None:
+            return f"cron {self.cron!r} ({self.tz})"
+        return f"every {self.every:g}s"
+
+    def __repr__(self) -> str:
+        return f"<ScheduleInfo {self.name} {self.period} next={self.next_run}>"
+
+
+@dataclass(frozen=True)
 class QueueOverview:
-    """Counts per state for the whole queue and the most recent tasks, newest first."""
+    """What the store holds, for boards and ``sitq status``; each part costs the same however many
+    finished tasks the store keeps.
+
+    ``counts`` per state for the whole store and ``queues`` per named queue; ``recent``: the
+    newest tasks, newest first; ``running``: tasks running now; ``failures``: the newest failed
+    tasks; ``groups``: the newest groups with their counts; ``schedules``: every periodic task.
+    The lists hold at most the ``limit`` the overview was asked for.
+    """
 
     counts: dict[str, int]
     recent: list[TaskInfo]
+    queues: dict[str, dict[str, int]] = field(default_factory=dict)
+    running: list[TaskInfo] = field(default_factory=list)
+    failures: list[TaskInfo] = field(default_factory=list)
+    groups: list[GroupInfo] = field(default_factory=list)
+    schedules: list[ScheduleInfo] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -194,9 +283,41 @@ class QueueOverview:
         return f"<QueueOverview {counts}>"
 
 
+@dataclass(frozen=True)
+class PurgeReport:
+    """What a purge or a retention sweep removed: how many tasks, and how many bytes they held."""
+
+    tasks: int
+    bytes: int
+    dry_run: bool = False
+
+    def __repr__(self) -> str:
+        verb = "would remove" if self.dry_run else "removed"
+        return f"<PurgeReport {verb} {self.tasks} tasks, {self.bytes} bytes>"
+
+
+class Enqueued(str, enum.Enum):
+    """What ``Backend.enqueue`` did with one new task (see :mod:`sitq.backends.rules`, keyed tasks)."""
+
+    INSERTED = "inserted"  # a new task
+    EXISTING = "existing"  # a keyed task that already existed: nothing changed, its id is returned
+    REPLACED = "replaced"  # a keyed task that had failed, was cancelled or expired: it was reset to run again
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class NewTask:
-    """A row to insert: everything is already serialized."""
+    """A row to insert: everything is already serialized.
+
+    ``queue``, ``priority``: where and in which order it is claimed. ``key``: set for a keyed
+    task, whose id is derived from the key (``sitq.backends.rules.key_task_id``); an existing
+    task with that id is kept or reset instead of inserting a second one, as
+    ``rules.keyed_enqueue`` decides with ``replace_failed``. ``after``: ids of tasks that must
+    succeed first. ``retention``: seconds to keep it once finished (None: for ever).
+    ``group_id``: the group it belongs to, named ``group_name``.
+    """
 
     task_id: str
     name: str
@@ -206,6 +327,14 @@ class NewTask:
     enqueued_at: float
     max_attempts: int = 1
     signature: bytes | None = None
+    queue: str = DEFAULT_QUEUE
+    priority: int = 0
+    key: str | None = None
+    replace_failed: bool = True
+    after: tuple[str, ...] = ()
+    retention: float | None = None
+    group_id: str | None = None
+    group_name: str | None = None
 
 
 @dataclass(eq=False)
@@ -215,7 +344,8 @@ class NewTaskBatch(Sequence[NewTask]):
     Why not a list of NewTask: each of those is an object the garbage collector tracks,
     and with 100,000 of them alive a full collection pauses every thread of the process
     for tens of milliseconds. Lists of strings and bytes cost it nothing. An item is
-    built when it is read; a backend may read the columns directly.
+    built when it is read; a backend may read the columns directly. Everything but the
+    ids, arguments, signatures and keys is the same for every task of the batch.
     """
 
     name: str
@@ -226,6 +356,14 @@ class NewTaskBatch(Sequence[NewTask]):
     task_ids: list[str]
     args: list[bytes]  # one per task
     signatures: list[bytes | None]  # one per task
+    keys: list[str] | None = None  # one per task, for a keyed batch
+    queue: str = DEFAULT_QUEUE
+    priority: int = 0
+    replace_failed: bool = True
+    after: tuple[str, ...] = ()
+    retention: float | None = None
+    group_id: str | None = None
+    group_name: str | None = None
 
     def __len__(self) -> int:
         return len(self.task_ids)
@@ -241,8 +379,32 @@ class NewTaskBatch(Sequence[NewTask]):
             return [self[i] for i in range(*index.indices(len(self)))]
         return NewTask(
             self.task_ids[index], self.name, self.func, self.args[index], self.eta, self.enqueued_at,
-            self.max_attempts, self.signatures[index],
+            self.max_attempts, self.signatures[index], self.queue, self.priority,
+            None if self.keys is None else self.keys[index], self.replace_failed, self.after, self.retention,
+            self.group_id, self.group_name,
         )
+
+
+@dataclass
+class Schedule:
+    """A periodic task as stored: ``payload`` makes each tick's :class:`NewTask` (see
+    ``sitq.backends.rules.next_tick``). ``signature`` signs the payload for the schedule's
+    name, with a key; the worker that fires a tick checks it and signs the new task."""
+
+    name: str
+    task_name: str
+    func: bytes
+    args: bytes
+    signature: bytes | None
+    every: float | None
+    cron: str | None
+    tz: str
+    next_run: float
+    last_run: float | None = None
+    queue: str = DEFAULT_QUEUE
+    priority: int = 0
+    max_attempts: int = 1
+    retention: float | None = None
 
 
 @dataclass

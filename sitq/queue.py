@@ -11,7 +11,23 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from sitq.backends import Backend, Target, open_backend
-from sitq.core import CANCELLED, FAILED, FINISHED_STATES, STATES, NewTask, NewTaskBatch, QueueOverview, Result, TaskInfo
+from sitq.backends.rules import RetryOutcome, key_group_id, key_task_id
+from sitq.core import (
+    CANCELLED,
+    FAILED,
+    FINISHED_STATES,
+    STATES,
+    GroupInfo,
+    NewTask,
+    NewTaskBatch,
+    PurgeReport,
+    QueueOverview,
+    Result,
+    Schedule,
+    ScheduleInfo,
+    TaskInfo,
+    TaskStatus,
+)
 from sitq.errors import (
     BackendError,
     InvalidTaskError,
@@ -19,14 +35,18 @@ from sitq.errors import (
     SignatureError,
     TaskCancelledError,
     TaskFailedError,
+    TaskNotFoundError,
 )
-from sitq.options import Task
+from sitq.options import DEFAULT_OPTIONS, Task, TaskOptions, retention_seconds
+from sitq.scheduling import first_run, period
 from sitq.serialization import CloudpickleSerializer, Serializer, describe_callable
 from sitq.signing import HOW_TO_SUPPLY, STORE_KEY_RECORD, Signer, check_store_key, signer_from
 
-__all__ = ["TaskQueue", "new_task_id", "deserialize_value"]
+__all__ = ["TaskQueue", "new_task_id", "deserialize_value", "DEFAULT_RETENTION"]
 
 MAP_SLICE = 0.002  # seconds map() pickles arguments before it lets the event loop run
+DEFAULT_RETENTION = dt.timedelta(days=7)  # how long a finished task is kept unless the queue or task says
+FINISHED_NAMES = ("success", "failed", "cancelled")
 
 
 def new_task_id(now: float) -> str:
@@ -51,7 +71,11 @@ class TaskQueue:
     enqueue into it or to fetch results from it, with :class:`SignatureError`.
     ``serializer`` turns calls and values into bytes (default: a
     :class:`CloudpickleSerializer`); queues and workers that share a store must
-    use compatible ones. ``clock`` returns POSIX seconds; tests pass their own.
+    use compatible ones. ``retention`` (a timedelta or seconds; None keeps them
+    for ever) is how long the tasks this queue enqueues are kept once they
+    finish, unless a task's own ``retention`` option says otherwise; running
+    workers delete them after that. ``clock`` returns POSIX seconds; tests pass
+    their own.
     """
 
     def __init__(
@@ -60,10 +84,12 @@ class TaskQueue:
         serializer: Serializer | None = None,
         *,
         secret_key: str | bytes | None = None,
+        retention: dt.timedelta | float | None = DEFAULT_RETENTION,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.backend = open_backend(backend)
         self.serializer = serializer or CloudpickleSerializer()
+        self.retention = retention_seconds(retention)
         self.clock = clock
         self._signer = signer_from(secret_key)
         self._connected = False
@@ -116,54 +142,87 @@ class TaskQueue:
         ``eta`` (a timezone-aware datetime, or a timedelta from now) delays the
         start; it is the only keyword ``enqueue`` keeps for itself, so every
         other keyword (``func=``, ``self=`` included) goes to the task. Task
-        options (name, retries, timeout) travel with the function: see
-        :func:`sitq.task`.
+        options (name, retries, timeout, queue, priority, ``after``, ``key``,
+        retention) travel with the function: see :func:`sitq.task`. With a
+        ``key``, the id is the key's: enqueueing the same key again returns the
+        task already stored (see :class:`sitq.TaskOptions`). An ``after`` id that
+        names no task raises :class:`InvalidTaskError`.
         """
         _check_callable(func)
         now = self.clock()
         start = _eta_seconds(eta, now)
-        name, max_attempts = _describe(func)
+        name, options = _describe(func)
         func_bytes = self.serializer.dumps_function(func)
         args_bytes = self.serializer.dumps_arguments(func, args, kwargs)
-        task = self._new_task(new_task_id(now), name, func_bytes, args_bytes, start, now, max_attempts)
+        task_id = new_task_id(now) if options.key is None else key_task_id(options.key)
+        task = NewTask(
+            task_id, name, func_bytes, args_bytes, start, now, options.max_attempts,
+            self._sign(task_id, func_bytes, args_bytes), options.queue, options.priority, options.key,
+            options.replace_failed, options.after, options.retention_or(self.retention),
+        )
         backend = await self._checked(writing=True)
         await backend.enqueue([task])
         return task.task_id
-
-    def _new_task(
-        self, task_id: str, name: str, func: bytes, args: bytes, eta: float, now: float, max_attempts: int
-    ) -> NewTask:
-        return NewTask(task_id, name, func, args, eta, now, max_attempts, self._sign(task_id, func, args))
 
     def _sign(self, task_id: str, func: bytes, args: bytes) -> bytes | None:
         """The payload's signature, or None without a key; ``enqueue`` and ``map`` both sign here."""
         return self._signer.sign_task(task_id, func, args) if self._signer is not None else None
 
-    async def map(self, func: Callable[..., Any], /, *iterables: Iterable[Any], eta: Any = None) -> list[str]:
+    async def map(
+        self,
+        func: Callable[..., Any],
+        /,
+        *iterables: Iterable[Any],
+        eta: Any = None,
+        group: str | None = None,
+        key: str | None = None,
+    ) -> list[str]:
         """Enqueue ``func(*items)`` for each item of ``zip(*iterables)``, in one transaction.
 
         The function is pickled once; either every task is stored or none is.
-        Returns the task ids in input order. The arguments are pickled a slice at a
-        time, letting the event loop run in between, and the backend stores a large
-        batch off the loop, so a big ``map`` does not freeze a notebook or a worker.
+        Returns the task ids in input order. ``group`` names a group the tasks
+        join (``group(id)`` then counts them as one piece of work); with ``key``,
+        item ``i`` is enqueued with the key ``f"{key}/{i}"`` and the group is
+        the key's unless one is named, so running the same ``map`` again returns
+        the same ids (see :class:`sitq.TaskOptions`' ``key``). Task options
+        travel with the function, as for :meth:`enqueue`, except ``key``.
+        The arguments are pickled a slice at a time, letting the event loop run in
+        between, and the backend stores a large batch off the loop, so a big
+        ``map`` does not freeze a notebook or a worker.
         """
         _check_callable(func)
         if not iterables:
             raise InvalidTaskError(f"map({describe_callable(func)}) needs at least one iterable of arguments")
+        name, options = _describe(func)
+        if options.key is not None:
+            raise InvalidTaskError(
+                f"map({describe_callable(func)}): the function carries the key option {options.key!r}, which "
+                "would give every task one key; pass map(..., key=...) to key the tasks of the map instead"
+            )
+        if group is not None and (not isinstance(group, str) or not group):
+            raise InvalidTaskError(f"group takes a group id (a non-empty string), not {group!r}")
+        if key is not None and (not isinstance(key, str) or not key):
+            raise InvalidTaskError(f"key takes a non-empty string, not {key!r}")
+        if key is not None and group is None:
+            group = key_group_id(key)
         now = self.clock()
         start = _eta_seconds(eta, now)
-        name, max_attempts = _describe(func)
         func_bytes = self.serializer.dumps_function(func)
         dumps_arguments = self.serializer.dumps_arguments
         sign = self._sign
         no_kwargs: dict[str, Any] = {}
         prefix = f"{int(now * 1000):012x}"
         task_ids: list[str] = []
+        keys: list[str] | None = None if key is None else []
         payloads: list[bytes] = []
         signatures: list[bytes | None] = []
         pause_at = time.perf_counter() + MAP_SLICE
         for call in zip(*iterables, strict=False):  # stops at the shortest, as map() does
-            task_id = prefix + secrets.token_hex(10)
+            if keys is None:
+                task_id = prefix + secrets.token_hex(10)
+            else:
+                keys.append(item_key := f"{key}/{len(task_ids)}")
+                task_id = key_task_id(item_key)
             args = dumps_arguments(func, call, no_kwargs)
             task_ids.append(task_id)
             payloads.append(args)
@@ -173,7 +232,11 @@ class TaskQueue:
                 pause_at = time.perf_counter() + MAP_SLICE
         if task_ids:
             backend = await self._checked(writing=True)
-            batch = NewTaskBatch(name, func_bytes, start, now, max_attempts, task_ids, payloads, signatures)
+            batch = NewTaskBatch(
+                name, func_bytes, start, now, options.max_attempts, task_ids, payloads, signatures, keys,
+                options.queue, options.priority, options.replace_failed, options.after,
+                options.retention_or(self.retention), group, name,
+            )
             await backend.enqueue(batch)
         return task_ids
 
@@ -240,6 +303,16 @@ class TaskQueue:
         backend = await self._ready()
         return await backend.cancel(task_id, self.clock())
 
+    async def retry(self, task_ids: Sequence[str]) -> dict[str, RetryOutcome]:
+        """Run failed or cancelled tasks again, by hand: each is pending again at once, with one
+        more attempt and its result, error and lost-worker count cleared (tasks cancelled because
+        it failed stay cancelled). Says per id ``"retried"``, ``"unfinished"`` (still waiting,
+        pending or running: nothing changed) or ``"succeeded"`` (nothing to retry); unknown ids
+        are left out."""
+        ids = _id_list("retry", task_ids)
+        backend = await self._ready()
+        return await backend.retry(ids, self.clock())
+
     # -- state ---------------------------------------------------------------
 
     async def status(self, task_id: str) -> TaskInfo | None:
@@ -269,6 +342,154 @@ class TaskQueue:
             raise InvalidTaskError(f"overview(limit=...) takes a whole number >= 0, not {limit!r}")
         backend = await self._ready()
         return await backend.overview(limit)
+
+
+    async def list_tasks(
+        self,
+        status: str | Sequence[str] | None = None,
+        *,
+        queue: str | None = None,
+        group: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        newest_first: bool = True,
+    ) -> list[TaskInfo]:
+        """Tasks in ``status`` (one state or several), ``queue`` and ``group`` (None: any), newest
+        first unless ``newest_first`` is false, skipping ``offset``, at most ``limit``."""
+        statuses = _statuses(status)
+        for label, number in (("limit", limit), ("offset", offset)):
+            if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+                raise InvalidTaskError(f"list_tasks({label}=...) takes a whole number >= 0, not {number!r}")
+        backend = await self._ready()
+        return await backend.find_tasks(
+            statuses=statuses, queue=queue, group_id=group, limit=limit, offset=offset, newest_first=newest_first
+        )
+
+    async def group(self, group_id: str) -> GroupInfo | None:
+        """A group's name and its counts per state (``map(..., group=...)``); None if unknown. Costs
+        the same for a group of ten tasks and of a million: the store keeps the counts."""
+        _check_task_id(group_id)
+        backend = await self._ready()
+        return await backend.group(group_id)
+
+    async def resolve(self, fragment: str) -> str:
+        """The full id of the one task whose id is ``fragment``, or begins or ends with it, as git takes
+        a short hash (views show ids by their last 8 characters). Raises :class:`TaskNotFoundError` if
+        none matches and :class:`InvalidTaskError` if several do."""
+        _check_task_id(fragment)
+        if not fragment:
+            raise InvalidTaskError("an empty task id matches every task; give at least a few characters")
+        backend = await self._ready()
+        found = await backend.match_ids(fragment, limit=2)
+        if not found:
+            raise TaskNotFoundError(f"no task id is, begins or ends with {fragment!r} in {backend!r}")
+        if len(found) > 1:
+            raise InvalidTaskError(
+                f"{fragment!r} matches several tasks ({found[0]}, {found[1]}, ...); give more characters of the id"
+            )
+        return found[0]
+
+    async def purge(
+        self,
+        *,
+        older_than: dt.timedelta | float | None = None,
+        status: str | Sequence[str] = FINISHED_NAMES,
+        dry_run: bool = False,
+    ) -> PurgeReport:
+        """Delete finished tasks in ``status`` (default: succeeded, failed and cancelled) that finished
+        more than ``older_than`` ago (None: whenever), and say how many tasks and bytes went. Waiting,
+        pending and running tasks are never touched. With ``dry_run``, nothing is deleted."""
+        statuses = _statuses(status) or []
+        unfinished = [s for s in statuses if s not in FINISHED_STATES]
+        if unfinished:
+            raise InvalidTaskError(
+                f"purge deletes finished tasks only (success, failed, cancelled), not {', '.join(unfinished)}"
+            )
+        age = retention_seconds(older_than)
+        backend = await self._ready()
+        before = None if age is None else self.clock() - age
+        return await backend.purge(statuses=statuses, finished_before=before, dry_run=dry_run)
+
+    # -- schedules -------------------------------------------------------------
+
+    async def schedule(
+        self,
+        func: Callable[..., Any],
+        /,
+        *,
+        every: dt.timedelta | float | None = None,
+        cron: str | None = None,
+        tz: str = "UTC",
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        name: str | None = None,
+        start: Any = None,
+    ) -> ScheduleInfo:
+        """Run ``func(*args, **kwargs)`` periodically, on any running worker: ``every`` (a timedelta or
+        seconds) or at the times of the ``cron`` expression, read in the time zone ``tz``.
+
+        The schedule is stored under ``name`` (the function's name by default); declaring it again
+        replaces it and, if its period is unchanged, keeps its next run, so running a cell twice
+        changes nothing. The first tick is at ``start`` (an aware datetime or a timedelta from now)
+        if given, else one period from now (or the cron expression's next time). Each tick is
+        enqueued by exactly one worker; a tick missed while no worker ran runs once, late, and the
+        ticks after it are skipped. Task options (queue, priority, retries, timeout, retention)
+        travel with the function. Returns the stored schedule.
+        """
+        _check_callable(func)
+        every_s, cron_expr, zone = period(every, cron, tz)
+        task_name, options = _describe(func)
+        if options.key is not None or options.after:
+            raise InvalidTaskError("a schedule's task cannot carry the key or after options: each tick is a new task")
+        name = task_name if name is None else name
+        if not isinstance(name, str) or not name:
+            raise InvalidTaskError(f"a schedule's name is a non-empty string, not {name!r}")
+        now = self.clock()
+        func_bytes = self.serializer.dumps_function(func)
+        args_bytes = self.serializer.dumps_arguments(func, tuple(args), dict(kwargs or {}))
+        signature = None if self._signer is None else self._signer.sign_schedule(name, func_bytes, args_bytes)
+        stored = Schedule(
+            name, task_name, func_bytes, args_bytes, signature, every_s, cron_expr, zone,
+            first_run(every_s, cron_expr, zone, start, now), None, options.queue, options.priority,
+            options.max_attempts, options.retention_or(self.retention),
+        )
+        backend = await self._checked(writing=True)
+        await backend.set_schedule(stored)
+        return next(s for s in await backend.schedules() if s.name == name)
+
+    async def unschedule(self, name: str) -> bool:
+        """Remove the schedule ``name``; False if there was none. Tasks it enqueued stay."""
+        backend = await self._ready()
+        return await backend.delete_schedule(name)
+
+    async def schedules(self) -> list[ScheduleInfo]:
+        """Every schedule, soonest next run first."""
+        backend = await self._ready()
+        return await backend.schedules()
+
+
+def _statuses(status: str | Sequence[str] | None) -> list[TaskStatus | str] | None:
+    """One state or several, checked; None stays None (any state)."""
+    if status is None:
+        return None
+    wanted = [status] if isinstance(status, str) else list(status)
+    known = {s.value: s for s in TaskStatus}
+    unknown = [s for s in wanted if s not in known]
+    if unknown:
+        raise InvalidTaskError(f"unknown task state {unknown[0]!r}; the states are {', '.join(STATES)}")
+    return [known[s] for s in wanted]
+
+
+def _id_list(label: str, task_ids: Any) -> list[str]:
+    if isinstance(task_ids, (str, bytes)):
+        raise InvalidTaskError(f"{label}() takes a list of task ids")
+    try:
+        ids = list(task_ids)
+    except TypeError:
+        raise InvalidTaskError(f"{label}() takes a list of task ids, not {type(task_ids).__name__}") from None
+    for task_id in ids:
+        _check_task_id(task_id)
+    return ids
 
 
 def deserialize_value(
@@ -311,12 +532,12 @@ def _check_callable(func: Any) -> None:
         )
 
 
-def _describe(func: Callable[..., Any]) -> tuple[str, int]:
-    """The task's display name and how many attempts it gets."""
+def _describe(func: Callable[..., Any]) -> tuple[str, TaskOptions]:
+    """The task's display name and its options."""
     if isinstance(func, Task):
         options = func.task_options
-        return options.name or describe_callable(func.func), options.max_attempts
-    return describe_callable(func), 1
+        return options.name or describe_callable(func.func), options
+    return describe_callable(func), DEFAULT_OPTIONS
 
 
 def _check_task_id(task_id: Any) -> None:

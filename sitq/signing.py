@@ -9,7 +9,10 @@ unpickled:
 - a task's payload (function and argument blobs), signed by the queue and
   checked by the worker;
 - a task's return value, signed by the worker and checked by
-  ``deserialize_result`` (and everything built on it).
+  ``deserialize_result`` (and everything built on it);
+- a schedule's payload, signed by the queue that declares it for the
+  schedule's name and checked by the worker that enqueues a tick, which then
+  signs the tick's task as a queue would.
 
 Each signature covers the task id and says what it signs (a payload or a
 value), so a payload or value copied into another row, or a value passed off
@@ -37,6 +40,7 @@ STORE_KEY_RECORD = "signing_key_fingerprint"  # the store's meta key for the fin
 # What each kind of signature signs; no label is a prefix of another.
 _TASK = b"sitq task payload\x00"
 _VALUE = b"sitq task value\x00"
+_SCHEDULE = b"sitq schedule payload\x00"
 _FINGERPRINT = b"sitq key fingerprint\x00"
 
 
@@ -72,6 +76,18 @@ class Signer:
 
     def sign_value(self, task_id: str, value: bytes) -> bytes:
         return self._mac(_VALUE, task_id, value)
+
+    def sign_schedule(self, name: str, func: bytes, args: bytes) -> bytes:
+        return self._mac(_SCHEDULE, name, func, args)
+
+    def verify_schedule(self, name: str, func: bytes, args: bytes, signature: bytes | None) -> None:
+        """Raise :class:`SignatureError` unless ``signature`` signs this payload for the schedule ``name``."""
+        if not _equal(self.sign_schedule(name, func, args), signature):
+            what = "is not signed" if signature is None else "has a signature that does not match its payload and name"
+            raise SignatureError(
+                f"refused to enqueue a tick of schedule {name!r}: its payload {what}; declare it again with "
+                f"the store's secret key ({HOW_TO_SUPPLY})"
+            )
 
     def verify_task(self, task_id: str, func: bytes, args: bytes, signature: bytes | None) -> None:
         """Raise :class:`SignatureError` unless ``signature`` signs this payload for this task."""

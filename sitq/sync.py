@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import datetime as dt
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
 from sitq.backends import Target
-from sitq.core import QueueOverview, Result, TaskInfo
+from sitq.backends.rules import RetryOutcome
+from sitq.core import GroupInfo, PurgeReport, QueueOverview, Result, ScheduleInfo, TaskInfo
 from sitq.errors import SitqError, TaskNotFoundError
-from sitq.queue import TaskQueue
+from sitq.queue import DEFAULT_RETENTION, FINISHED_NAMES, TaskQueue
 from sitq.serialization import Serializer
 
 __all__ = ["LoopThread", "shared_loop", "SyncTaskQueue"]
@@ -127,10 +129,11 @@ class SyncTaskQueue:
         serializer: Serializer | None = None,
         *,
         secret_key: str | bytes | None = None,
+        retention: dt.timedelta | float | None = DEFAULT_RETENTION,
         clock: Callable[[], float] = time.time,
         loop: LoopThread | None = None,
     ) -> None:
-        self.queue = TaskQueue(backend, serializer, secret_key=secret_key, clock=clock)
+        self.queue = TaskQueue(backend, serializer, secret_key=secret_key, retention=retention, clock=clock)
         self._loop = loop or shared_loop()
 
     def __repr__(self) -> str:
@@ -151,10 +154,18 @@ class SyncTaskQueue:
         """Store a call of ``func(*args, **kwargs)`` and return its task id; see :meth:`TaskQueue.enqueue`."""
         return self._loop.run(self.queue.enqueue(func, *args, eta=eta, **kwargs))
 
-    def map(self, func: Callable[..., Any], /, *iterables: Iterable[Any], eta: Any = None) -> list[str]:
+    def map(
+        self,
+        func: Callable[..., Any],
+        /,
+        *iterables: Iterable[Any],
+        eta: Any = None,
+        group: str | None = None,
+        key: str | None = None,
+    ) -> list[str]:
         """Enqueue ``func(*items)`` for each item of ``zip(*iterables)`` in one transaction and
         return the task ids in order; see :meth:`TaskQueue.map`."""
-        return self._loop.run(self.queue.map(func, *iterables, eta=eta))
+        return self._loop.run(self.queue.map(func, *iterables, eta=eta, group=group, key=key))
 
     def get_result(self, task_id: str, timeout: float | None = None) -> Result | None:
         """Wait for the task and return its :class:`Result`; see :meth:`TaskQueue.get_result`."""
@@ -177,6 +188,10 @@ class SyncTaskQueue:
         see :meth:`TaskQueue.cancel`."""
         return self._loop.run(self.queue.cancel(task_id))
 
+    def retry(self, task_ids: Sequence[str]) -> dict[str, RetryOutcome]:
+        """Run failed or cancelled tasks again, by hand; see :meth:`TaskQueue.retry`."""
+        return self._loop.run(self.queue.retry(task_ids))
+
     def deserialize_result(self, result: Result) -> Any:
         """The value in ``result``, unpickled (or the task's error raised); see :meth:`TaskQueue.deserialize_result`."""
         return self.queue.deserialize_result(result)
@@ -192,3 +207,62 @@ class SyncTaskQueue:
     def overview(self, limit: int = 20) -> QueueOverview:
         """Counts per state for the whole queue and the ``limit`` newest tasks."""
         return self._loop.run(self.queue.overview(limit))
+
+    def list_tasks(
+        self,
+        status: str | Sequence[str] | None = None,
+        *,
+        queue: str | None = None,
+        group: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        newest_first: bool = True,
+    ) -> list[TaskInfo]:
+        """Tasks by state, queue and group, newest first; see :meth:`TaskQueue.list_tasks`."""
+        return self._loop.run(self.queue.list_tasks(
+            status, queue=queue, group=group, limit=limit, offset=offset, newest_first=newest_first
+        ))
+
+    def group(self, group_id: str) -> GroupInfo | None:
+        """A group's name and counts per state; see :meth:`TaskQueue.group`."""
+        return self._loop.run(self.queue.group(group_id))
+
+    def resolve(self, fragment: str) -> str:
+        """The full id of the one task whose id is, begins or ends with ``fragment``; see :meth:`TaskQueue.resolve`."""
+        return self._loop.run(self.queue.resolve(fragment))
+
+    def purge(
+        self,
+        *,
+        older_than: dt.timedelta | float | None = None,
+        status: str | Sequence[str] = FINISHED_NAMES,
+        dry_run: bool = False,
+    ) -> PurgeReport:
+        """Delete finished tasks and say how many tasks and bytes went; see :meth:`TaskQueue.purge`."""
+        return self._loop.run(self.queue.purge(older_than=older_than, status=status, dry_run=dry_run))
+
+    def schedule(
+        self,
+        func: Callable[..., Any],
+        /,
+        *,
+        every: dt.timedelta | float | None = None,
+        cron: str | None = None,
+        tz: str = "UTC",
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        name: str | None = None,
+        start: Any = None,
+    ) -> ScheduleInfo:
+        """Run ``func`` periodically on any running worker; see :meth:`TaskQueue.schedule`."""
+        return self._loop.run(self.queue.schedule(
+            func, every=every, cron=cron, tz=tz, args=args, kwargs=kwargs, name=name, start=start
+        ))
+
+    def unschedule(self, name: str) -> bool:
+        """Remove a schedule; see :meth:`TaskQueue.unschedule`."""
+        return self._loop.run(self.queue.unschedule(name))
+
+    def schedules(self) -> list[ScheduleInfo]:
+        """Every schedule, soonest next run first."""
+        return self._loop.run(self.queue.schedules())

@@ -190,7 +190,7 @@ def test_overview_counts_every_state_and_lists_newest_first(make_backend, run):
         await backend.finish("w", [done])
         await backend.claim("w", 1, now, now + 30)
         overview = await backend.overview(2)
-        assert overview.counts == {"pending": 2, "running": 1, "success": 1, "failed": 0, "cancelled": 0}
+        assert overview.counts == {"waiting": 0, "pending": 2, "running": 1, "success": 1, "failed": 0, "cancelled": 0}
         assert [i.task_id for i in overview.recent] == [tasks[3].task_id, tasks[2].task_id]
 
     run(go())

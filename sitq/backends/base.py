@@ -18,7 +18,21 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from sitq.backends.notify import ChangeNotifier
-from sitq.core import ClaimedTask, NewTask, Outcome, QueueOverview, Result, TaskInfo
+from sitq.backends.rules import CancelOutcome, RetryOutcome
+from sitq.core import (
+    ClaimedTask,
+    Enqueued,
+    GroupInfo,
+    NewTask,
+    Outcome,
+    PurgeReport,
+    QueueOverview,
+    Result,
+    Schedule,
+    ScheduleInfo,
+    TaskInfo,
+    TaskStatus,
+)
 
 __all__ = ["Backend", "Heartbeat"]
 
@@ -58,16 +72,34 @@ class Backend:
 
     # -- producers ---------------------------------------------------------
 
-    async def enqueue(self, tasks: Sequence[NewTask]) -> None:
-        """Store new pending tasks, all in one transaction."""
+    async def enqueue(self, tasks: Sequence[NewTask]) -> list[Enqueued]:
+        """Store new tasks, all in one transaction (all or none), and say what became of each.
+
+        A task is ``pending``, or ``waiting`` if it runs ``after`` tasks that have not all
+        succeeded yet, or ``cancelled`` at once if one of them failed or was cancelled
+        (``rules.initial_state``). An ``after`` id that names no task raises
+        ``InvalidTaskError`` and stores nothing. A task with a ``key`` whose id is already
+        stored is kept or reset as ``rules.keyed_enqueue`` decides (``EXISTING``,
+        ``REPLACED``); an unkeyed task whose id is taken raises ``BackendError``. A task
+        with a ``group_id`` joins that group (recorded with ``group_name`` if new).
+        """
         raise NotImplementedError
 
     # -- workers -----------------------------------------------------------
 
     async def claim(
-        self, worker_id: str, limit: int, now: float, lease_until: float, *, alone: bool = True
+        self,
+        worker_id: str,
+        limit: int,
+        now: float,
+        lease_until: float,
+        *,
+        alone: bool = True,
+        queues: Sequence[str] | None = None,
     ) -> list[ClaimedTask]:
-        """Atomically mark up to ``limit`` ready tasks running for this worker, oldest first.
+        """Atomically mark up to ``limit`` ready tasks running for this worker: pending tasks
+        whose ``eta`` has come, in the named ``queues`` (every queue if None), highest
+        ``priority`` first, then oldest ``eta``, then enqueue order. Returned in enqueue order.
 
         Suspects (tasks that lost their worker before, ``lost > 0``) are claimed only by a
         worker that runs nothing else (``alone``), one at a time: when one is ready, it is
@@ -82,7 +114,9 @@ class Backend:
         Each outcome names its claim by the ``ClaimedTask``'s ``handle`` and ``attempts``.
         Its ``kind`` decides the row: ``SUCCESS``, ``FAILED``, ``CANCELLED`` store that
         status; ``RETRY`` makes the task pending again at ``retry_at``, or cancelled if a
-        cancel was requested meanwhile (``rules.after_retry``). Returns one flag per
+        cancel was requested meanwhile (``rules.after_retry``). A task that finishes is
+        kept until ``rules.expires_at`` and settles the tasks waiting for it
+        (``rules.dependency_finished``), in the same transaction. Returns one flag per
         outcome: False means the claim was lost (the lease expired and another worker
         took the task) and nothing was written.
         """
@@ -97,19 +131,29 @@ class Backend:
         lease_until: float,
         *,
         alone: bool = True,
+        queues: Sequence[str] | None = None,
     ) -> tuple[list[bool], list[ClaimedTask]]:
         """``finish`` then ``claim``. Backends override it to do both in one transaction."""
         stored = await self.finish(worker_id, outcomes) if outcomes else []
-        claimed = await self.claim(worker_id, limit, now, lease_until, alone=alone) if limit > 0 else []
+        claimed = (
+            await self.claim(worker_id, limit, now, lease_until, alone=alone, queues=queues) if limit > 0 else []
+        )
         return stored, claimed
 
-    async def suspects_waiting(self, now: float) -> bool:
-        """Whether a suspect (see :meth:`claim`) is ready: a busy worker then stops claiming
-        until it runs nothing, so that some worker can take the suspect alone."""
+    async def release(self, worker_id: str, claims: Sequence[tuple[Any, int]]) -> list[bool]:
+        """Hand back claimed tasks this worker has not started, ``(handle, attempts)`` each: they
+        are pending again as if never claimed (the attempt is not counted). Guarded by the claim,
+        as ``finish`` is; returns one flag per claim, False where the claim was lost."""
         raise NotImplementedError
 
-    async def next_eta(self) -> float | None:
-        """When the earliest pending task becomes ready (POSIX seconds), or None if none is pending."""
+    async def suspects_waiting(self, now: float, queues: Sequence[str] | None = None) -> bool:
+        """Whether a suspect (see :meth:`claim`) is ready in ``queues`` (every queue if None): a busy
+        worker then stops claiming until it runs nothing, so that some worker can take the suspect alone."""
+        raise NotImplementedError
+
+    async def next_eta(self, queues: Sequence[str] | None = None) -> float | None:
+        """When the earliest pending task (in ``queues``, every queue if None) becomes ready
+        (POSIX seconds), or None if none is pending."""
         raise NotImplementedError
 
     async def renew(self, worker_id: str, lease_until: float) -> int:
@@ -140,10 +184,17 @@ class Backend:
         """
         raise NotImplementedError
 
-    async def cancel(self, task_id: str, now: float) -> str | None:
-        """Cancel a task: ``"cancelled"`` (it was pending and never runs), ``"requested"``
+    async def cancel(self, task_id: str, now: float) -> CancelOutcome | None:
+        """Cancel a task: ``"cancelled"`` (it was pending or waiting and never runs), ``"requested"``
         (it is running; its worker will stop it), ``"finished"`` (nothing changed), or
-        None if there is no such task."""
+        None if there is no such task (``rules.cancel``). The tasks waiting for a task
+        cancelled here are cancelled too."""
+        raise NotImplementedError
+
+    async def retry(self, task_ids: Sequence[str], now: float) -> dict[str, RetryOutcome]:
+        """Retry tasks by hand: each that failed or was cancelled is pending again at ``now``, with
+        its result, error and lost-worker count cleared and one more attempt allowed; others are
+        left as they are (``rules.retry``). Unknown ids are left out of the answer."""
         raise NotImplementedError
 
     async def cancel_requests(self, worker_id: str) -> list[str]:
@@ -167,7 +218,78 @@ class Backend:
         raise NotImplementedError
 
     async def overview(self, limit: int) -> QueueOverview:
-        """Counts per state and the ``limit`` most recently enqueued tasks."""
+        """Counts per state, per queue, and at most ``limit`` of: the newest tasks, the running
+        ones, the newest failures and the newest groups; and every schedule.
+
+        The counts cost the same however many finished tasks the store keeps: a backend keeps
+        them as tasks move (in the transactions that move them), rather than counting rows.
+        """
+        raise NotImplementedError
+
+    async def find_tasks(
+        self,
+        *,
+        statuses: Sequence[TaskStatus | str] | None = None,
+        queue: str | None = None,
+        group_id: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        newest_first: bool = True,
+    ) -> list[TaskInfo]:
+        """Tasks in ``statuses``, ``queue`` and ``group_id`` (None: any), in enqueue order (newest
+        first unless ``newest_first`` is false), skipping ``offset``, at most ``limit``."""
+        raise NotImplementedError
+
+    async def match_ids(self, fragment: str, limit: int = 2) -> list[str]:
+        """Ids equal to ``fragment``, or that begin or end with it (as git takes a short hash), at
+        most ``limit``: a caller asks for two to tell a unique match from an ambiguous one."""
+        raise NotImplementedError
+
+    async def group(self, group_id: str) -> GroupInfo | None:
+        """The group's name and counts per state (kept as its tasks move), or None if unknown."""
+        raise NotImplementedError
+
+    # -- retention ---------------------------------------------------------
+
+    async def prune(self, now: float, limit: int) -> PurgeReport:
+        """Delete at most ``limit`` finished tasks whose retention expired by ``now``
+        (``rules.expires_at``), in short transactions, and return the space to the system
+        where the store can. Pending, waiting and running tasks are never touched."""
+        raise NotImplementedError
+
+    async def purge(
+        self, *, statuses: Sequence[TaskStatus | str], finished_before: float | None, dry_run: bool = False
+    ) -> PurgeReport:
+        """Delete every task in ``statuses`` (finished states only) that finished before
+        ``finished_before`` (None: whenever), in short transactions; with ``dry_run``, only
+        count them. Returns how many tasks and bytes went (or would go)."""
+        raise NotImplementedError
+
+    # -- schedules ---------------------------------------------------------
+
+    async def set_schedule(self, schedule: Schedule) -> None:
+        """Store a schedule under its name, replacing one of that name. A schedule whose
+        period (``every``, ``cron``, ``tz``) is unchanged keeps its stored ``next_run``, so
+        declaring it again (a notebook cell run twice) neither skips nor repeats a tick."""
+        raise NotImplementedError
+
+    async def delete_schedule(self, name: str) -> bool:
+        """Remove a schedule; False if there was none of that name. Its tasks stay."""
+        raise NotImplementedError
+
+    async def schedules(self) -> list[ScheduleInfo]:
+        """Every schedule, soonest next run first."""
+        raise NotImplementedError
+
+    async def due_schedules(self, now: float) -> list[Schedule]:
+        """The schedules whose ``next_run`` has come, with their payloads."""
+        raise NotImplementedError
+
+    async def fire_schedule(self, name: str, due: float, next_run: float, now: float, task: NewTask) -> bool:
+        """Enqueue ``task`` for the tick of ``name`` due at ``due`` and move its ``next_run`` on,
+        in one transaction, only if its ``next_run`` is still ``due``: of many workers that see
+        the same tick, exactly one enqueues it. False if another got there first (or the
+        schedule is gone)."""
         raise NotImplementedError
 
     # -- facts about the store -------------------------------------------------

@@ -12,35 +12,50 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from sitq.backends.base import Backend
 from sitq.backends.rules import (
     CancelOutcome,
+    DependencyFate,
     ExpiredLease,
+    RetryOutcome,
     after_retry,
     cancel,
+    dependency_error,
+    dependency_finished,
     expired_lease,
+    expires_at,
+    initial_state,
+    keyed_enqueue,
     lost_worker_error,
+    retry,
 )
 from sitq.core import (
     CANCELLED,
     FAILED,
+    FINISHED_STATES,
     PENDING,
     RUNNING,
     STATES,
+    WAITING,
     ClaimedTask,
+    Enqueued,
+    GroupInfo,
     NewTask,
     Outcome,
     OutcomeKind,
+    PurgeReport,
     QueueOverview,
     Result,
+    Schedule,
+    ScheduleInfo,
     TaskInfo,
     TaskStatus,
     to_datetime,
 )
-from sitq.errors import BackendError
+from sitq.errors import BackendError, InvalidTaskError
 
 __all__ = ["MemoryBackend"]
 
@@ -61,6 +76,13 @@ class _Row:
     eta: float
     enqueued_at: float
     status: TaskStatus = PENDING
+    queue: str = "default"
+    priority: int = 0
+    key: str | None = None
+    group_id: str | None = None
+    retention: float | None = None
+    expires_at: float | None = None
+    waiting: int = 0  # dependencies that have not succeeded yet
     cancel_requested: bool = False
     started_at: float | None = None
     finished_at: float | None = None
@@ -77,6 +99,18 @@ class _Row:
     progress_message: str | None = None
     lost: int = 0
 
+    def size(self) -> int:
+        """The bytes the row keeps, as a purge reports them."""
+        return sum(len(part) for part in (self.func, self.args, self.value or b"", self.signature or b"",
+                                          self.value_signature or b"")) + sum(
+            len(part.encode()) for part in (self.error, self.traceback, self.output) if part)
+
+
+@dataclasses.dataclass
+class _Group:
+    name: str
+    created_at: float
+
 
 class MemoryBackend(Backend):
     """Tasks in a dict in this process. Thread-safe; every method is one atomic step."""
@@ -86,6 +120,9 @@ class MemoryBackend(Backend):
         self._lock = threading.Lock()
         self._rows: dict[str, _Row] = {}
         self._by_seq: dict[int, _Row] = {}
+        self._dependents: dict[str, list[str]] = {}  # task id -> ids of the tasks waiting for it
+        self._groups: dict[str, _Group] = {}
+        self._schedules: dict[str, Schedule] = {}
         self._meta: dict[str, str] = {}
         self._next_seq = 1
 
@@ -116,34 +153,96 @@ class MemoryBackend(Backend):
         with self._lock:
             return step()
 
+    # -- finishing: what every path that ends a task does -----------------------
+
+    def _finished(self, row: _Row, status: TaskStatus, when: float) -> None:
+        """Move ``row`` to a finished state at ``when``, and settle the tasks waiting for it."""
+        row.status, row.finished_at, row.lease_until = status, when, None
+        row.expires_at = expires_at(when, row.retention)
+        self._settle_dependents(row, when)
+
+    def _settle_dependents(self, row: _Row, when: float) -> None:
+        fate = dependency_finished(row.status)
+        if fate is None:
+            return
+        for dependent_id in self._dependents.pop(row.task_id, ()):
+            dependent = self._rows.get(dependent_id)
+            if dependent is None or dependent.status != WAITING:
+                continue
+            if fate is DependencyFate.RELEASE:
+                dependent.waiting -= 1
+                if dependent.waiting <= 0:
+                    dependent.status, dependent.waiting = PENDING, 0
+            else:
+                dependent.error = dependency_error(row.task_id, row.name, row.status)
+                self._finished(dependent, CANCELLED, when)
+
     # -- producers ---------------------------------------------------------
 
-    async def enqueue(self, tasks: Sequence[NewTask]) -> None:
-        def step() -> tuple[None, bool]:
-            fresh = [task.task_id for task in tasks]
-            clash = next((i for i in fresh if i in self._rows), None)
-            if clash is None and len(set(fresh)) < len(fresh):
-                clash = next(i for i in fresh if fresh.count(i) > 1)
-            if clash is not None:  # all or nothing, as in one transaction
-                raise BackendError(f"a task with id {clash!r} is already stored; task ids are unique")
-            for task in tasks:
-                row = _Row(
-                    self._next_seq, task.task_id, task.name, task.func, task.args, task.signature,
-                    task.max_attempts, task.eta, task.enqueued_at,
-                )
-                self._next_seq += 1
-                self._rows[row.task_id] = row
-                self._by_seq[row.seq] = row
-            return None, bool(tasks)
+    async def enqueue(self, tasks: Sequence[NewTask]) -> list[Enqueued]:
+        def step() -> tuple[list[Enqueued], bool]:
+            seen: set[str] = set()  # the tasks before this one in the call
+            for task in tasks:  # all or nothing, as in one transaction: check before changing anything
+                existing = task.task_id in self._rows or task.task_id in seen
+                if existing and task.key is None:
+                    raise BackendError(f"a task with id {task.task_id!r} is already stored; task ids are unique")
+                for dep in task.after:
+                    if dep not in self._rows and dep not in seen:
+                        raise InvalidTaskError(
+                            f"cannot run after task {dep!r}: there is no task with that id before this one (it "
+                            "was never enqueued here, it was purged, or it comes later in the same call)"
+                        )
+                seen.add(task.task_id)
+            outcomes = [self._enqueue_one(task) for task in tasks]
+            return outcomes, any(o is not Enqueued.EXISTING for o in outcomes)
 
-        self._write(step)
+        return self._write(step)
+
+    def _enqueue_one(self, task: NewTask) -> Enqueued:
+        old = self._rows.get(task.task_id)
+        outcome, seq = Enqueued.INSERTED, self._next_seq
+        if old is not None:  # a keyed task enqueued again: kept, or reset in its place
+            expired = old.expires_at is not None and old.expires_at <= task.enqueued_at
+            outcome = keyed_enqueue(old.status, expired, task.replace_failed)
+            if outcome is Enqueued.EXISTING:
+                return outcome
+            seq = old.seq
+        else:
+            self._next_seq += 1
+        row = _Row(
+            seq, task.task_id, task.name, task.func, task.args, task.signature,
+            task.max_attempts, task.eta, task.enqueued_at, queue=task.queue, priority=task.priority,
+            key=task.key, group_id=task.group_id, retention=task.retention,
+        )
+        self._rows[row.task_id] = row
+        self._by_seq[row.seq] = row
+        if task.group_id is not None and task.group_id not in self._groups:
+            self._groups[task.group_id] = _Group(task.group_name or task.name, task.enqueued_at)
+        deps = [self._rows[d] for d in dict.fromkeys(task.after)]
+        status, waiting, error = initial_state((d.task_id, d.name, d.status) for d in deps)
+        row.status, row.waiting = status, waiting
+        if status == WAITING:
+            for dep in deps:
+                if dependency_finished(dep.status) is None:
+                    self._dependents.setdefault(dep.task_id, []).append(row.task_id)
+        elif status == CANCELLED:
+            row.error = error
+            self._finished(row, CANCELLED, task.enqueued_at)
+        return outcome
 
     # -- workers -----------------------------------------------------------
 
     async def claim(
-        self, worker_id: str, limit: int, now: float, lease_until: float, *, alone: bool = True
+        self,
+        worker_id: str,
+        limit: int,
+        now: float,
+        lease_until: float,
+        *,
+        alone: bool = True,
+        queues: Sequence[str] | None = None,
     ) -> list[ClaimedTask]:
-        return (await self.finish_and_claim(worker_id, (), limit, now, lease_until, alone=alone))[1]
+        return (await self.finish_and_claim(worker_id, (), limit, now, lease_until, alone=alone, queues=queues))[1]
 
     async def finish(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[bool]:
         return (await self.finish_and_claim(worker_id, outcomes, 0, 0.0, 0.0))[0]
@@ -157,21 +256,31 @@ class MemoryBackend(Backend):
         lease_until: float,
         *,
         alone: bool = True,
+        queues: Sequence[str] | None = None,
     ) -> tuple[list[bool], list[ClaimedTask]]:
         def step() -> tuple[tuple[list[bool], list[ClaimedTask]], bool]:
             stored = [self._store_outcome(worker_id, outcome) for outcome in outcomes]
-            claimed = self._claim(worker_id, limit, now, lease_until, alone) if limit > 0 else []
+            claimed = self._claim(worker_id, limit, now, lease_until, alone, queues) if limit > 0 else []
             return (stored, claimed), any(stored) or bool(claimed)
 
         return self._write(step)
 
-    def _claim(self, worker_id: str, limit: int, now: float, lease_until: float, alone: bool) -> list[ClaimedTask]:
-        ready = [r for r in self._by_seq.values() if r.status == PENDING and r.eta <= now]
-        suspects = sorted((r for r in ready if r.lost > 0), key=lambda r: (r.eta, r.seq))
+    def _ready(self, now: float, queues: Sequence[str] | None) -> list[_Row]:
+        return [
+            r for r in self._by_seq.values()
+            if r.status == PENDING and r.eta <= now and (queues is None or r.queue in queues)
+        ]
+
+    def _claim(
+        self, worker_id: str, limit: int, now: float, lease_until: float, alone: bool, queues: Sequence[str] | None
+    ) -> list[ClaimedTask]:
+        ready = self._ready(now, queues)
+        order: Callable[[_Row], tuple[float, float, int]] = lambda r: (-r.priority, r.eta, r.seq)  # noqa: E731
+        suspects = sorted((r for r in ready if r.lost > 0), key=order)
         if alone and suspects:
             chosen = suspects[:1]
         else:
-            chosen = sorted((r for r in ready if r.lost == 0), key=lambda r: (r.eta, r.seq))[:limit]
+            chosen = sorted((r for r in ready if r.lost == 0), key=order)[:limit]
         for row in chosen:
             row.status, row.worker_id, row.started_at, row.lease_until = RUNNING, worker_id, now, lease_until
             row.attempts += 1
@@ -194,27 +303,45 @@ class MemoryBackend(Backend):
             return False
         if o.kind is OutcomeKind.RETRY:  # another attempt is due at o.retry_at
             assert o.retry_at is not None, "a RETRY outcome says when the next attempt is due"
-            row.status = after_retry(row.cancel_requested)
-            row.finished_at = o.finished_at if row.status == CANCELLED else None
             row.eta, row.error, row.traceback, row.output = o.retry_at, o.error, o.traceback, o.output
             row.worker_id = row.lease_until = None
+            if after_retry(row.cancel_requested) == CANCELLED:
+                self._finished(row, CANCELLED, o.finished_at)
+            else:
+                row.status, row.finished_at = PENDING, None
             return True
-        row.status, row.finished_at = o.kind.status, o.finished_at
         row.value, row.value_signature = o.value, o.value_signature
-        row.error, row.traceback, row.output, row.lease_until = o.error, o.traceback, o.output, None
+        row.error, row.traceback, row.output = o.error, o.traceback, o.output
         done, total, message = o.progress or (None, None, None)
         row.progress_done = row.progress_done if done is None else done
         row.progress_total = row.progress_total if total is None else total
         row.progress_message = row.progress_message if message is None else message
+        self._finished(row, o.kind.status, o.finished_at)
         return True
 
-    async def suspects_waiting(self, now: float) -> bool:
-        return self._read(
-            lambda: any(r.status == PENDING and r.lost > 0 and r.eta <= now for r in self._by_seq.values())
-        )
+    async def release(self, worker_id: str, claims: Sequence[tuple[Any, int]]) -> list[bool]:
+        def step() -> tuple[list[bool], bool]:
+            released = []
+            for handle, attempts in claims:
+                row = self._held(worker_id, handle, attempts)
+                if row is not None:
+                    row.status, row.worker_id, row.lease_until, row.started_at = PENDING, None, None, None
+                    row.attempts -= 1
+                released.append(row is not None)
+            return released, any(released)
 
-    async def next_eta(self) -> float | None:
-        return self._read(lambda: min((r.eta for r in self._by_seq.values() if r.status == PENDING), default=None))
+        return self._write(step)
+
+    async def suspects_waiting(self, now: float, queues: Sequence[str] | None = None) -> bool:
+        return self._read(lambda: any(r.lost > 0 for r in self._ready(now, queues)))
+
+    async def next_eta(self, queues: Sequence[str] | None = None) -> float | None:
+        return self._read(
+            lambda: min(
+                (r.eta for r in self._by_seq.values() if r.status == PENDING and (queues is None or r.queue in queues)),
+                default=None,
+            )
+        )
 
     async def renew(self, worker_id: str, lease_until: float) -> int:
         return self._renew(worker_id, lease_until)
@@ -234,15 +361,15 @@ class MemoryBackend(Backend):
     async def requeue_expired(self, now: float) -> int:
         def step() -> tuple[int, bool]:
             count = 0
-            for row in self._by_seq.values():
+            for row in list(self._by_seq.values()):
                 if row.status != RUNNING or row.lease_until is None or not row.lease_until < now:
                     continue
                 fate = expired_lease(row.cancel_requested, row.lost)
                 if fate is ExpiredLease.CANCELLED:
-                    row.status, row.finished_at, row.lease_until = CANCELLED, now, None
+                    self._finished(row, CANCELLED, now)
                 elif fate is ExpiredLease.FAILED:
-                    row.status, row.finished_at, row.lease_until = FAILED, now, None
                     row.error, row.traceback = lost_worker_error(), None
+                    self._finished(row, FAILED, now)
                 else:
                     row.status, row.worker_id, row.lease_until = PENDING, None, None
                     row.lost += 1
@@ -258,10 +385,27 @@ class MemoryBackend(Backend):
                 return None, False
             outcome = cancel(row.status)
             if outcome is CancelOutcome.CANCELLED:
-                row.status, row.finished_at = CANCELLED, now
+                self._finished(row, CANCELLED, now)
             elif outcome is CancelOutcome.REQUESTED:
                 row.cancel_requested = True
             return outcome, outcome is not CancelOutcome.FINISHED
+
+        return self._write(step)
+
+    async def retry(self, task_ids: Sequence[str], now: float) -> dict[str, RetryOutcome]:
+        def step() -> tuple[dict[str, RetryOutcome], bool]:
+            done: dict[str, RetryOutcome] = {}
+            for task_id in task_ids:
+                row = self._rows.get(task_id)
+                if row is None:
+                    continue
+                done[task_id] = outcome = retry(row.status)
+                if outcome is RetryOutcome.RETRIED:
+                    row.status, row.eta, row.max_attempts = PENDING, now, row.attempts + 1
+                    row.finished_at = row.expires_at = row.worker_id = row.lease_until = None
+                    row.value = row.value_signature = row.error = row.traceback = row.output = None
+                    row.lost, row.cancel_requested, row.waiting = 0, False, 0
+            return done, any(o is RetryOutcome.RETRIED for o in done.values())
 
         return self._write(step)
 
@@ -298,13 +442,137 @@ class MemoryBackend(Backend):
 
     async def overview(self, limit: int) -> QueueOverview:
         def step() -> QueueOverview:
-            counts: dict[str, int] = dict.fromkeys(STATES, 0)
-            for row in self._by_seq.values():
-                counts[row.status] = counts.get(row.status, 0) + 1
-            recent = [_info(row) for row in sorted(self._by_seq.values(), key=lambda r: -r.seq)[:limit]]
-            return QueueOverview(counts=counts, recent=recent)
+            rows = list(self._by_seq.values())
+            newest = sorted(rows, key=lambda r: -r.seq)
+            groups = sorted(self._groups.items(), key=lambda item: -item[1].created_at)[:limit]
+            return QueueOverview(
+                counts=_counts(rows),
+                recent=[_info(r) for r in newest[:limit]],
+                queues={q: _counts(r for r in rows if r.queue == q) for q in sorted({r.queue for r in rows})},
+                running=[_info(r) for r in newest if r.status == RUNNING][:limit],
+                failures=[_info(r) for r in newest if r.status == FAILED][:limit],
+                groups=[self._group_info(group_id, group) for group_id, group in groups],
+                schedules=self._schedule_infos(),
+            )
 
         return self._read(step)
+
+    async def find_tasks(
+        self,
+        *,
+        statuses: Sequence[TaskStatus | str] | None = None,
+        queue: str | None = None,
+        group_id: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        newest_first: bool = True,
+    ) -> list[TaskInfo]:
+        def step() -> list[TaskInfo]:
+            rows = sorted(self._by_seq.values(), key=lambda r: -r.seq if newest_first else r.seq)
+            chosen = [
+                r for r in rows
+                if (statuses is None or r.status in statuses) and (queue is None or r.queue == queue)
+                and (group_id is None or r.group_id == group_id)
+            ]
+            return [_info(r) for r in chosen[offset : offset + limit]]
+
+        return self._read(step)
+
+    async def match_ids(self, fragment: str, limit: int = 2) -> list[str]:
+        def step() -> list[str]:
+            if fragment in self._rows:
+                return [fragment]
+            found = [i for i in self._rows if i.startswith(fragment) or i.endswith(fragment)]
+            return sorted(found)[:limit]
+
+        return self._read(step)
+
+    async def group(self, group_id: str) -> GroupInfo | None:
+        def step() -> GroupInfo | None:
+            group = self._groups.get(group_id)
+            return None if group is None else self._group_info(group_id, group)
+
+        return self._read(step)
+
+    def _group_info(self, group_id: str, group: _Group) -> GroupInfo:
+        members = (r for r in self._by_seq.values() if r.group_id == group_id)
+        return GroupInfo(group_id, group.name, to_datetime(group.created_at), _counts(members))
+
+    # -- retention ---------------------------------------------------------
+
+    async def prune(self, now: float, limit: int) -> PurgeReport:
+        def step() -> tuple[PurgeReport, bool]:
+            expired = [r for r in self._by_seq.values()
+                       if r.status in FINISHED_STATES and r.expires_at is not None and r.expires_at <= now]
+            return self._delete(expired[:limit], dry_run=False)
+
+        return self._write(step)
+
+    async def purge(
+        self, *, statuses: Sequence[TaskStatus | str], finished_before: float | None, dry_run: bool = False
+    ) -> PurgeReport:
+        wanted = {s for s in statuses if s in FINISHED_STATES}
+
+        def step() -> tuple[PurgeReport, bool]:
+            chosen = [
+                r for r in self._by_seq.values()
+                if r.status in wanted and (finished_before is None
+                                           or (r.finished_at is not None and r.finished_at < finished_before))
+            ]
+            return self._delete(chosen, dry_run)
+
+        return self._write(step)
+
+    def _delete(self, rows: list[_Row], dry_run: bool) -> tuple[PurgeReport, bool]:
+        report = PurgeReport(len(rows), sum(r.size() for r in rows), dry_run)
+        if not dry_run:
+            for row in rows:
+                del self._rows[row.task_id], self._by_seq[row.seq]
+            left = {r.group_id for r in self._by_seq.values()}
+            for group_id in {r.group_id for r in rows} - left:  # a group goes with its last task
+                self._groups.pop(group_id, None)  # type: ignore[arg-type]
+        return report, bool(rows) and not dry_run
+
+    # -- schedules ---------------------------------------------------------
+
+    async def set_schedule(self, schedule: Schedule) -> None:
+        def step() -> tuple[None, bool]:
+            old = self._schedules.get(schedule.name)
+            stored = dataclasses.replace(schedule)
+            if old is not None and (old.every, old.cron, old.tz) == (schedule.every, schedule.cron, schedule.tz):
+                stored.next_run, stored.last_run = old.next_run, old.last_run
+            self._schedules[schedule.name] = stored
+            return None, True
+
+        self._write(step)
+
+    async def delete_schedule(self, name: str) -> bool:
+        def step() -> tuple[bool, bool]:
+            gone = self._schedules.pop(name, None) is not None
+            return gone, gone
+
+        return self._write(step)
+
+    async def schedules(self) -> list[ScheduleInfo]:
+        return self._read(self._schedule_infos)
+
+    def _schedule_infos(self) -> list[ScheduleInfo]:
+        return [_schedule_info(s) for s in sorted(self._schedules.values(), key=lambda s: (s.next_run, s.name))]
+
+    async def due_schedules(self, now: float) -> list[Schedule]:
+        return self._read(lambda: [dataclasses.replace(s) for s in self._schedules.values() if s.next_run <= now])
+
+    async def fire_schedule(self, name: str, due: float, next_run: float, now: float, task: NewTask) -> bool:
+        def step() -> tuple[bool, bool]:
+            schedule = self._schedules.get(name)
+            if schedule is None or schedule.next_run != due:
+                return False, False
+            schedule.next_run, schedule.last_run = next_run, due
+            if task.task_id not in self._rows:
+                self._enqueue_one(task)
+            return True, True
+
+        return self._write(step)
 
     # -- facts about the store -------------------------------------------------
 
@@ -319,6 +587,13 @@ class MemoryBackend(Backend):
             return value, True
 
         return self._write(step)
+
+
+def _counts(rows: Iterable[_Row]) -> dict[str, int]:
+    counts: dict[str, int] = dict.fromkeys(STATES, 0)
+    for row in rows:
+        counts[row.status] = counts.get(row.status, 0) + 1
+    return counts
 
 
 def _result(row: _Row) -> Result:
@@ -353,7 +628,16 @@ def _info(row: _Row) -> TaskInfo:
         progress_total=row.progress_total,
         progress_message=row.progress_message,
         error=row.error,
+        queue=row.queue,
+        priority=row.priority,
+        group_id=row.group_id,
+        key=row.key,
     )
+
+
+def _schedule_info(s: Schedule) -> ScheduleInfo:
+    return ScheduleInfo(s.name, s.task_name, s.queue, s.every, s.cron, s.tz, to_datetime(s.next_run),
+                        to_datetime(s.last_run))
 
 
 class _Heartbeat(threading.Thread):

@@ -19,12 +19,15 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from sitq.backends import Backend, Target, open_backend
+from sitq.backends.rules import PRUNE_BATCH, PRUNE_INTERVAL, SCHEDULE_CHECK
 from sitq.core import ClaimedTask, Outcome, OutcomeKind
 from sitq.errors import BackendError, InvalidTaskError, SitqError
+from sitq.options import check_queue_name
 from sitq.output import OutputCapture
+from sitq.scheduling import fire_due
 from sitq.serialization import CloudpickleSerializer, Serializer
 from sitq.signing import STORE_KEY_RECORD, Signer, check_store_key, signer_from
 from sitq.worker.runners import Runner
@@ -32,6 +35,8 @@ from sitq.worker.runners import Runner
 __all__ = ["Worker"]
 
 log = logging.getLogger(__name__)
+
+PRUNE_LIMIT = 20 * PRUNE_BATCH  # the most expired tasks one prune deletes; the next takes the rest
 
 
 class Worker:
@@ -56,6 +61,12 @@ class Worker:
     :class:`SignatureError`, on a store that was used with a key (see
     :mod:`sitq.signing`) when it has no key or another one; a worker with a
     key records it in a store that has none.
+
+    ``queues`` names the queues the worker serves (every queue if None); of the ready tasks
+    there, higher priority runs first, then the oldest. Every ``prune_interval`` seconds the
+    worker deletes finished tasks whose retention has expired, a few hundred per transaction,
+    and about once a second it enqueues the ticks of schedules that are due (exactly one
+    worker of those sharing the store enqueues each tick).
 
     ``name`` begins the worker's id (``worker_id``, ``name:pid:random``, the
     host name by default), which the board, ``sitq status`` and the logs show.
@@ -84,10 +95,14 @@ class Worker:
         capture_output: bool = True,
         secret_key: str | bytes | None = None,
         cancel_grace: float = 5.0,
+        queues: Sequence[str] | None = None,
+        prune_interval: float = PRUNE_INTERVAL,
         clock: Callable[[], float] = time.time,
     ) -> None:
         _check_settings(max_concurrency, poll_interval=poll_interval, lease=lease,
-                        progress_interval=progress_interval, cancel_grace=cancel_grace)
+                        progress_interval=progress_interval, cancel_grace=cancel_grace, prune_interval=prune_interval)
+        self.queues = _check_queues(queues)
+        self.prune_interval = float(prune_interval)
         self.backend = open_backend(backend)
         self.max_concurrency = max_concurrency
         self.poll_interval = float(poll_interval)
@@ -191,7 +206,8 @@ class Worker:
                 now = self.clock()
                 alone = not self._runner.active  # only then may it take a suspect, which runs alone
                 stored, claimed = await backend.finish_and_claim(
-                    self.worker_id, outcomes, free * self._runner.run_length(), now, now + self.lease, alone=alone
+                    self.worker_id, outcomes, free * self._runner.run_length(), now, now + self.lease, alone=alone,
+                    queues=self.queues,
                 )
                 self._count(outcomes, stored)
                 if claimed:
@@ -216,7 +232,7 @@ class Worker:
         return self.max_concurrency - self._runner.busy_slots
 
     async def _idle_timeout(self) -> float:
-        next_eta = await self.backend.next_eta()
+        next_eta = await self.backend.next_eta(self.queues)
         if next_eta is None:
             return self.poll_interval
         return min(self.poll_interval, max(next_eta - self.clock(), 0.0) + 0.001)
@@ -248,7 +264,8 @@ class Worker:
 
 class _SideTasks:
     """What a running worker does beside claiming: store progress, act on cancel requests,
-    requeue tasks whose worker died, notice suspects waiting, check the store is still there.
+    requeue tasks whose worker died, notice suspects waiting, check the store is still there,
+    enqueue the ticks of due schedules and prune expired tasks.
 
     Leases are renewed by the backend's heartbeat, on a thread of its own: a task or a
     statement that holds up the loop must not make a healthy worker lose its tasks.
@@ -258,13 +275,15 @@ class _SideTasks:
         self.worker = worker
         self.suspects_waiting = False  # suspects wait for a worker with nothing else running
         self.fatal: BaseException | None = None  # why the worker must stop at once
+        self.refused_schedules: set[str] = set()  # schedules whose payload this worker cannot trust
 
     async def run(self) -> None:
         worker = self.worker
         backend, runner = worker.backend, worker._runner
         loop = asyncio.get_running_loop()
         beat = worker.lease / 3
-        next_beat = loop.time()
+        next_beat = next_schedule_check = loop.time()
+        next_prune = loop.time() + min(worker.prune_interval, 1.0)  # soon after start, then on the interval
         heartbeat = backend.start_heartbeat(worker.worker_id, worker.lease, worker.clock)
         try:
             while True:
@@ -282,10 +301,21 @@ class _SideTasks:
                         requeued = await backend.requeue_expired(worker.clock())
                         if requeued:
                             log.warning("requeued %d task(s) whose worker stopped renewing its lease", requeued)
-                        waiting = bool(runner.active) and await backend.suspects_waiting(worker.clock())
+                        waiting = bool(runner.active) and await backend.suspects_waiting(worker.clock(), worker.queues)
                         if waiting != self.suspects_waiting:
                             self.suspects_waiting = waiting
                             worker._wakeup.signal()  # claim again once the suspects are gone
+                    if now >= next_schedule_check:
+                        next_schedule_check = now + SCHEDULE_CHECK
+                        fired = await fire_due(backend, worker._signer, worker.clock, self.refused_schedules)
+                        if fired:
+                            log.info("enqueued %d scheduled task(s)", fired)
+                    if now >= next_prune:
+                        next_prune = now + worker.prune_interval
+                        pruned = await backend.prune(worker.clock(), PRUNE_LIMIT)
+                        if pruned.tasks:
+                            log.info("deleted %d finished task(s) past their retention (%d bytes)",
+                                     pruned.tasks, pruned.bytes)
                 except SitqError:
                     log.exception("worker %s: side task failed; trying again shortly", worker.worker_id)
                 await asyncio.sleep(min(worker.progress_interval, beat))
@@ -352,6 +382,17 @@ def _check_settings(max_concurrency: int, **timings: float) -> None:
     for label, seconds in timings.items():
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
             raise InvalidTaskError(f"{label} must be a number of seconds > 0, not {seconds!r}")
+
+
+def _check_queues(queues: Sequence[str] | None) -> tuple[str, ...] | None:
+    if queues is None:
+        return None
+    if isinstance(queues, str):
+        queues = queues.split(",")
+    names = tuple(check_queue_name(name) for name in queues)
+    if not names:
+        raise InvalidTaskError("queues names at least one queue; pass None to serve every queue")
+    return names
 
 
 async def _check_key(backend: Backend, signer: Signer | None, who: str) -> None:

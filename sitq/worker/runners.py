@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 
 from sitq.core import ClaimedTask, Outcome, OutcomeKind
 from sitq.errors import SerializationError, TaskTimeoutError
-from sitq.options import Task, TaskOptions
+from sitq.options import DEFAULT_OPTIONS, Task, TaskOptions
 from sitq.output import CapturedOutput
 from sitq.serialization import Serializer
 from sitq.signing import Signer
@@ -52,7 +52,6 @@ __all__ = ["Recorder", "Runner"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPTIONS = TaskOptions()
 RUN_BUDGET = 0.002  # seconds of work one slot may claim at once, judged by recent task times
 MAX_RUN = 64  # tasks one slot may claim at once
 

@@ -16,15 +16,29 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar, cast, overload
 
 from sitq.backends.base import Backend
-from sitq.backends.rules import CancelOutcome
+from sitq.backends.rules import PRUNE_BATCH, CancelOutcome, RetryOutcome
 from sitq.backends.sqlite import rows as readers
 from sitq.backends.sqlite import schema
 from sitq.backends.sqlite import statements as sql
 from sitq.backends.sqlite.schema import MEMORY
-from sitq.core import STATES, ClaimedTask, NewTask, Outcome, QueueOverview, Result, TaskInfo, TaskStatus
+from sitq.core import (
+    FINISHED_STATES,
+    ClaimedTask,
+    Enqueued,
+    GroupInfo,
+    NewTask,
+    Outcome,
+    PurgeReport,
+    QueueOverview,
+    Result,
+    Schedule,
+    ScheduleInfo,
+    TaskInfo,
+    TaskStatus,
+)
 from sitq.errors import BackendError
 
 __all__ = ["SQLiteBackend"]
@@ -318,6 +332,8 @@ class SQLiteBackend(Backend):
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA wal_autocheckpoint = 0")
             conn.execute("PRAGMA temp_store = MEMORY")  # a big map is staged in a temporary table
+            if self.read_only:
+                schema.stand_in_for_older(conn)  # what an older file lacks, as its main connection sees it
         except sqlite3.Error as exc:
             conn.close()
             raise schema.translate(exc, self.path) from exc
@@ -396,27 +412,37 @@ class SQLiteBackend(Backend):
 
     # -- producers ---------------------------------------------------------
 
-    async def enqueue(self, tasks: Sequence[NewTask]) -> None:
+    async def enqueue(self, tasks: Sequence[NewTask]) -> list[Enqueued]:
+        plain = sql.is_plain(tasks)
         if len(tasks) <= OFFLOAD_ROWS:
-            await self._write(sql.insert, tasks)
-            return
+            return await self._write(sql.insert if plain else sql.insert_full, tasks)
 
-        def job(conn: sqlite3.Connection, stopped: threading.Event) -> None:  # one statement: all tasks or none
+        def job(conn: sqlite3.Connection, stopped: threading.Event) -> list[Enqueued]:  # all tasks or none
+            if not plain:
+                return cast("list[Enqueued]", self._call_here(conn, sql.insert_full, (tasks,), stopped, write=True))
             self._call_here(conn, sql.stage, (tasks,), stopped)
             try:
-                self._call_here(conn, sql.insert_staged, (), stopped, write=True)
+                done: list[Enqueued] = self._call_here(conn, sql.insert_staged, (tasks,), stopped, write=True)
             finally:
                 self._call_here(conn, sql.execute_count, (sql.UNSTAGE, ()), stopped)
             self._request_checkpoint()
+            return done
 
-        await self._offload(job)
+        return await self._offload(job)
 
     # -- workers -----------------------------------------------------------
 
     async def claim(
-        self, worker_id: str, limit: int, now: float, lease_until: float, *, alone: bool = True
+        self,
+        worker_id: str,
+        limit: int,
+        now: float,
+        lease_until: float,
+        *,
+        alone: bool = True,
+        queues: Sequence[str] | None = None,
     ) -> list[ClaimedTask]:
-        return (await self.finish_and_claim(worker_id, (), limit, now, lease_until, alone=alone))[1]
+        return (await self.finish_and_claim(worker_id, (), limit, now, lease_until, alone=alone, queues=queues))[1]
 
     async def finish(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[bool]:
         return (await self.finish_and_claim(worker_id, outcomes, 0, 0.0, 0.0))[0]
@@ -430,6 +456,7 @@ class SQLiteBackend(Backend):
         lease_until: float,
         *,
         alone: bool = True,
+        queues: Sequence[str] | None = None,
     ) -> tuple[list[bool], list[ClaimedTask]]:
         # At most BATCH_ROWS rows per transaction, and as many tasks claimed (the worker claims
         # more on its next round): at concurrency 8, runs of short tasks would otherwise finish
@@ -437,26 +464,32 @@ class SQLiteBackend(Backend):
         # statements and for unpickling what was claimed. A bigger batch goes in slices, each
         # its own transaction, with the loop running in between.
         limit = min(limit, BATCH_ROWS)
+        names = None if queues is None else tuple(queues)
         if len(outcomes) + limit <= BATCH_ROWS:
-            return await self._write(sql.finish_and_claim, worker_id, outcomes, limit, now, lease_until, alone)
+            return await self._write(sql.finish_and_claim, worker_id, outcomes, limit, now, lease_until, alone, names)
         stored: list[bool] = []
         for first in range(0, len(outcomes), BATCH_ROWS):
             await asyncio.sleep(0)
             batch = outcomes[first : first + BATCH_ROWS]
-            stored += (await self._write(sql.finish_and_claim, worker_id, batch, 0, now, 0, False))[0]
+            stored += (await self._write(sql.finish_and_claim, worker_id, batch, 0, now, 0, False, names))[0]
         claimed: list[ClaimedTask] = []
         if limit > 0:
             await asyncio.sleep(0)
-            claimed = (await self._write(sql.finish_and_claim, worker_id, (), limit, now, lease_until, alone))[1]
+            claimed = (
+                await self._write(sql.finish_and_claim, worker_id, (), limit, now, lease_until, alone, names)
+            )[1]
         return stored, claimed
 
-    async def suspects_waiting(self, now: float) -> bool:
-        return await self._run(sql.fetch_one, sql.SUSPECTS_WAITING, (now,)) is not None
+    async def release(self, worker_id: str, claims: Sequence[tuple[Any, int]]) -> list[bool]:
+        if not claims:
+            return []
+        return await self._write(sql.release, worker_id, claims)
 
-    async def next_eta(self) -> float | None:
-        eta = (await self._run(sql.fetch_one, sql.NEXT_ETA, ()))[0]
-        # Numbers sort first, so anything else means only tasks with unreadable etas are pending.
-        return eta if isinstance(eta, (int, float)) else None
+    async def suspects_waiting(self, now: float, queues: Sequence[str] | None = None) -> bool:
+        return await self._run(sql.suspects_waiting, now, queues)
+
+    async def next_eta(self, queues: Sequence[str] | None = None) -> float | None:
+        return await self._run(sql.next_eta, queues)
 
     async def renew(self, worker_id: str, lease_until: float) -> int:
         return await self._run(sql.execute_count, sql.RENEW_LEASES, (lease_until, worker_id))
@@ -466,6 +499,17 @@ class SQLiteBackend(Backend):
 
     async def cancel(self, task_id: str, now: float) -> CancelOutcome | None:
         return await self._write(sql.cancel, task_id, now)
+
+    async def retry(self, task_ids: Sequence[str], now: float) -> dict[str, RetryOutcome]:
+        ids = list(task_ids)
+        if len(ids) <= OFFLOAD_ROWS:
+            return await self._write(sql.retry_by_hand, ids, now)
+
+        def job(conn: sqlite3.Connection, stopped: threading.Event) -> dict[str, RetryOutcome]:
+            return cast("dict[str, RetryOutcome]",
+                        self._call_here(conn, sql.retry_by_hand, (ids, now), stopped, write=True))
+
+        return await self._offload(job)
 
     async def cancel_requests(self, worker_id: str) -> list[str]:
         return [row[0] for row in await self._run(sql.fetch_all, sql.SELECT_CANCEL_REQUESTS, (worker_id,))]
@@ -495,15 +539,91 @@ class SQLiteBackend(Backend):
         return await self._offload(job)
 
     async def overview(self, limit: int) -> QueueOverview:
-        def job(conn: sqlite3.Connection, stopped: threading.Event) -> QueueOverview:  # a table scan: off the loop
-            counts, rows = self._call_here(conn, sql.overview, (limit,), stopped)
-            full: dict[str, int] = dict.fromkeys(STATES, 0)
-            for status, count in counts:
-                status = TaskStatus.read(readers.text(status))  # one sitq does not know is counted under its own name
-                full[status] = full.get(status, 0) + count
-            return QueueOverview(counts=full, recent=[readers.info(row) for row in rows])
+        return await self._read_off_loop(sql.overview, limit)
+
+    async def find_tasks(
+        self,
+        *,
+        statuses: Sequence[TaskStatus | str] | None = None,
+        queue: str | None = None,
+        group_id: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        newest_first: bool = True,
+    ) -> list[TaskInfo]:
+        wanted = None if statuses is None else [str(s) for s in statuses]
+        return await self._read_off_loop(sql.find_tasks, wanted, queue, group_id, limit, offset, newest_first)
+
+    async def match_ids(self, fragment: str, limit: int = 2) -> list[str]:
+        return await self._read_off_loop(sql.match_ids, fragment, limit)  # an id's end is found by a scan
+
+    async def group(self, group_id: str) -> GroupInfo | None:
+        return await self._run(sql.group, group_id)
+
+    async def _read_off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(conn, *args)`` on the helper thread: a read whose cost may grow with the store."""
+
+        def job(conn: sqlite3.Connection, stopped: threading.Event) -> T:
+            return cast(T, self._call_here(conn, fn, args, stopped))
 
         return await self._offload(job)
+
+    # -- retention ---------------------------------------------------------
+
+    async def prune(self, now: float, limit: int) -> PurgeReport:
+        def job(conn: sqlite3.Connection, stopped: threading.Event) -> PurgeReport:
+            tasks = size = 0
+            while tasks < limit and not stopped.is_set():
+                batch = min(PRUNE_BATCH, limit - tasks)
+                removed, nbytes = self._call_here(conn, sql.prune_batch, (now, batch), stopped, write=True)
+                tasks, size = tasks + removed, size + nbytes
+                if removed < batch:
+                    break
+            if tasks:
+                self._call_here(conn, sql.give_back_space, (), stopped)
+            return PurgeReport(tasks, size)
+
+        return await self._offload(job)
+
+    async def purge(
+        self, *, statuses: Sequence[TaskStatus | str], finished_before: float | None, dry_run: bool = False
+    ) -> PurgeReport:
+        wanted = [str(s) for s in statuses if s in FINISHED_STATES]
+
+        def job(conn: sqlite3.Connection, stopped: threading.Event) -> PurgeReport:
+            if dry_run:
+                tasks, size = self._call_here(conn, sql.count_purge, (wanted, finished_before), stopped)
+                return PurgeReport(tasks, size, dry_run=True)
+            tasks = size = last = 0
+            while not stopped.is_set():
+                args = (wanted, finished_before, last, PRUNE_BATCH)
+                removed, nbytes, last = self._call_here(conn, sql.purge_batch, args, stopped, write=True)
+                tasks, size = tasks + removed, size + nbytes
+                if removed < PRUNE_BATCH:
+                    break
+            if tasks:
+                self._call_here(conn, sql.give_back_space, (), stopped)
+            return PurgeReport(tasks, size)
+
+        return await self._offload(job)
+
+    # -- schedules ---------------------------------------------------------
+
+    async def set_schedule(self, schedule: Schedule) -> None:
+        await self._write(sql.set_schedule, schedule)
+
+    async def delete_schedule(self, name: str) -> bool:
+        return await self._write(sql.delete_schedule, name)
+
+    async def schedules(self) -> list[ScheduleInfo]:
+        rows = await self._run(sql.fetch_all, sql.SELECT_SCHEDULES, ())
+        return [readers.schedule_info(row) for row in rows]
+
+    async def due_schedules(self, now: float) -> list[Schedule]:
+        return [readers.schedule(row) for row in await self._run(sql.fetch_all, sql.DUE_SCHEDULES, (now,))]
+
+    async def fire_schedule(self, name: str, due: float, next_run: float, now: float, task: NewTask) -> bool:
+        return await self._write(sql.fire_schedule, name, due, next_run, task)
 
     # -- facts about the store -------------------------------------------------
 

@@ -15,7 +15,17 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar, cast
 
-from sitq.core import ClaimedTask, Result, TaskInfo, TaskStatus, to_datetime
+from sitq.core import (
+    STATES,
+    ClaimedTask,
+    GroupInfo,
+    Result,
+    Schedule,
+    ScheduleInfo,
+    TaskInfo,
+    TaskStatus,
+    to_datetime,
+)
 
 T = TypeVar("T")
 
@@ -51,7 +61,8 @@ def result(row: Sequence[Any]) -> Result:
 
 
 def info(row: Sequence[Any]) -> TaskInfo:
-    (task_id, name, status, enqueued, eta, started, finished, attempts, worker_id, done, total, message, error) = row
+    (task_id, name, status, enqueued, eta, started, finished, attempts, worker_id, done, total, message, error,
+     queue, priority, group_id, key) = row
     # The inline checks keep the usual row, which holds only what sitq writes, fast.
     return TaskInfo(
         task_id=task_id if type(task_id) is str else cast(str, text(task_id)),  # NOT NULL: never None
@@ -67,7 +78,33 @@ def info(row: Sequence[Any]) -> TaskInfo:
         progress_total=total if total is None or type(total) is float else _number(total),
         progress_message=message if message is None else text(message),
         error=error if error is None else text(error),
+        queue=queue if type(queue) is str else cast(str, text(queue)),  # NOT NULL: never None
+        priority=priority if type(priority) is int else (_whole(priority) or 0),
+        group_id=group_id if group_id is None or type(group_id) is str else text(group_id),
+        key=key if key is None or type(key) is str else text(key),
     )
+
+
+def group(row: Sequence[Any], counts: Iterable[tuple[Any, Any]]) -> GroupInfo:
+    """A group from its ``(id, name, created_at)`` row and its ``(status, n)`` counts."""
+    group_id, name, created = row
+    full: dict[str, int] = dict.fromkeys(STATES, 0)
+    for status, n in counts:
+        key = TaskStatus.read(text(status))
+        full[key] = full.get(key, 0) + (n if type(n) is int else 0)
+    return GroupInfo(cast(str, text(group_id)), cast(str, text(name)), to_datetime(created), full)
+
+
+def schedule_info(row: Sequence[Any]) -> ScheduleInfo:
+    name, task_name, queue, every, cron, tz, next_run, last_run = row
+    return ScheduleInfo(
+        cast(str, text(name)), cast(str, text(task_name)), cast(str, text(queue)), _number(every), text(cron),
+        cast(str, text(tz)), to_datetime(next_run), to_datetime(last_run),
+    )
+
+
+def schedule(row: Sequence[Any]) -> Schedule:
+    return Schedule(*row)
 
 
 # -- rows sitq did not write ---------------------------------------------------

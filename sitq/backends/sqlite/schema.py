@@ -15,14 +15,17 @@ from pathlib import Path
 from sitq.errors import BackendError, SchemaVersionError
 
 __all__ = ["SCHEMA_VERSION", "APPLICATION_ID", "MEMORY", "open_file", "connect_file", "parse_path",
-           "file_identity", "is_busy", "translate"]
+           "file_identity", "is_busy", "translate", "stand_in_for_older"]
 
 MEMORY = ":memory:"
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 APPLICATION_ID = 0x73697471  # "sitq"
 
-SCHEMA = """
+# States counted from their partial indexes; the others are counted in sitq_totals as tasks move.
+UNFINISHED = "('pending', 'waiting', 'running')"
+
+TASKS_TABLE = """
 CREATE TABLE sitq_tasks (
     seq              INTEGER PRIMARY KEY,
     id               TEXT    NOT NULL UNIQUE,
@@ -48,19 +51,127 @@ CREATE TABLE sitq_tasks (
     progress_total   REAL,
     progress_message TEXT,
     lost             INTEGER NOT NULL DEFAULT 0,
-    value_signature  BLOB
+    value_signature  BLOB,
+    queue            TEXT    NOT NULL DEFAULT 'default',
+    priority         INTEGER NOT NULL DEFAULT 0,
+    key              TEXT,
+    group_id         TEXT,
+    retention        REAL,
+    expires_at       REAL,
+    waiting          INTEGER NOT NULL DEFAULT 0,  -- tasks it runs after that have not succeeded yet
+    dependents       INTEGER NOT NULL DEFAULT 0   -- more than 0: tasks run after it, to settle once it finishes
 );
 -- Facts about the store itself, such as whether its payloads must be signed.
 CREATE TABLE sitq_meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
--- One index serves the claim (pending, oldest eta first), the next eta, and the counts per state;
--- each index costs every insert about as much as the insert itself, so there are few.
-CREATE INDEX sitq_tasks_state ON sitq_tasks (status, eta, seq);
 CREATE INDEX sitq_tasks_leases ON sitq_tasks (worker_id, lease_until) WHERE status = 'running';
 CREATE INDEX sitq_tasks_suspects ON sitq_tasks (eta, seq) WHERE status = 'pending' AND lost > 0;
 """
+
+# What version 3 adds. Each index costs every write that touches it about as much as the write
+# itself, so an insert touches only the table, the id index and sitq_ready; the other indexes are
+# partial, on rows that few writes touch (running, waiting, failed, grouped, expiring rows).
+VERSION_3 = f"""
+-- The claim: pending tasks of a queue, highest priority first, then oldest eta, then enqueue order;
+-- also the next eta and the count of pending tasks. Finished rows are not in it, however many.
+CREATE INDEX sitq_ready ON sitq_tasks (queue, priority DESC, eta, seq) WHERE status = 'pending';
+CREATE INDEX sitq_waiting ON sitq_tasks (queue) WHERE status = 'waiting';
+CREATE INDEX sitq_failures ON sitq_tasks (seq) WHERE status = 'failed';
+CREATE INDEX sitq_members ON sitq_tasks (group_id, status) WHERE group_id IS NOT NULL;
+CREATE INDEX sitq_expiry ON sitq_tasks (expires_at) WHERE expires_at IS NOT NULL;
+-- Rows sitq did not write: a pending task whose eta is text or bytes is never due (see statements).
+CREATE INDEX sitq_unreadable_etas ON sitq_tasks (seq) WHERE status = 'pending' AND typeof(eta) IN ('text', 'blob');
+CREATE INDEX sitq_unsettled ON sitq_tasks (seq)
+    WHERE dependents > 0 AND status IN ('success', 'failed', 'cancelled');
+-- A task (seq) runs after another (dep): one row per edge, until the dependency settles it.
+CREATE TABLE sitq_deps (
+    dep  INTEGER NOT NULL,
+    task INTEGER NOT NULL,
+    PRIMARY KEY (dep, task)
+) WITHOUT ROWID;
+CREATE INDEX sitq_deps_task ON sitq_deps (task);
+-- Counts of tasks per queue in every state but the unfinished ones, kept by the triggers below
+-- in the transaction that moves a task, so counting never reads the finished rows.
+CREATE TABLE sitq_totals (
+    queue  TEXT    NOT NULL,
+    status TEXT    NOT NULL,
+    n      INTEGER NOT NULL,
+    PRIMARY KEY (queue, status)
+) WITHOUT ROWID;
+CREATE TRIGGER sitq_totals_insert AFTER INSERT ON sitq_tasks WHEN new.status NOT IN {UNFINISHED}
+BEGIN
+    INSERT INTO sitq_totals VALUES (new.queue, new.status, 1) ON CONFLICT (queue, status) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER sitq_totals_leave AFTER UPDATE OF status, queue ON sitq_tasks
+WHEN old.status NOT IN {UNFINISHED} AND (old.status IS NOT new.status OR old.queue IS NOT new.queue)
+BEGIN
+    UPDATE sitq_totals SET n = n - 1 WHERE queue = old.queue AND status = old.status;
+END;
+CREATE TRIGGER sitq_totals_enter AFTER UPDATE OF status, queue ON sitq_tasks
+WHEN new.status NOT IN {UNFINISHED} AND (old.status IS NOT new.status OR old.queue IS NOT new.queue)
+BEGIN
+    INSERT INTO sitq_totals VALUES (new.queue, new.status, 1) ON CONFLICT (queue, status) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER sitq_totals_delete AFTER DELETE ON sitq_tasks WHEN old.status NOT IN {UNFINISHED}
+BEGIN
+    UPDATE sitq_totals SET n = n - 1 WHERE queue = old.queue AND status = old.status;
+END;
+-- Groups (map(..., group=...)), and their counts in every state, kept the same way.
+CREATE TABLE sitq_groups (
+    id         TEXT PRIMARY KEY,
+    name       TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX sitq_groups_newest ON sitq_groups (created_at);
+CREATE TABLE sitq_group_counts (
+    group_id TEXT    NOT NULL,
+    status   TEXT    NOT NULL,
+    n        INTEGER NOT NULL,
+    PRIMARY KEY (group_id, status)
+) WITHOUT ROWID;
+CREATE TRIGGER sitq_group_insert AFTER INSERT ON sitq_tasks WHEN new.group_id IS NOT NULL
+BEGIN
+    INSERT INTO sitq_group_counts VALUES (new.group_id, new.status, 1)
+        ON CONFLICT (group_id, status) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER sitq_group_update AFTER UPDATE OF status, group_id ON sitq_tasks
+WHEN (old.group_id IS NOT NULL OR new.group_id IS NOT NULL)
+    AND (old.status IS NOT new.status OR old.group_id IS NOT new.group_id)
+BEGIN
+    UPDATE sitq_group_counts SET n = n - 1 WHERE group_id = old.group_id AND status = old.status;
+    INSERT INTO sitq_group_counts SELECT new.group_id, new.status, 1 WHERE new.group_id IS NOT NULL
+        ON CONFLICT (group_id, status) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER sitq_group_delete AFTER DELETE ON sitq_tasks WHEN old.group_id IS NOT NULL
+BEGIN
+    UPDATE sitq_group_counts SET n = n - 1 WHERE group_id = old.group_id AND status = old.status;
+    DELETE FROM sitq_groups WHERE id = old.group_id
+        AND NOT EXISTS (SELECT 1 FROM sitq_group_counts WHERE group_id = old.group_id AND n > 0);
+    DELETE FROM sitq_group_counts WHERE group_id = old.group_id
+        AND NOT EXISTS (SELECT 1 FROM sitq_groups WHERE id = old.group_id);
+END;
+-- Periodic tasks: each tick is enqueued by the first worker to see it due (sitq.backends.rules).
+CREATE TABLE sitq_schedules (
+    name         TEXT    PRIMARY KEY,
+    task_name    TEXT    NOT NULL,
+    func         BLOB    NOT NULL,
+    args         BLOB    NOT NULL,
+    signature    BLOB,
+    every        REAL,
+    cron         TEXT,
+    tz           TEXT    NOT NULL,
+    next_run     REAL    NOT NULL,
+    last_run     REAL,
+    queue        TEXT    NOT NULL,
+    priority     INTEGER NOT NULL,
+    max_attempts INTEGER NOT NULL,
+    retention    REAL
+);
+"""
+
+SCHEMA = TASKS_TABLE + VERSION_3
 
 # Each step takes a file from the version before it to the next one, in one transaction.
 MIGRATIONS = {
@@ -70,6 +181,43 @@ ALTER TABLE sitq_tasks ADD COLUMN value_signature BLOB;
 CREATE TABLE sitq_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE INDEX sitq_tasks_suspects ON sitq_tasks (eta, seq) WHERE status = 'pending' AND lost > 0;
 """,
+    # Tasks stored before version 3 are in the default queue at priority 0 and are kept for ever.
+    2: f"""
+ALTER TABLE sitq_tasks ADD COLUMN queue TEXT NOT NULL DEFAULT 'default';
+ALTER TABLE sitq_tasks ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sitq_tasks ADD COLUMN key TEXT;
+ALTER TABLE sitq_tasks ADD COLUMN group_id TEXT;
+ALTER TABLE sitq_tasks ADD COLUMN retention REAL;
+ALTER TABLE sitq_tasks ADD COLUMN expires_at REAL;
+ALTER TABLE sitq_tasks ADD COLUMN waiting INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sitq_tasks ADD COLUMN dependents INTEGER NOT NULL DEFAULT 0;
+DROP INDEX sitq_tasks_state;
+{VERSION_3}
+INSERT INTO sitq_totals SELECT queue, status, count(*) FROM sitq_tasks WHERE status NOT IN {UNFINISHED}
+    GROUP BY queue, status;
+""",
+}
+
+# A file of an older version opened read-only is not upgraded (nothing may be written), so its
+# reader connections see it through temporary views that stand in for what the version lacks:
+# the columns with the values an upgrade would give them, the tables empty, the counts counted.
+MISSING_COLUMNS = {  # version -> columns that version lacks beyond the next one's
+    1: "0 AS lost, NULL AS value_signature",
+    2: "'default' AS queue, 0 AS priority, NULL AS key, NULL AS group_id, NULL AS retention, NULL AS expires_at, "
+       "0 AS waiting, 0 AS dependents",
+}
+STAND_INS = {  # version -> views of the tables it lacks
+    1: ["CREATE TEMP VIEW sitq_meta AS SELECT NULL AS key, NULL AS value WHERE 0"],
+    2: [
+        "CREATE TEMP VIEW sitq_deps AS SELECT NULL AS dep, NULL AS task WHERE 0",
+        f"CREATE TEMP VIEW sitq_totals AS SELECT queue, status, count(*) AS n FROM temp.sitq_tasks "
+        f"WHERE status NOT IN {UNFINISHED} GROUP BY queue, status",
+        "CREATE TEMP VIEW sitq_groups AS SELECT NULL AS id, NULL AS name, NULL AS created_at WHERE 0",
+        "CREATE TEMP VIEW sitq_group_counts AS SELECT NULL AS group_id, NULL AS status, NULL AS n WHERE 0",
+        "CREATE TEMP VIEW sitq_schedules AS SELECT NULL AS name, NULL AS task_name, NULL AS func, NULL AS args, "
+        "NULL AS signature, NULL AS every, NULL AS cron, NULL AS tz, NULL AS next_run, NULL AS last_run, "
+        "NULL AS queue, NULL AS priority, NULL AS max_attempts, NULL AS retention WHERE 0",
+    ],
 }
 
 
@@ -164,7 +312,12 @@ def _ensure_schema(conn: sqlite3.Connection, path: str, read_only: bool) -> None
     if read_only:
         if version == 0:
             raise BackendError(f"{path!r} is empty: no sitq queue has been stored there yet")
-        return  # an older sitq's file is read as it is; the next worker or queue upgrades it
+        stand_in_for_older(conn, version)  # read as it is; the next worker or queue upgrades it
+        return
+    if version == 0:
+        # Freed pages go back to the file system as prunes run (PRAGMA incremental_vacuum). Only a
+        # file with no tables yet can take this; an older sitq's file keeps its mode (VACUUM changes it).
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
     conn.execute("BEGIN IMMEDIATE")
     try:
         version = _schema_version(conn, path)  # another process may have set it up meanwhile
@@ -218,10 +371,30 @@ def file_identity(path: str) -> tuple[str, int, int] | None:
     return absolute, st.st_dev, st.st_ino
 
 
+def stand_in_for_older(conn: sqlite3.Connection, version: int | None = None) -> None:
+    """On a read-only connection to a file of an older schema version, create the temporary views
+    that let every reader read it as if it were of this version (a no-op for a current file)."""
+    if version is None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if not 0 < version < SCHEMA_VERSION:
+        return
+    columns = ", ".join(MISSING_COLUMNS[v] for v in range(version, SCHEMA_VERSION))
+    conn.execute(f"CREATE TEMP VIEW sitq_tasks AS SELECT *, {columns} FROM main.sitq_tasks")
+    for v in range(version, SCHEMA_VERSION):
+        for view in STAND_INS[v]:
+            conn.execute(view)
+
+
 def _execute_script(conn: sqlite3.Connection, script: str) -> None:
-    for statement in script.split(";"):
-        if statement.strip():
-            conn.execute(statement)
+    """Run each statement of ``script`` inside the caller's transaction (``executescript`` would
+    commit it first); a trigger's body holds semicolons, so statements end where SQLite says."""
+    statement = ""
+    for piece in script.split(";"):
+        statement += piece + ";"
+        if sqlite3.complete_statement(statement):
+            if statement.strip(" \n;"):
+                conn.execute(statement)
+            statement = ""
 
 
 def is_busy(exc: sqlite3.Error) -> bool:
