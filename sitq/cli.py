@@ -21,7 +21,8 @@ from sitq.worker import Worker
 __all__ = ["main"]
 
 STATE_STYLES = {
-    "waiting": "blue", "pending": "yellow", "running": "cyan", "success": "green", "failed": "red", "cancelled": "magenta",
+    "waiting": "blue", "pending": "yellow", "running": "cyan", "success": "green", "failed": "red",
+    "cancelled": "magenta",
 }
 
 
