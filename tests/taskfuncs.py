@@ -414,3 +414,20 @@ async def record_blocking_the_loop(path, x, seconds):
     record(path, x)
     time.sleep(seconds)  # deliberately blocking: nothing else on the worker's loop runs meanwhile
     return x
+
+
+def total(values):
+    """A reduce: the sum of the values of the tasks it ran after, read back from their store."""
+    return sum(values)
+
+
+def sum_results(db, ids):
+    """A reduce after a map: reads the map's values from the store the worker shares."""
+    with sitq.SyncTaskQueue(db) as queue:
+        return sum(queue.value(task_id, timeout=0) for task_id in ids)
+
+
+def tick(path):
+    """One line per run, with the time: a schedule's ticks."""
+    with open(path, "a") as f:
+        f.write(f"{time.time()} {os.getpid()}\n")

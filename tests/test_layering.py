@@ -84,7 +84,7 @@ def test_nothing_below_the_notebook_layer_imports_it_even_lazily():
         for name, line, function in imports(module)
         if within(name, NOTEBOOK_PACKAGES)
         and (module, function) not in EXTENSION_HOOKS
-        and not (module == "sitq.cli" and name.startswith("rich") and function)  # the terminal's views
+        and not (module in ("sitq.cli", "sitq.terminal") and name.startswith("rich") and function)  # terminal views
     ]
     assert offending == []
 

@@ -826,7 +826,8 @@ def give_back_space(conn: sqlite3.Connection) -> None:
     """Return free pages to the file system (a file in incremental auto-vacuum mode) and empty the
     WAL; best effort: another process reading the file makes SQLite skip the truncation."""
     if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
-        conn.execute("PRAGMA incremental_vacuum").fetchall()
+        # executescript steps the pragma to its end; execute() steps it once, which frees one page.
+        conn.executescript("PRAGMA incremental_vacuum;")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
 
