@@ -84,6 +84,14 @@ def test_docs_pages_say_what_their_blocks_print(tmp_path):
     error = "ValueError: invalid literal for int() with base 10: 'forty-two'"
     assert quick[3].splitlines() == ["failed", error, error]  # status, error, last traceback line
     assert quick[5] == "49\nfailed: ValueError: invalid literal for int() with base 10: 'seven'\n"
+    (tmp_path / "ops").mkdir()
+    ops = run_page(python_blocks(DOCS / "operations.md"), tmp_path / "ops", {"__name__": "__main__"})
+    assert ops[2] == "285\n"  # the reduce after the map
+    assert ops[3].startswith("cancelled DependencyError: it runs after task ") and "(invert)" in ops[3]
+    assert ops[4] == ops[5] == "True\n"  # a key, and a keyed map, enqueue once
+    assert ops[6] == "100\n"
+    assert ops[7] == "hourly-heartbeat every 3600s\n['hourly-heartbeat']\n"
+    assert ops[9] == "retried\n"
 
 
 @pytest.fixture
