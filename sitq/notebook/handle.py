@@ -86,7 +86,7 @@ class TaskHandle:
 
     @property
     def status(self) -> str:
-        """``pending``, ``running``, ``success``, ``failed`` or ``cancelled``."""
+        """``waiting``, ``pending``, ``running``, ``success``, ``failed`` or ``cancelled``."""
         return self.info().status
 
     def done(self) -> bool:

@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 STATE_COLOURS = {
+    "waiting": "var(--jp-ui-font-color2, #757575)",
     "pending": "var(--jp-ui-font-color2, #757575)",
     "running": "var(--jp-brand-color1, #1976d2)",
     "success": "var(--jp-success-color1, #388e3c)",
