@@ -64,7 +64,11 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run tasks from a queue until Ctrl-C or SIGTERM")
     worker.add_argument("path", metavar="TARGET", help="the queue's store: a SQLite file path, sqlite:///path or postgresql://...")
-    worker.add_argument("--concurrency", "-c", type=_positive_int, default=1, help="tasks at a time (default 1)")
+    worker.add_argument("--concurrency", "-c", type=_positive_int, default=None, help="tasks at a time (default 1)")
+    worker.add_argument(
+        "--processes", "-p", type=_positive_int, default=None,
+        help="run every task in one of N processes, N at a time (for CPU-bound work)",
+    )
     worker.add_argument("--poll-interval", type=float, default=1.0, help="longest idle wait in seconds (default 1)")
     worker.add_argument("--lease", type=float, default=60.0, help="seconds a claim lasts without renewal (default 60)")
     worker.add_argument(
@@ -119,6 +123,7 @@ async def run_worker(args: argparse.Namespace) -> int:
     worker = Worker(
         backend,
         max_concurrency=args.concurrency,
+        processes=args.processes,
         poll_interval=args.poll_interval,
         lease=args.lease,
         cancel_grace=args.cancel_grace,
@@ -140,10 +145,10 @@ async def run_worker(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
     logging.getLogger("sitq").info(
-        "worker %s on %s, concurrency %d; Ctrl-C stops it",
+        "worker %s on %s, %s; Ctrl-C stops it",
         worker.worker_id,
         describe_target(args.path),
-        args.concurrency,
+        f"{worker.processes} processes" if worker.processes else f"concurrency {worker.max_concurrency}",
     )
     try:
         await (worker.drain() if args.drain else worker.start())

@@ -414,3 +414,23 @@ async def record_blocking_the_loop(path, x, seconds):
     record(path, x)
     time.sleep(seconds)  # deliberately blocking: nothing else on the worker's loop runs meanwhile
     return x
+
+
+def print_slowly(lines, pause, gate=None):
+    """Print ``lines`` lines, ``pause`` s apart; then wait for the file ``gate`` (if given) before returning."""
+    for i in range(lines):
+        print(f"line {i}", flush=True)
+        time.sleep(pause)
+    if gate is not None:
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+    return lines
+
+
+def note_interval(path, seconds):
+    """Append this run's (start, end) monotonic times to a file: when did it really run?"""
+    start = time.time()
+    time.sleep(seconds)
+    with open(path, "a") as f:
+        f.write(f"{start} {time.time()}\n")
+    return os.getpid()

@@ -237,15 +237,29 @@ def test_a_handle_outlives_its_worker(ip):
 
 def test_tracebacks_of_notebook_functions_name_their_cells(ip):
     rt = ip.run_line_magic("sitq", "start")
-    ip.run_cell("def parse(text):\n    return float(text)\n")
-    ip.run_cell("def total(items):\n    return sum(parse(i) for i in items)\n")
+    first = ip.execution_count
+    ip.run_cell("def parse(text):\n    return float(text)\n", store_history=True)
+    ip.run_cell("def total(items):\n    return sum(parse(i) for i in items)\n", store_history=True)
     handle = rt.enqueue(ip.user_ns["total"], ["1", "two"])
     with pytest.raises(sitq.TaskFailedError) as failure:
         handle.result(timeout=30)
     remote = failure.value.traceback
-    assert "<dynamic-code>" not in remote
-    assert remote.count("<ipython-input-") == 3  # total, its generator, parse
+    assert "<dynamic-code>" not in remote and "<ipython-input-" not in remote
+    frames = [line.strip() for line in remote.splitlines() if line.startswith("  Cell In[")]
+    assert frames == [f"Cell In[{first + 1}], line 2, in total", f"Cell In[{first + 1}], line 2, in <genexpr>",
+                      f"Cell In[{first}], line 2, in parse"], remote
     assert "return float(text)" in remote and "sitq/notebook" not in remote
+    assert remote.rstrip() in str(failure.value)  # TaskFailedError shows it as it is stored
+
+
+def test_cell_tasks_name_their_cell_and_its_lines(ip):
+    ip.run_line_magic("sitq", "start")
+    res = ip.run_cell("%%sitq -o h\nx = 1\ny = x / 0\n", store_history=True)
+    with pytest.raises(sitq.TaskFailedError) as failure:
+        ip.user_ns["h"].result(timeout=30)
+    remote = failure.value.traceback
+    assert f"  Cell In[{res.execution_count}], line 3, in <module>\n    y = x / 0\n" in remote, remote
+    assert "<sitq cell" not in remote and "sitq/notebook" not in remote
 
 
 def test_board_cancels_the_picked_running_task(ip):

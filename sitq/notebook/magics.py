@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import sys
+import types
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -72,7 +74,7 @@ class SitqMagics(Magics):
     @line_cell_magic
     def sitq(self, line: str, cell: str | None = None) -> object:
         if cell is not None:
-            return self._run_cell(_parse(_CELL_PARSER, line), cell)
+            return self._run_cell(_parse(_CELL_PARSER, line), cell, line)
         command, _, rest = line.strip().partition(" ")
         if command not in _COMMANDS:
             raise UsageError(f"%sitq: unknown command {command!r}; use one of "
@@ -110,7 +112,7 @@ class SitqMagics(Magics):
             raise UsageError(f"%sitq cancel: no task with id {args.task_id!r} in {rt.path}")
         print(f"sitq: task {args.task_id} {_CANCELLED.get(outcome, outcome)}")
 
-    def _run_cell(self, args: argparse.Namespace, body: str) -> TaskHandle:
+    def _run_cell(self, args: argparse.Namespace, body: str, line: str = "") -> TaskHandle:
         if not body.strip():
             raise UsageError("%%sitq: the cell is empty; put the code to run below the %%sitq line")
         try:
@@ -124,7 +126,9 @@ class SitqMagics(Magics):
         assert shell is not None  # IPython registers magics with the shell they run in
         user_ns = shell.user_ns
         namespace = {name: user_ns[name] for name in names if name in user_ns}
-        task = CellTask(body, f"<sitq cell {shell.execution_count}>", args.name)
+        label = _calling_cell() or f"Cell In[{shell.execution_count}]"
+        header = f"%%sitq {line}".rstrip()
+        task = CellTask(body, f"<sitq {label}>", args.name, label=label, header=header)
         eta = dt.timedelta(seconds=args.delay) if args.delay else None
         try:
             handle = rt.enqueue(task, namespace, eta=eta)
@@ -141,6 +145,21 @@ _CANCELLED = {
                  "a function's result will be discarded)",
     "finished": "had already finished; nothing changed",
 }
+
+
+def _calling_cell() -> str | None:
+    """IPython's name for the cell running this magic (``Cell In[23]``): the first frame up the
+    stack whose code a cell compiled. (The shell's ``execution_count`` has already moved on
+    to the next cell by the time a cell that stores history runs.)"""
+    from sitq.notebook import _cell_label
+
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        label = _cell_label(frame.f_code.co_filename)
+        if label:
+            return label
+        frame = frame.f_back
+    return None
 
 
 def _parse(parser: MagicArgumentParser, argstring: str) -> argparse.Namespace:
