@@ -219,6 +219,8 @@ class Worker:
                 stored, claimed = await backend.finish_and_claim(
                     self.worker_id, outcomes, free * self._runner.run_length(), now, now + self.lease, alone=alone
                 )
+                if (any(stored) or claimed) and backend.change_token == token + 1:
+                    token += 1  # only this write moved it: waking for our own change would find nothing new
                 self._count(outcomes, stored)
                 if claimed:
                     if claimed[0].lost:

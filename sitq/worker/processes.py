@@ -26,9 +26,11 @@ cancelled), the child running it is terminated (SIGTERM, SIGKILL after
 ``TERMINATE_GRACE`` seconds) and replaced; a task of the same run that had not
 started yet goes to another child, and one queued behind it that had is told
 to skip it. A child that dies (``os._exit``, a segfault) fails only the task it
-was running, with :class:`ProcessDiedError`. Children ignore SIGINT, which
-Jupyter sends to the kernel's whole process group when a cell is interrupted,
-and exit when the worker's process goes away, even in the middle of a task.
+was running, with :class:`ProcessDiedError`. Children run in a session of
+their own, so signals for the worker's process group (Ctrl-C, a Jupyter
+interrupt, ipykernel ending its children at shutdown) do not reach their tasks;
+they ignore SIGINT besides, and exit when the worker's process goes away, even
+in the middle of a task.
 """
 
 from __future__ import annotations
@@ -208,8 +210,7 @@ class ProcessPool:
         children, self._children, self._idle = list(self._children), set(), []
         for child in children:
             self._forget(child)
-        if children:
-            await asyncio.get_running_loop().run_in_executor(None, _reap, [c.proc for c in children])
+        await _reap([c.proc for c in children])
 
     # -- children ----------------------------------------------------------------
 
@@ -223,7 +224,7 @@ class ProcessPool:
     async def _start_child(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            child = await loop.run_in_executor(None, self._new_child)
+            child = await _in_thread(self._new_child)
         except Exception:
             log.exception("sitq: could not start a task process; tasks wait until one starts")
             return
@@ -231,7 +232,7 @@ class ProcessPool:
             self._starting -= 1
         if self._closing:
             self._forget(child)
-            await loop.run_in_executor(None, _reap, [child.proc])
+            await _reap([child.proc])
             return
         self._children.add(child)
         loop.add_reader(child.conn.fileno(), self._readable, child)
@@ -252,6 +253,10 @@ class ProcessPool:
             proc = subprocess.Popen(
                 [sys.executable, "-c", _CHILD, str(theirs.fileno()), str(life_read)],
                 pass_fds=(theirs.fileno(), life_read), env=env, stdin=subprocess.DEVNULL,
+                # A session of its own: signals for the worker's process group (Ctrl-C, a Jupyter
+                # interrupt, ipykernel ending its "children" at shutdown) are not for its tasks.
+                # The lifeline ends it when the worker's process goes away.
+                start_new_session=True,
             )
         except BaseException:
             ours.close()
@@ -369,7 +374,7 @@ class ProcessPool:
         else:  # a child reads as fast as it is sent, but tens of MB would still hold the loop up
             assert self._loop is not None
             child.sending = True
-            future = self._loop.run_in_executor(None, self._write, child, data)
+            future = _in_thread(self._write, child, data)
             future.add_done_callback(lambda _: self._sent(child))
 
     def _sent(self, child: _Child) -> None:
@@ -404,7 +409,7 @@ class ProcessPool:
         proc = child.proc
         code = proc.poll()
         if code is None:
-            code = await asyncio.get_running_loop().run_in_executor(None, _wait, proc)
+            code = await _in_thread(_wait, proc)
         run, child.run = child.run, None
         if run is None:
             return
@@ -439,16 +444,45 @@ def _wait(proc: subprocess.Popen[bytes]) -> int | None:
         return proc.wait()
 
 
-def _reap(procs: list[subprocess.Popen[bytes]]) -> None:
-    """Wait for children that were told to exit; kill any that has not after a moment."""
+async def _reap(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Wait for children that were told to exit (they do within milliseconds); kill any
+    that has not after a moment. Polls: at interpreter exit no new thread may be started."""
     deadline = time.monotonic() + 0.5
+    while any(proc.poll() is None for proc in procs) and time.monotonic() < deadline:
+        await asyncio.sleep(0.002)
     for proc in procs:
-        try:
-            proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             proc.wait()
+
+
+def _in_thread(func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """``func(*args)`` in a thread of its own, as a future of the running loop (the loop's default
+    executor refuses work once the interpreter is shutting down, when a worker may still stop)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = func(*args)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_fail, future, exc)
+        else:
+            loop.call_soon_threadsafe(_succeed, future, result)
+
+    threading.Thread(target=run, name="sitq-process-helper", daemon=True).start()
+    return future
+
+
+def _succeed(future: asyncio.Future[T], result: T) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
 
 
 def _dumps_serializer(serializer: Serializer) -> bytes:
