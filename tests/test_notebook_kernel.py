@@ -105,7 +105,7 @@ def test_results_draw_as_html_once_the_notebook_layer_is_imported(tmp_path):
     ), tmp_path)
     before, after = (cell.outputs[0].data for cell in nb.cells)
     assert "text/html" not in before and before["text/plain"].startswith("<Result abc123 crunch failed")
-    assert 'class="sitq-result"' in after["text/html"] and "ValueError: bad" in visible_text(after["text/html"])
+    assert 'class="sitq-result ' in after["text/html"] and "ValueError: bad" in visible_text(after["text/html"])
 
 
 def test_kernel_shutdown_lets_the_running_task_finish(tmp_path):

@@ -40,6 +40,6 @@ def test_notebook_runs_top_to_bottom(path, tmp_path):
     assert [out for out in outputs if out.output_type == "error"] == []
     results = [out.data for out in outputs if out.output_type == "execute_result"
                and out.data.get("text/plain", "").startswith("<Result ")]
-    assert all('class="sitq-result"' in data.get("text/html", "") for data in results)  # drawn, not repr'd
+    assert all('class="sitq-result ' in data.get("text/html", "") for data in results)  # drawn, not repr'd
     if path.stem.startswith("03-"):
         assert len(results) == 2  # the failures notebook shows its results

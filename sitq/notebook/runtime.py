@@ -68,7 +68,7 @@ class Runtime:
         self.concurrency = self.worker.max_concurrency
         self.loop = LoopThread(name="sitq-notebook")
         self.queue = TaskQueue(self.backend)
-        self.refresher = Refresher(self.queue, self.loop)
+        self.refresher = Refresher(self.queue, self.loop, self._live_output)
         self.stopped = False
         self._tasks: list[concurrent.futures.Future[None]] = []
 
@@ -120,6 +120,19 @@ class Runtime:
                 self.loop.run(self.queue.close(), timeout=5)
             finally:
                 self.loop.stop()
+
+    def _live_output(self, task_id: str) -> str | None:
+        from sitq.notebook.render import LIVE_LINES
+
+        return self.worker.live_output(task_id, max_chars=LIVE_LINES * 200)
+
+    def output(self, task_id: str) -> str | None:
+        """What the task printed: so far, while this kernel's worker runs it; all of it once it ended."""
+        live = self.worker.live_output(task_id)
+        if live is not None:
+            return live
+        result = self.run(self.queue.get_result(task_id, 0))
+        return result.output if result is not None else None
 
     def successor(self) -> Runtime | None:
         """The kernel's runtime on this runtime's store, for handles made before it was stopped."""

@@ -615,8 +615,7 @@ class _ChildLoop:
             else:
                 error = f"SitqError: sitq could not record the outcome of this task: {describe_exception(exc)}"
         elapsed = time.perf_counter() - started
-        relay.flush_progress()
-        return ("done", index, status, data, error, text, delay, elapsed, relay.take_output())
+        return ("done", index, status, data, error, text, delay, elapsed, relay.finish())
 
     def _dumps_value(self, value: Any) -> bytes:
         try:
@@ -651,17 +650,20 @@ async def _awaited(awaitable: Awaitable[T]) -> tuple[bool, Any]:
 
 
 class _Relay:
-    """What one task prints and reports, sent to the worker while it runs."""
+    """What one task prints and reports, sent to the worker while it runs: at most every
+    ``OUTPUT_EVERY`` (``PROGRESS_EVERY``) seconds, and what is left a moment later even if
+    the task goes quiet (a timer sends it), so a task that prints and then waits shows it."""
 
     def __init__(self, child: _ChildLoop, index: int) -> None:
         self.child = child
         self.index = index
+        self.lock = threading.Lock()  # held while sending, so nothing is sent after the outcome
         self.parts: list[str] = []
-        self.sent_output = 0.0
         self.size = 0
+        self.sent_output = 0.0
         self.pending: tuple[float, float | None, str | None] | None = None
         self.sent_progress = 0.0
-        self.lock = threading.Lock()
+        self.timer: threading.Timer | None = None
 
     @contextlib.contextmanager
     def capturing(self, capture: bool) -> Any:
@@ -681,31 +683,51 @@ class _Relay:
                 return  # the worker's record truncates it and says so
             self.parts.append(text)
             self.size += len(text)
-            if time.monotonic() - self.sent_output < OUTPUT_EVERY:
-                return
-            chunk = self.take_output_locked()
-        if chunk:
-            self.child.send(("output", self.index, chunk))
+            self._send_or_later()
 
-    def take_output_locked(self) -> str:
+    def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
+        with self.lock:
+            self.pending = (done, total, message)
+            self._send_or_later()
+
+    def _send_or_later(self) -> None:
+        now = time.monotonic()
+        if self.parts and now - self.sent_output >= OUTPUT_EVERY:
+            self.child.send(("output", self.index, self._take_output()))
+        if self.pending is not None and now - self.sent_progress >= PROGRESS_EVERY:
+            self._send_progress()
+        if (self.parts or self.pending is not None) and self.timer is None:
+            self.timer = threading.Timer(max(OUTPUT_EVERY, PROGRESS_EVERY), self._later)
+            self.timer.daemon = True
+            self.timer.start()
+
+    def _later(self) -> None:
+        with self.lock:
+            self.timer = None
+            if self.parts:
+                self.child.send(("output", self.index, self._take_output()))
+            if self.pending is not None:
+                self._send_progress()
+
+    def _take_output(self) -> str:
         text, self.parts = "".join(self.parts), []
         self.sent_output = time.monotonic()
         return text
 
-    def take_output(self) -> str:
-        with self.lock:
-            return self.take_output_locked()
-
-    def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
-        self.pending = (done, total, message)
-        if time.monotonic() - self.sent_progress >= PROGRESS_EVERY:
-            self.flush_progress()
-
-    def flush_progress(self) -> None:
+    def _send_progress(self) -> None:
         pending, self.pending = self.pending, None
-        if pending is not None:
-            self.child.send(("progress", self.index, pending))
-            self.sent_progress = time.monotonic()
+        self.child.send(("progress", self.index, pending))
+        self.sent_progress = time.monotonic()
+
+    def finish(self) -> str:
+        """Send the last progress and return the rest of the output (it goes with the outcome)."""
+        with self.lock:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            if self.pending is not None:
+                self._send_progress()
+            return self._take_output()
 
 
 class _Stream(io.TextIOBase):
