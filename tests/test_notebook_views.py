@@ -272,9 +272,7 @@ def test_long_output_keeps_its_end_and_long_tracebacks_both_ends():
 
 def test_every_view_keeps_mathjax_away_from_dollars():
     """JupyterLab typesets HTML outputs: "$1,200 ... $5" would come out as mathematics."""
-    from sitq.notebook.render import NO_MATH, live_output_html
-
-    from sitq.notebook.render import counts_html, output_html, table_html
+    from sitq.notebook.render import NO_MATH, counts_html, live_output_html, output_html, table_html
 
     money = task_row(info(status="failed", error="ValueError: $5 short", message="$1,200 of $5", name="pay $1,200"))
     paid = result(value="$5", output="paid $1,200\nleft $5\n", name="pay $1,200")
