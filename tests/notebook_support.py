@@ -140,11 +140,11 @@ def _wait_up(proc, url, log_path, timeout=60.0):
 
 
 @contextmanager
-def jupyter_lab(root_dir, log_path, theme=None):
-    """Run JupyterLab on 127.0.0.1 with a random token; yield (base_url, token).
-    Config, data, runtime, settings and workspaces live in a temp dir. Stopped
-    with /api/shutdown (which also stops its kernels), then by process group.
-    ``theme``, e.g. "JupyterLab Dark", picks Lab's theme."""
+def jupyter_lab(root_dir, log_path, theme=None, app="jupyterlab"):
+    """Run JupyterLab (or Notebook 7: ``app="notebook"``) on 127.0.0.1 with a random token;
+    yield (base_url, token). Config, data, runtime, settings and workspaces live in a temp
+    dir. Stopped with /api/shutdown (which also stops its kernels), then by process group.
+    ``theme``, e.g. "JupyterLab Dark", picks the theme (both apps share Lab's settings)."""
     port, token = free_port(), secrets.token_hex(16)
     home = Path(tempfile.mkdtemp(prefix="sitq-lab-"))
     env = dict(os.environ,
@@ -160,12 +160,14 @@ def jupyter_lab(root_dir, log_path, theme=None):
         json.dumps({"fetchNews": "false", "checkForUpdates": False}))
     if theme:
         (settings / "themes.jupyterlab-settings").write_text(json.dumps({"theme": theme}))
-    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1",
+    cmd = [sys.executable, "-m", app, "--no-browser", "--ip=127.0.0.1",
            f"--port={port}", "--port-retries=0", f"--IdentityProvider.token={token}",
-           f"--ServerApp.root_dir={root_dir}", "--allow-root",  # CI runs as root
-           "--LabApp.expose_app_in_browser=True",
-           "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-           "--LabApp.news_url=None"]
+           f"--ServerApp.root_dir={root_dir}", "--allow-root"]  # CI runs as root
+    if app == "notebook":  # Notebook 7 exposes its app (the helpers below need it) the same way
+        cmd += ["--JupyterNotebookApp.expose_app_in_browser=True"]
+    else:
+        cmd += ["--LabApp.expose_app_in_browser=True",
+                "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.news_url=None"]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -213,8 +215,11 @@ def chromium_page(width=1280, height=1000):
             browser.close()
 
 
-def open_notebook(page, base, token, path, timeout_ms=60_000):
-    page.goto(f"{base}/lab/tree/{path}?token={token}&reset")
+def open_notebook(page, base, token, path, timeout_ms=60_000, app="jupyterlab"):
+    if app == "notebook":
+        page.goto(f"{base}/notebooks/{path}?token={token}")
+    else:
+        page.goto(f"{base}/lab/tree/{path}?token={token}&reset")
     page.wait_for_function(KERNEL_READY, timeout=timeout_ms)
 
 
