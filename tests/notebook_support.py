@@ -80,11 +80,11 @@ def new_notebook(*sources: str):
     return nb
 
 
-def execute(nb, cwd, timeout=60, allow_errors=False):
-    """Execute `nb` in place in a fresh python3 kernel whose working dir is
-    `cwd`; widget state is stored in nb.metadata. Returns nb."""
+def execute(nb, cwd, timeout=60, allow_errors=False, kernel_name="python3"):
+    """Execute `nb` in place in a fresh kernel (python3: this interpreter) whose working
+    dir is `cwd`; widget state is stored in nb.metadata. Returns nb."""
     from nbclient import NotebookClient
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=allow_errors,
+    NotebookClient(nb, timeout=timeout, kernel_name=kernel_name, allow_errors=allow_errors,
                    store_widget_state=True,
                    resources={"metadata": {"path": str(cwd)}}).execute()
     return nb
@@ -113,6 +113,54 @@ def outputs_text(cell) -> str:
         elif out.output_type == "error":
             parts.append(f"{out.ename}: {out.evalue}")
     return "\n".join(parts)
+
+
+# --- kernels on other Pythons -----------------------------------------------------
+
+PYTHONS = ("3.10", "3.11", "3.12", "3.13")  # what pyproject.toml promises (requires-python >= 3.10)
+KERNEL_VENVS = REPO / ".venv-kernels"
+
+
+def find_python(version):
+    """An interpreter of ``version`` ("3.12") that runs: under pyenv, or on PATH as python3.12;
+    None if there is none. (A pyenv shim on PATH for a version it does not have fails to run.)"""
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    candidates = [str(p) for p in sorted(pyenv.glob(f"{version}.*/bin/python{version}"), reverse=True)]
+    candidates.append(shutil.which(f"python{version}"))
+    for candidate in filter(None, candidates):
+        try:
+            out = subprocess.run([candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                 capture_output=True, text=True, timeout=30)
+        except OSError:
+            continue
+        if out.returncode == 0 and out.stdout.strip() == version:
+            return candidate
+    return None
+
+
+def kernel_on(version, specs_dir):
+    """The name of a kernelspec, written into ``specs_dir`` (add it to JUPYTER_PATH), whose kernel
+    runs Python ``version`` in a venv with this checkout of sitq and ipykernel installed; the venv is
+    made under .venv-kernels/ (and remade when pyproject.toml changes). None if no such Python exists."""
+    python = find_python(version)
+    if python is None:
+        return None
+    venv = KERNEL_VENVS / f"py{version}"
+    stamp = venv / "sitq-installed"
+    wanted = (REPO / "pyproject.toml").read_text()
+    if not (stamp.exists() and stamp.read_text() == wanted):
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([python, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-e", f"{REPO}[notebook]",
+                        "ipykernel"], check=True, capture_output=True)
+        stamp.write_text(wanted)
+    name = f"sitq-py{version}"
+    spec = Path(specs_dir) / "kernels" / name
+    spec.mkdir(parents=True, exist_ok=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [str(venv / "bin" / "python"), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": f"Python {version} (sitq tests)", "language": "python"}))
+    return name
 
 
 # --- JupyterLab server --------------------------------------------------------
