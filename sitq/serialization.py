@@ -213,9 +213,10 @@ class CloudpickleSerializer(Serializer):
     Two shortcuts keep enqueueing cheap: a module-level function, which
     cloudpickle pickles by reference (its module and name), is pickled once
     per serializer; and arguments that are all plain numbers, strings, bytes
-    or None are pickled by the standard pickler, which writes the same bytes
-    faster. A function defined in a notebook is pickled anew on every call,
-    with the values its globals have at that moment.
+    or None (and return values that are one of those) are pickled by the
+    standard pickler, which writes the same bytes faster. A function defined
+    in a notebook is pickled anew on every call, with the values its globals
+    have at that moment.
     """
 
     def __init__(self) -> None:
@@ -251,6 +252,11 @@ class CloudpickleSerializer(Serializer):
         if all(type(a) in _PLAIN for a in args) and all(type(v) in _PLAIN for v in kwargs.values()):
             return pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
         return super().dumps_arguments(func, args, kwargs)
+
+    def dumps_value(self, value: Any) -> bytes:
+        if type(value) in _PLAIN:  # most values of short tasks: the standard pickler writes the same bytes
+            return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        return super().dumps_value(value)
 
 
 _PLAIN = frozenset((int, float, complex, str, bytes, bool, type(None)))

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.notebook.systems import LIFECYCLE, SYSTEMS, cells
+from benchmarks.notebook.systems import LIFECYCLE, STEPS, SYSTEMS, WORKFLOWS, cells, lines_of, workflow_cells
 
 BEGIN, END = "<!-- notebook benchmark: begin -->", "<!-- notebook benchmark: end -->"
 LABELS = {"per_task_ms": "ms per task ↓", "tasks_s": "tasks/s ↑", "one_ms": "submit to value, ms ↓",
@@ -82,11 +82,16 @@ def main(argv=None):
     p.add_argument("--tasks", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=200)
     p.add_argument("--systems", default=",".join([*SYSTEMS, "sitq lifecycle"]), help="comma-separated")
+    p.add_argument("--workflows", default=",".join(WORKFLOWS), help="comma-separated; 'none' for none")
     p.add_argument("--markdown", type=Path)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    systems = [s.strip() for s in args.systems.split(",") if s.strip() and s.strip() != "none"]
+    workflows = [w.strip() for w in args.workflows.split(",") if w.strip() and w.strip() != "none"]
+    if "sitq (group API)" in workflows and not _has_group_api():
+        workflows.remove("sitq (group API)")
     runs = {s: [] for s in systems}
+    flows = {w: [] for w in workflows}
     started = time.monotonic()
     for rep in range(args.repeat):
         for system in systems:
@@ -98,12 +103,21 @@ def main(argv=None):
                     figures = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             runs[system].append(figures)
             print(f"[{rep + 1}/{args.repeat}] {system}: {figures}", file=sys.stderr, flush=True)
+        for flow in workflows:
+            with tempfile.TemporaryDirectory(prefix="sitq-nbflow-") as cwd:
+                try:
+                    figures = run_kernel(workflow_cells(flow), cwd)
+                except Exception as exc:
+                    figures = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            flows[flow].append(figures)
+            print(f"[{rep + 1}/{args.repeat}] workflow {flow}: {figures}", file=sys.stderr, flush=True)
     table = summarize(runs)
+    table_flows = summarize(flows)
     wall = time.monotonic() - started
-    text = markdown(table, args, wall)
+    text = markdown(table, args, wall, table_flows)
     print(text)
     if args.json:
-        args.json.write_text(json.dumps({"runs": runs, "table": table}, indent=1))
+        args.json.write_text(json.dumps({"runs": runs, "table": table, "workflows": flows}, indent=1))
     if args.markdown:
         replace_section(args.markdown, text)
     return 0
@@ -133,7 +147,13 @@ def _fmt(value):
     return f"{value:.3g}"
 
 
-def markdown(table, args, wall):
+def _has_group_api():
+    import sitq.notebook
+
+    return hasattr(sitq.notebook, "map")
+
+
+def markdown(table, args, wall, flows=None):
     versions = ", ".join(f"{name} {_version(name)}" for name in ("sitq", "ipykernel", "distributed", "ipyparallel"))
     lines = [
         BEGIN,
@@ -161,13 +181,25 @@ def markdown(table, args, wall):
         lines += ["", "A fresh `%sitq start --processes 2`:", "", "| figure | median (min–max) |", "|---|---|"]
         for key in ("start_cell_ms", "first_result_ms", "later_result_ms", "shutdown_ms", "orphans"):
             lines.append(f"| {LABELS[key]} | {_cell(figures, key)} |")
+    if flows:
+        lines += ["", "The teaching workflow: map a function over 20 items (0.05 s each, one raises), watch it, "
+                  "collect the 19 values, show the failure's traceback (`benchmarks/notebook/systems.py` has "
+                  "each system's cells). Wall time from the map to the traceback; lines of user code per step "
+                  "(not blank, not a comment).", "",
+                  "| system | wall s ↓ | lines ↓ | " + " | ".join(STEPS) + " |",
+                  "|---|---|---|" + "---|" * len(STEPS)]
+        for flow, figures in flows.items():
+            spec = WORKFLOWS[flow]
+            counts = [lines_of(spec[step]) for step in STEPS]
+            lines.append(f"| {flow} | {_cell(figures, 'workflow_s')} | {sum(counts)} | "
+                         + " | ".join(map(str, counts)) + " |")
     lines += ["", END]
     return "\n".join(lines)
 
 
 def _cell(figures, key):
     if key not in figures:
-        return figures.get("error", "–") if key == "per_task_ms" else "–"
+        return figures.get("error", "–") if key in ("per_task_ms", "workflow_s") else "–"
     median, low, high = figures[key]
     return f"{_fmt(median)} ({_fmt(low)}–{_fmt(high)})"
 
