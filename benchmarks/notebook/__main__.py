@@ -23,6 +23,20 @@ from pathlib import Path
 
 from benchmarks.notebook.systems import LIFECYCLE, STEPS, SYSTEMS, WORKFLOWS, cells, lines_of, workflow_cells
 
+NOTES = """What the sitq rows measure: *sitq threads* and *sitq --processes 2* submit the 2,000 tasks with
+the queue's `map` (one transaction) through the kernel's runtime and read every value back
+(`benchmarks/notebook/systems.py`, `SITQ_COLLECT`; it switches to `sitq.notebook.map` once that exists);
+the *submit loop* rows do what a notebook user can write today, one `sitq.notebook.submit` and one
+`.result()` per task. The lifecycle rows start a fresh `--processes 2` worker and submit at once (the first
+result waits for the processes to start, in the background) and again a second later. *kernel shutdown*
+is the time Jupyter's `shutdown_kernel` takes: in the first table after each system's own teardown cell
+(`%sitq stop`, `client.close()`, ...), in the lifecycle table with the worker still running; *child
+processes left* counts the kernel's child processes still alive half a second after it. A kernel shutdown
+of 2.6 s (every dask run, and single runs of others) is ipykernel waiting for child processes it finds
+(1.4 s of SIGTERM rounds, then SIGKILL rounds); it is not sitq's work. The teaching workflow's
+sitq cells start the processes and map at once, so its wall time includes their start; the peers' start
+cells wait for their workers."""
+
 BEGIN, END = "<!-- notebook benchmark: begin -->", "<!-- notebook benchmark: end -->"
 LABELS = {"per_task_ms": "ms per task ↓", "tasks_s": "tasks/s ↑", "one_ms": "submit to value, ms ↓",
           "start_cell_ms": "`%sitq start` cell, ms ↓", "first_result_ms": "first result after start, ms ↓",
@@ -157,9 +171,9 @@ def markdown(table, args, wall, flows=None):
     versions = ", ".join(f"{name} {_version(name)}" for name in ("sitq", "ipykernel", "distributed", "ipyparallel"))
     lines = [
         BEGIN,
-        f"## In a notebook kernel, {datetime.date.today().isoformat()}",
+        "## In a notebook kernel",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
+        f"Measured {datetime.date.today().isoformat()}. Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}, {versions}. Command: `python -m benchmarks.notebook --repeat {args.repeat}` "
         f"({wall:.0f} s).",
         "",
@@ -193,7 +207,7 @@ def markdown(table, args, wall, flows=None):
             counts = [lines_of(spec[step]) for step in STEPS]
             lines.append(f"| {flow} | {_cell(figures, 'workflow_s')} | {sum(counts)} | "
                          + " | ".join(map(str, counts)) + " |")
-    lines += ["", END]
+    lines += ["", NOTES, "", END]
     return "\n".join(lines)
 
 
