@@ -173,7 +173,8 @@ def markdown(table, args, wall, flows=None):
         BEGIN,
         "## In a notebook kernel",
         "",
-        f"Measured {datetime.date.today().isoformat()}. Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
+        f"Measured {datetime.date.today().isoformat()}. Machine: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}, {versions}. Command: `python -m benchmarks.notebook --repeat {args.repeat}` "
         f"({wall:.0f} s).",
         "",

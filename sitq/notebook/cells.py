@@ -13,12 +13,13 @@ import asyncio
 import builtins
 import linecache
 import re
+import sys
 from collections.abc import Awaitable, Mapping
 from typing import Any, TypeVar
 
 from sitq.serialization import CODE_LABELS
 
-__all__ = ["CellTask", "names_read"]
+__all__ = ["CellTask", "cell_label", "names_read", "running_shell"]
 
 T = TypeVar("T")
 
@@ -72,6 +73,21 @@ class CellTask:
         if pending is not None:
             asyncio.run(_awaited(pending))  # runs on this worker thread's own loop
         return scope.get(_RESULT)
+
+
+def running_shell() -> Any:
+    """The IPython shell this code runs in, if any; IPython is not imported to find out."""
+    ipython = sys.modules.get("IPython")
+    get_ipython = getattr(ipython, "get_ipython", None)
+    return get_ipython() if get_ipython is not None else None
+
+
+def cell_label(filename: str) -> str | None:
+    """IPython's name for the cell a code file came from (``Cell In[7]``), or None."""
+    shell = running_shell()
+    name_of = getattr(getattr(shell, "compile", None), "format_code_name", None)
+    named = name_of(filename) if name_of is not None else None
+    return f"{named[0]} {named[1]}" if named else None
 
 
 def names_read(source: str) -> set[str]:

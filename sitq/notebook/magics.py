@@ -14,7 +14,7 @@ from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_ar
 
 from sitq.errors import SitqError
 from sitq.notebook import runtime
-from sitq.notebook.cells import CellTask, names_read
+from sitq.notebook.cells import CellTask, cell_label, names_read
 from sitq.notebook.handle import TaskHandle
 
 __all__ = ["SitqMagics"]
@@ -151,11 +151,9 @@ def _calling_cell() -> str | None:
     """IPython's name for the cell running this magic (``Cell In[23]``): the first frame up the
     stack whose code a cell compiled. (The shell's ``execution_count`` has already moved on
     to the next cell by the time a cell that stores history runs.)"""
-    from sitq.notebook import _cell_label
-
     frame: types.FrameType | None = sys._getframe(1)
     while frame is not None:
-        label = _cell_label(frame.f_code.co_filename)
+        label = cell_label(frame.f_code.co_filename)
         if label:
             return label
         frame = frame.f_back
