@@ -178,15 +178,15 @@ def test_interrupting_a_cell_that_waits_leaves_the_tasks_and_the_worker_running(
         interrupted_after = time.monotonic() - started
         assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
         assert interrupted_after < 5, interrupted_after
-        out = []
-        kc.execute_interactive("print(h.status)", timeout=30,
-                               output_hook=lambda m: out.append(m["content"].get("text", "")))
-        assert "".join(out).strip() == "running"
+        # asked in the reply itself (user_expressions), not in output that may trail it
+        status = kc.execute_interactive("", timeout=30, user_expressions={"s": "str(h.status)"},
+                                        output_hook=lambda msg: None)
+        assert status["content"]["status"] == "ok", status["content"]
+        assert status["content"]["user_expressions"]["s"]["data"]["text/plain"] == "'running'", status["content"]
         (tmp_path / "gate").touch()
-        out.clear()
-        kc.execute_interactive("print(h.result(30), sitq.notebook.submit(divmod, 7, 2).result(30))", timeout=60,
-                               output_hook=lambda m: out.append(m["content"].get("text", "")))
-        assert "".join(out).strip() == "finished (3, 1)"
+        status = kc.execute_interactive("", timeout=60, output_hook=lambda msg: None, user_expressions={
+            "s": "(h.result(30), sitq.notebook.submit(divmod, 7, 2).result(30))"})
+        assert status["content"]["user_expressions"]["s"]["data"]["text/plain"] == "('finished', (3, 1))", status
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
