@@ -24,9 +24,11 @@ __all__ = ["SitqMagics"]
 @argument("path", nargs="?", default=None,
           help="the store: a SQLite file path, sqlite:///path or postgresql://... "
                f"(default: {runtime.DEFAULT_PATH} in the working folder)")
-@argument("--concurrency", "-c", type=int, default=None, help="tasks run at once (default 4)")
+@argument("--concurrency", "-c", type=int, default=None,
+          help="tasks run at once (default 4; with --processes, one per process)")
 @argument("--processes", "-p", type=int, default=None,
-          help="run task functions in N processes, for CPU-bound work")
+          help="run every task in one of N processes, N at a time, for CPU-bound work "
+               "(they start in the background)")
 def _start(args: argparse.Namespace) -> None:
     """Start the background worker in this kernel (again: does nothing)."""
 
