@@ -84,7 +84,9 @@ def parser() -> argparse.ArgumentParser:
                                              "until none is ready or running). The first signal lets running "
                                              "tasks finish; a second one stops at once.")
     worker.add_argument("path", metavar="TARGET", help=TARGET_HELP)
-    worker.add_argument("--concurrency", "-c", type=_positive_int, default=1, help="tasks at a time (default 1)")
+    worker.add_argument("--concurrency", "-c", type=_positive_int, default=None, help="tasks at a time (default 1)")
+    worker.add_argument("--processes", "-p", type=_positive_int, default=None,
+                        help="run every task in one of N processes, N at a time (for CPU-bound work)")
     worker.add_argument("--queue", "-Q", type=_queue_names, default=None, metavar="NAMES",
                         help="serve only these queues, comma-separated (default: every queue)")
     worker.add_argument("--poll-interval", type=_seconds, default=1.0, help="longest idle wait in seconds (default 1)")
@@ -251,6 +253,7 @@ async def run_worker(args: argparse.Namespace) -> int:
     worker = Worker(
         backend,
         max_concurrency=args.concurrency,
+        processes=args.processes,
         poll_interval=args.poll_interval,
         lease=args.lease,
         cancel_grace=args.cancel_grace,
@@ -275,11 +278,11 @@ async def run_worker(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, on_signal, signum)
     served = "every queue" if args.queue is None else "queue(s) " + ",".join(args.queue)
     logging.getLogger("sitq").info(
-        "worker %s on %s (%s), concurrency %d; Ctrl-C stops it",
+        "worker %s on %s (%s), %s; Ctrl-C stops it",
         worker.worker_id,
         describe_target(args.path),
         served,
-        args.concurrency,
+        f"{worker.processes} processes" if worker.processes else f"concurrency {worker.max_concurrency}",
     )
     try:
         await (worker.drain() if args.drain else worker.start())

@@ -40,9 +40,27 @@ class CapturedOutput:
             self._parts.append(text)
             self._size += len(text)
 
+    @property
+    def size(self) -> int:
+        """Characters written so far (it only grows): a cheap way to see that something was printed."""
+        return self._size
+
     def text(self) -> str | None:
         with self._lock:
             return "".join(self._parts) if self._parts else None
+
+    def tail(self, max_chars: int) -> str | None:
+        """The last ``max_chars`` characters written, joining only the parts it needs."""
+        with self._lock:
+            if not self._parts:
+                return None
+            parts, size = [], 0
+            for part in reversed(self._parts):
+                parts.append(part)
+                size += len(part)
+                if size >= max_chars:
+                    break
+            return "".join(reversed(parts))[-max_chars:]
 
 
 capture_into: contextvars.ContextVar[CapturedOutput | None] = contextvars.ContextVar(

@@ -24,7 +24,30 @@ import cloudpickle
 
 from sitq.errors import SerializationError
 
-__all__ = ["Serializer", "CloudpickleSerializer", "describe_callable", "dumps_shipping_source", "loads_shipped"]
+__all__ = [
+    "CODE_LABELS",
+    "Serializer",
+    "CloudpickleSerializer",
+    "describe_callable",
+    "dumps_shipping_source",
+    "loads_shipped",
+    "set_code_labeller",
+]
+
+CODE_LABELS: dict[str, str] = {}
+"""How tracebacks name the files of code that exists only in memory: a notebook cell's
+file name (``/tmp/ipykernel_1/123.py``) -> ``"Cell In[7]"``. Filled wherever such code is
+unpickled, from the labels pickled with it; :mod:`sitq.worker.failures` reads it."""
+
+_labeller: Callable[[str], str | None] | None = None
+
+
+def set_code_labeller(labeller: Callable[[str], str | None] | None) -> None:
+    """Name code files as they are pickled: ``labeller(filename)`` returns a label such as
+    ``"Cell In[7]"``, or None. The notebook layer sets one that asks IPython, which knows
+    which cell each file is; the label travels with the pickled code."""
+    global _labeller
+    _labeller = labeller
 
 
 def describe_callable(func: Callable[..., Any]) -> str:
@@ -117,15 +140,18 @@ class Serializer:
 class ShippedSource:
     """A pickled object with the source lines of code in it that lives only in memory."""
 
-    def __init__(self, obj: Any, sources: dict[str, list[str]]) -> None:
+    def __init__(self, obj: Any, sources: dict[str, list[str]], labels: dict[str, str] | None = None) -> None:
         self.obj = obj
         self.sources = sources
+        self.labels = labels or {}
 
     def install(self) -> Any:
-        """Make the source lines known to ``linecache`` here, for tracebacks, and return the object."""
+        """Make the source lines known to ``linecache`` here, and the files' labels to
+        :data:`CODE_LABELS`, for tracebacks, and return the object."""
         for filename, lines in self.sources.items():
             if filename not in linecache.cache:
                 linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+        CODE_LABELS.update(getattr(self, "labels", None) or {})  # pickles of older versions have none
         return self.obj
 
 
@@ -138,6 +164,7 @@ class _SourceKeepingPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloud
     def __init__(self, file: IO[bytes], protocol: int | None = None) -> None:
         super().__init__(file, protocol=protocol)
         self.sources: dict[str, list[str]] = {}
+        self.labels: dict[str, str] = {}
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is types.CodeType and _code_reduce is not None:
@@ -148,19 +175,23 @@ class _SourceKeepingPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloud
         assert _code_reduce is not None  # reducer_override checked
         rebuild, fields = _code_reduce(code)
         filename = code.co_filename
-        if not os.path.exists(filename):
+        if filename not in self.sources and not os.path.exists(filename):
             lines = linecache.getlines(filename)
             if lines:
                 self.sources[filename] = lines
+        if filename not in self.labels:
+            label = CODE_LABELS.get(filename) or (_labeller(filename) if _labeller is not None else None)
+            if label:
+                self.labels[filename] = label
         return rebuild, tuple(filename if field == "<dynamic-code>" else field for field in fields)
 
 
 def dumps_shipping_source(obj: Any) -> bytes:
     """cloudpickle ``obj`` so that the code in it keeps its file names and, for code that
     exists only in memory (a notebook cell), its source lines; :func:`loads_shipped` undoes it."""
-    data, sources = _dumps(obj)
-    if sources:
-        data, _ = _dumps(ShippedSource(obj, sources))
+    data, sources, labels = _dumps(obj)
+    if sources or labels:
+        data, _, _ = _dumps(ShippedSource(obj, sources, labels))
     return data
 
 
@@ -169,11 +200,11 @@ def loads_shipped(data: bytes) -> Any:
     return obj.install() if isinstance(obj, ShippedSource) else obj
 
 
-def _dumps(obj: Any) -> tuple[bytes, dict[str, list[str]]]:
+def _dumps(obj: Any) -> tuple[bytes, dict[str, list[str]], dict[str, str]]:
     buffer = io.BytesIO()
     pickler = _SourceKeepingPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
     pickler.dump(obj)
-    return buffer.getvalue(), pickler.sources
+    return buffer.getvalue(), pickler.sources, pickler.labels
 
 
 class CloudpickleSerializer(Serializer):
@@ -182,13 +213,24 @@ class CloudpickleSerializer(Serializer):
     Two shortcuts keep enqueueing cheap: a module-level function, which
     cloudpickle pickles by reference (its module and name), is pickled once
     per serializer; and arguments that are all plain numbers, strings, bytes
-    or None are pickled by the standard pickler, which writes the same bytes
-    faster. A function defined in a notebook is pickled anew on every call,
-    with the values its globals have at that moment.
+    or None (and return values that are one of those) are pickled by the
+    standard pickler, which writes the same bytes faster. A function defined
+    in a notebook is pickled anew on every call, with the values its globals
+    have at that moment.
     """
 
     def __init__(self) -> None:
         self._by_reference: weakref.WeakKeyDictionary[Callable[..., Any], bytes] = weakref.WeakKeyDictionary()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A process worker sends its serializer to its processes; the cache stays here.
+        state = self.__dict__.copy()
+        state.pop("_by_reference", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._by_reference = weakref.WeakKeyDictionary()
 
     def dumps(self, obj: Any) -> bytes:
         return dumps_shipping_source(obj)
@@ -210,6 +252,11 @@ class CloudpickleSerializer(Serializer):
         if all(type(a) in _PLAIN for a in args) and all(type(v) in _PLAIN for v in kwargs.values()):
             return pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
         return super().dumps_arguments(func, args, kwargs)
+
+    def dumps_value(self, value: Any) -> bytes:
+        if type(value) in _PLAIN:  # most values of short tasks: the standard pickler writes the same bytes
+            return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        return super().dumps_value(value)
 
 
 _PLAIN = frozenset((int, float, complex, str, bytes, bool, type(None)))

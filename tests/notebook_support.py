@@ -80,11 +80,11 @@ def new_notebook(*sources: str):
     return nb
 
 
-def execute(nb, cwd, timeout=60, allow_errors=False):
-    """Execute `nb` in place in a fresh python3 kernel whose working dir is
-    `cwd`; widget state is stored in nb.metadata. Returns nb."""
+def execute(nb, cwd, timeout=60, allow_errors=False, kernel_name="python3"):
+    """Execute `nb` in place in a fresh kernel (python3: this interpreter) whose working
+    dir is `cwd`; widget state is stored in nb.metadata. Returns nb."""
     from nbclient import NotebookClient
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=allow_errors,
+    NotebookClient(nb, timeout=timeout, kernel_name=kernel_name, allow_errors=allow_errors,
                    store_widget_state=True,
                    resources={"metadata": {"path": str(cwd)}}).execute()
     return nb
@@ -115,6 +115,54 @@ def outputs_text(cell) -> str:
     return "\n".join(parts)
 
 
+# --- kernels on other Pythons -----------------------------------------------------
+
+PYTHONS = ("3.10", "3.11", "3.12", "3.13")  # what pyproject.toml promises (requires-python >= 3.10)
+KERNEL_VENVS = REPO / ".venv-kernels"
+
+
+def find_python(version):
+    """An interpreter of ``version`` ("3.12") that runs: under pyenv, or on PATH as python3.12;
+    None if there is none. (A pyenv shim on PATH for a version it does not have fails to run.)"""
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    candidates = [str(p) for p in sorted(pyenv.glob(f"{version}.*/bin/python{version}"), reverse=True)]
+    candidates.append(shutil.which(f"python{version}"))
+    for candidate in filter(None, candidates):
+        try:
+            out = subprocess.run([candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                 capture_output=True, text=True, timeout=30)
+        except OSError:
+            continue
+        if out.returncode == 0 and out.stdout.strip() == version:
+            return candidate
+    return None
+
+
+def kernel_on(version, specs_dir):
+    """The name of a kernelspec, written into ``specs_dir`` (add it to JUPYTER_PATH), whose kernel
+    runs Python ``version`` in a venv with this checkout of sitq and ipykernel installed; the venv is
+    made under .venv-kernels/ (and remade when pyproject.toml changes). None if no such Python exists."""
+    python = find_python(version)
+    if python is None:
+        return None
+    venv = KERNEL_VENVS / f"py{version}"
+    stamp = venv / "sitq-installed"
+    wanted = (REPO / "pyproject.toml").read_text()
+    if not (stamp.exists() and stamp.read_text() == wanted):
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([python, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-e", f"{REPO}[notebook]",
+                        "ipykernel"], check=True, capture_output=True)
+        stamp.write_text(wanted)
+    name = f"sitq-py{version}"
+    spec = Path(specs_dir) / "kernels" / name
+    spec.mkdir(parents=True, exist_ok=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [str(venv / "bin" / "python"), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": f"Python {version} (sitq tests)", "language": "python"}))
+    return name
+
+
 # --- JupyterLab server --------------------------------------------------------
 
 def free_port() -> int:
@@ -140,11 +188,11 @@ def _wait_up(proc, url, log_path, timeout=60.0):
 
 
 @contextmanager
-def jupyter_lab(root_dir, log_path, theme=None):
-    """Run JupyterLab on 127.0.0.1 with a random token; yield (base_url, token).
-    Config, data, runtime, settings and workspaces live in a temp dir. Stopped
-    with /api/shutdown (which also stops its kernels), then by process group.
-    ``theme``, e.g. "JupyterLab Dark", picks Lab's theme."""
+def jupyter_lab(root_dir, log_path, theme=None, app="jupyterlab"):
+    """Run JupyterLab (or Notebook 7: ``app="notebook"``) on 127.0.0.1 with a random token;
+    yield (base_url, token). Config, data, runtime, settings and workspaces live in a temp
+    dir. Stopped with /api/shutdown (which also stops its kernels), then by process group.
+    ``theme``, e.g. "JupyterLab Dark", picks the theme (both apps share Lab's settings)."""
     port, token = free_port(), secrets.token_hex(16)
     home = Path(tempfile.mkdtemp(prefix="sitq-lab-"))
     env = dict(os.environ,
@@ -160,12 +208,14 @@ def jupyter_lab(root_dir, log_path, theme=None):
         json.dumps({"fetchNews": "false", "checkForUpdates": False}))
     if theme:
         (settings / "themes.jupyterlab-settings").write_text(json.dumps({"theme": theme}))
-    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1",
+    cmd = [sys.executable, "-m", app, "--no-browser", "--ip=127.0.0.1",
            f"--port={port}", "--port-retries=0", f"--IdentityProvider.token={token}",
-           f"--ServerApp.root_dir={root_dir}", "--allow-root",  # CI runs as root
-           "--LabApp.expose_app_in_browser=True",
-           "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-           "--LabApp.news_url=None"]
+           f"--ServerApp.root_dir={root_dir}", "--allow-root"]  # CI runs as root
+    if app == "notebook":  # Notebook 7 exposes its app (the helpers below need it) the same way
+        cmd += ["--JupyterNotebookApp.expose_app_in_browser=True"]
+    else:
+        cmd += ["--LabApp.expose_app_in_browser=True",
+                "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.news_url=None"]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -213,8 +263,11 @@ def chromium_page(width=1280, height=1000):
             browser.close()
 
 
-def open_notebook(page, base, token, path, timeout_ms=60_000):
-    page.goto(f"{base}/lab/tree/{path}?token={token}&reset")
+def open_notebook(page, base, token, path, timeout_ms=60_000, app="jupyterlab"):
+    if app == "notebook":
+        page.goto(f"{base}/notebooks/{path}?token={token}")
+    else:
+        page.goto(f"{base}/lab/tree/{path}?token={token}&reset")
     page.wait_for_function(KERNEL_READY, timeout=timeout_ms)
 
 

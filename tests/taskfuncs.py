@@ -431,3 +431,23 @@ def tick(path):
     """One line per run, with the time: a schedule's ticks."""
     with open(path, "a") as f:
         f.write(f"{time.time()} {os.getpid()}\n")
+
+
+def print_slowly(lines, pause, gate=None):
+    """Print ``lines`` lines, ``pause`` s apart; then wait for the file ``gate`` (if given) before returning."""
+    for i in range(lines):
+        print(f"line {i}", flush=True)
+        time.sleep(pause)
+    if gate is not None:
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+    return lines
+
+
+def note_interval(path, seconds):
+    """Append this run's (start, end) monotonic times to a file: when did it really run?"""
+    start = time.time()
+    time.sleep(seconds)
+    with open(path, "a") as f:
+        f.write(f"{start} {time.time()}\n")
+    return os.getpid()

@@ -33,3 +33,22 @@ def test_quick_benchmark_run(tmp_path):
         assert c["figures"] and all(v > 0 or (k == "stall_ms" and v == 0) for k, v in c["figures"].items()), c
         if c["workload"] in ("drain", "stall_drain"):
             assert c["figures"]["stored"] == c["n"], c
+
+
+def test_quick_notebook_benchmark_run(tmp_path):
+    """sitq's rows of ``python -m benchmarks.notebook``, small: real kernels, every figure measured."""
+    pytest.importorskip("nbclient")
+    out = tmp_path / "nb.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.notebook", "--repeat", "1", "--tasks", "50", "--rounds", "5",
+         "--systems", "sitq threads,sitq --processes 2,sitq lifecycle", "--workflows",
+         "sitq today (submit and board)", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for system, figures in report["table"].items():
+        assert "error" not in figures, (system, figures)
+    assert {"per_task_ms", "one_ms", "shutdown_ms"} <= set(report["table"]["sitq --processes 2"])
+    assert report["table"]["sitq lifecycle"]["orphans"][0] == 0
+    assert "workflow_s" in report["workflows"]["sitq today (submit and board)"][0]
+    assert "| sitq today (submit and board) |" in proc.stdout

@@ -12,7 +12,6 @@ from conftest import sitq_command, worker_env
 import sitq
 import sitq.notebook as sn
 from sitq import SQLiteBackend, SyncTaskQueue, TaskQueue
-from sitq.notebook.processes import InProcess
 
 KEYWORDS = {"func": "f", "self": "s", "args": (1,), "kwargs": {"k": 2}, "iterables": [3]}
 
@@ -50,5 +49,15 @@ def test_the_notebook_submit_passes_them_too(tmp_path):
 
 def test_wrappers_that_call_the_task_pass_them_on():
     assert sitq.task(taskfuncs.arguments)(**KEYWORDS) == ((), KEYWORDS)
-    assert InProcess(taskfuncs.arguments)(**KEYWORDS) == ((), KEYWORDS)  # no pool: runs right here
+
+
+def test_a_process_worker_passes_them_on(db_path, run):
+    async def go():
+        backend = SQLiteBackend(db_path)
+        queue = TaskQueue(backend)
+        task_id = await queue.enqueue(taskfuncs.arguments, 1, **KEYWORDS)
+        await sitq.Worker(backend, processes=1).drain()
+        return queue.deserialize_result(await queue.get_result(task_id, timeout=0))
+
+    assert run(go()) == ((1,), KEYWORDS)
 

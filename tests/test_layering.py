@@ -18,7 +18,10 @@ import sitq
 PACKAGE = Path(sitq.__file__).parent
 NOTEBOOK_PACKAGES = ("IPython", "ipywidgets", "rich", "sitq.notebook")
 # The worker's modules, lowest first: each may import only those before it.
-WORKER_ORDER = ("sitq.worker.capture", "sitq.worker.runners", "sitq.worker.loop", "sitq.worker")
+WORKER_ORDER = (
+    "sitq.worker.capture", "sitq.worker.failures", "sitq.worker.processes", "sitq.worker.runners",
+    "sitq.worker.loop", "sitq.worker",
+)
 BESIDE_OR_ABOVE_THE_WORKER = ("sitq.queue", "sitq.sync", "sitq.cli", "sitq.demo", "sitq.notebook")
 # `%load_ext sitq` looks for these in the top-level package; they load the notebook layer.
 EXTENSION_HOOKS = {("sitq", "load_ipython_extension"), ("sitq", "unload_ipython_extension")}

@@ -6,6 +6,7 @@ Live behaviour is awaited with wait_for_function on the DOM, never with sleeps.
 """
 
 import json
+import os
 import statistics
 
 import pytest
@@ -134,3 +135,96 @@ def test_board_and_task_widgets_update_live_in_jupyterlab(lab, tmp_path):
     print(f"progress messages seen in the page: {len(latency)}; age when shown: median "
           f"{statistics.median(latency):.3f}s, max {max(latency):.3f}s")
     print(f"board table redraws: {len(updates)}; median gap {statistics.median(gaps):.3f}s")
+
+
+# -- what a task prints, tracebacks that name cells, dollars: Lab light and dark, Notebook 7 ------------
+
+ROUND_TWO = [
+    "import os, sitq, time\n%load_ext sitq\n%sitq start two.db --concurrency 3",
+    "def chatty(gate):\n"
+    "    for i in range(3):\n"
+    "        print(f'line {i} of the output')\n"
+    "        sitq.progress(i + 1, 4, 'printing')\n"
+    "    while not os.path.exists(gate):\n"
+    "        time.sleep(0.02)\n"
+    "    print('after the gate')\n"
+    "    return 'chatty is done'\n"
+    "def check(amount):\n"
+    "    if amount > 100:\n"
+    "        raise ValueError(f'{amount} is too much')\n"
+    "    return amount\n"
+    "def pay():\n"
+    "    return 'paid $1,200 in $5 notes'",
+    "h = sitq.notebook.submit(chatty, 'gate')\nh",
+    "bad = sitq.notebook.submit(check, 500)\nbad",
+    "money = sitq.notebook.submit(sitq.task(pay, name='pay $1,200 in $5 notes'))\nmoney",
+    "%sitq status",
+    "while not os.path.exists('gate'):\n    time.sleep(0.05)\nh.result(120), money.result(60)",
+]
+FRONTENDS = {  # id: (server app, theme)
+    "lab-light": ("jupyterlab", None),
+    "lab-dark": ("jupyterlab", "JupyterLab Dark"),
+    "notebook7": ("notebook", None),
+}
+
+
+@pytest.fixture(scope="module", params=list(FRONTENDS))
+def frontend(request, tmp_path_factory):
+    import nbformat
+
+    app, theme = FRONTENDS[request.param]
+    root = tmp_path_factory.mktemp(f"{request.param}-root")
+    nbformat.write(new_notebook(*ROUND_TWO), root / "two.ipynb")
+    with jupyter_lab(root, log_path=root / "jupyter.log", theme=theme, app=app) as (base, token):
+        yield request.param, app, base, token, root
+
+
+def test_output_streams_tracebacks_name_cells_and_dollars_stay_dollars(frontend, tmp_path):
+    name, app, base, token, root = frontend
+    shots = os.environ.get("SITQ_SCREENSHOTS")  # a folder: the docs' pictures come from here
+    with chromium_page(width=1100, height=1200) as page:
+        open_notebook(page, base, token, "two.ipynb", app=app)
+        run_all(page)
+
+        # the chatty task's widget shows what it printed while it is still running (it waits for the gate)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.sitq-task-widget .sitq-live-output')]"
+            ".some(e => e.innerText.includes('line 2 of the output'))", timeout=60_000)
+        live = page.locator(".sitq-task-widget:has(.sitq-live-output)").first
+        assert "running" in live.inner_text() and live.locator(".sitq-result").count() == 0
+        assert not (root / "gate").exists()
+        if shots and name == "lab-light":
+            live.screenshot(path=os.path.join(shots, "notebook-live-output.png"))
+
+        # the failure's traceback names the cell that defined the function, as IPython does
+        # (in its widget, or as plain HTML if it had failed already when its cell showed it)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.jp-OutputArea pre.sitq-traceback')]"
+            ".some(e => e.innerText.includes('is too much'))", timeout=60_000)
+        traceback = page.locator(".sitq-result:has(pre.sitq-traceback)").first
+        text = traceback.inner_text()
+        assert "Cell In[2], line 11, in check" in text and "ipykernel_" not in text, text
+        if shots and name == "lab-light":
+            traceback.screenshot(path=os.path.join(shots, "notebook-traceback.png"))
+
+        # "$1,200 in $5" is text, not mathematics, in the task's widget and on the board
+        page.wait_for_function(
+            "() => document.querySelector('.sitq-board-table') &&"
+            " document.querySelector('.sitq-board-table').innerText.includes('pay $1,200 in $5 notes')",
+            timeout=60_000)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.sitq-result pre.sitq-value')]"
+            ".some(e => e.innerText.includes('paid $1,200 in $5 notes'))", timeout=60_000)
+        assert "pay $1,200 in $5 notes" in page.locator(".sitq-result:has(pre.sitq-value)").last.inner_text()
+        assert page.locator(".jp-Notebook mjx-container, .jp-Notebook .MathJax").count() == 0
+
+        (root / "gate").touch()  # now the chatty task may end: its widget becomes its result, with all its output
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.sitq-task-widget .sitq-result[data-state=success]')]"
+            ".some(e => e.innerText.includes('after the gate') && e.innerText.includes('line 0 of the output'))",
+            timeout=60_000)
+        assert page.locator(".sitq-task-widget .sitq-live-output").count() == 0
+        page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
+        if shots and name == "lab-dark":
+            page.locator(".sitq-board").first.screenshot(path=os.path.join(shots, "notebook-board-dark.png"))
+    print(f"\nscreenshot: {tmp_path / f'{name}.png'}")

@@ -105,7 +105,7 @@ def test_results_draw_as_html_once_the_notebook_layer_is_imported(tmp_path):
     ), tmp_path)
     before, after = (cell.outputs[0].data for cell in nb.cells)
     assert "text/html" not in before and before["text/plain"].startswith("<Result abc123 crunch failed")
-    assert 'class="sitq-result"' in after["text/html"] and "ValueError: bad" in visible_text(after["text/html"])
+    assert 'class="sitq-result ' in after["text/html"] and "ValueError: bad" in visible_text(after["text/html"])
 
 
 def test_kernel_shutdown_lets_the_running_task_finish(tmp_path):
@@ -147,3 +147,71 @@ def test_processes_run_notebook_functions_side_by_side(tmp_path):
     remote = outputs_text(nb.cells[3])
     assert "raise KeyError('from a process')" in remote and "in crash" in remote
     assert nb.cells[4].outputs[0].data["text/plain"] == "'meet'"
+
+
+@pytest.mark.parametrize("mode", ["", "--processes 1"])
+def test_interrupting_a_cell_that_waits_leaves_the_tasks_and_the_worker_running(tmp_path, mode):
+    """Interrupt (as the frontend's stop button does) while a cell blocks in handle.result():
+    the cell ends at once with KeyboardInterrupt; the task goes on, and so does the worker."""
+    import time
+
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(tmp_path))
+    try:
+        def run(code, timeout=60):
+            reply = kc.execute_interactive(code, timeout=timeout, output_hook=lambda msg: None)
+            return reply["content"]
+
+        assert run(f"import os, sitq, time\n%load_ext sitq\n%sitq start {mode}\n"
+                   "def slow(gate):\n    while not os.path.exists(gate):\n        time.sleep(0.01)\n"
+                   "    return 'finished'\n"
+                   f"h = sitq.notebook.submit(slow, {str(tmp_path / 'gate')!r})")["status"] == "ok"
+        msg_id = kc.execute("h.result()")
+        time.sleep(1.0)  # the cell is blocked in result() by now
+        started = time.monotonic()
+        km.interrupt_kernel()
+        while True:
+            reply = kc.get_shell_msg(timeout=30)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                break
+        interrupted_after = time.monotonic() - started
+        assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+        assert interrupted_after < 5, interrupted_after
+        # asked in the reply itself (user_expressions), not in output that may trail it
+        status = kc.execute_interactive("", timeout=30, user_expressions={"s": "str(h.status)"},
+                                        output_hook=lambda msg: None)
+        assert status["content"]["status"] == "ok", status["content"]
+        assert status["content"]["user_expressions"]["s"]["data"]["text/plain"] == "'running'", status["content"]
+        (tmp_path / "gate").touch()
+        status = kc.execute_interactive("", timeout=60, output_hook=lambda msg: None, user_expressions={
+            "s": "(h.result(30), sitq.notebook.submit(divmod, 7, 2).result(30))"})
+        assert status["content"]["user_expressions"]["s"]["data"]["text/plain"] == "('finished', (3, 1))", status
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_tracebacks_point_at_cells_and_output_streams_in_a_kernel(tmp_path):
+    nb = execute(new_notebook(
+        "import sitq\n%load_ext sitq\n%sitq start --processes 1",
+        "def check(x):\n    if x > 1:\n        raise ValueError(f'{x} is too big')\n    return x",
+        "bad = sitq.notebook.submit(check, 5)\ntry:\n    bad.result(60)\nexcept sitq.TaskFailedError as e:\n"
+        "    print(e)",
+        "%sitq result {bad.task_id}",
+        "import os, time\n"
+        "def chatty(gate):\n    for i in range(3):\n        print('step', i)\n"
+        "    while not os.path.exists(gate):\n        time.sleep(0.01)\n    return 'ok'\n"
+        f"h = sitq.notebook.submit(chatty, {str(tmp_path / 'gate')!r})\nh",
+        "deadline = time.monotonic() + 30\n"
+        "while 'step 2' not in h._widget.output.value:\n    assert time.monotonic() < deadline\n"
+        "    time.sleep(0.02)\n"
+        f"print(h.status, 'step 2' in h.output())\nopen({str(tmp_path / 'gate')!r}, 'w').close()\nh.result(30)",
+    ), tmp_path)
+    cells = nb.cells
+    printed = outputs_text(cells[2])
+    assert "Cell In[2], line 3, in check\n    raise ValueError(f'{x} is too big')" in printed, printed
+    assert "ipykernel_" not in printed and "sitq/" not in printed and "direct cause" not in printed
+    shown = outputs_text(cells[3])
+    assert "Cell In[2], line 3, in check" in shown and "ValueError: 5 is too big" in shown
+    assert outputs_text(cells[5]).startswith("running True")

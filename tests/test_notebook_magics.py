@@ -114,7 +114,7 @@ def test_failed_task_shows_its_highlighted_remote_traceback(ip):
     data = display_of(handle)
     assert data["text/plain"] == repr(handle) and "\n" not in data["text/plain"]
     html = data["text/html"]
-    assert 'class="sitq-traceback"' in html and "<span style=\"color:" in html
+    assert 'class="sitq-traceback ' in html and "<span style=\"color:" in html
     text = visible_text(html)
     assert "in boom" in text and "return 1 / 0" in text  # the cell's own lines
     assert "ZeroDivisionError: division by zero" in text
@@ -202,7 +202,7 @@ def test_records_render_as_html_once_the_extension_is_loaded(ip):
     info_html = display_of(handle.info())["text/html"]
     assert "success" in visible_text(info_html) and "pow" in info_html
     overview = rt.run(rt.queue.overview(5))
-    assert 'class="sitq-table"' in display_of(overview)["text/html"]
+    assert 'class="sitq-table ' in display_of(overview)["text/html"]
     outcome = handle.outcome()
     assert display_of(outcome)["text/html"] == result_html(outcome)
 
@@ -237,15 +237,29 @@ def test_a_handle_outlives_its_worker(ip):
 
 def test_tracebacks_of_notebook_functions_name_their_cells(ip):
     rt = ip.run_line_magic("sitq", "start")
-    ip.run_cell("def parse(text):\n    return float(text)\n")
-    ip.run_cell("def total(items):\n    return sum(parse(i) for i in items)\n")
+    first = ip.execution_count
+    ip.run_cell("def parse(text):\n    return float(text)\n", store_history=True)
+    ip.run_cell("def total(items):\n    return sum(parse(i) for i in items)\n", store_history=True)
     handle = rt.enqueue(ip.user_ns["total"], ["1", "two"])
     with pytest.raises(sitq.TaskFailedError) as failure:
         handle.result(timeout=30)
     remote = failure.value.traceback
-    assert "<dynamic-code>" not in remote
-    assert remote.count("<ipython-input-") == 3  # total, its generator, parse
+    assert "<dynamic-code>" not in remote and "<ipython-input-" not in remote
+    frames = [line.strip() for line in remote.splitlines() if line.startswith("  Cell In[")]
+    assert frames == [f"Cell In[{first + 1}], line 2, in total", f"Cell In[{first + 1}], line 2, in <genexpr>",
+                      f"Cell In[{first}], line 2, in parse"], remote
     assert "return float(text)" in remote and "sitq/notebook" not in remote
+    assert remote.rstrip() in str(failure.value)  # TaskFailedError shows it as it is stored
+
+
+def test_cell_tasks_name_their_cell_and_its_lines(ip):
+    ip.run_line_magic("sitq", "start")
+    res = ip.run_cell("%%sitq -o h\nx = 1\ny = x / 0\n", store_history=True)
+    with pytest.raises(sitq.TaskFailedError) as failure:
+        ip.user_ns["h"].result(timeout=30)
+    remote = failure.value.traceback
+    assert f"  Cell In[{res.execution_count}], line 3, in <module>\n    y = x / 0\n" in remote, remote
+    assert "<sitq cell" not in remote and "sitq/notebook" not in remote
 
 
 def test_board_cancels_the_picked_running_task(ip):
@@ -276,3 +290,51 @@ def test_progress_from_a_process_reaches_the_task_row(ip, tmp_path):
     assert handle.info().progress_message == "in a process"
     (tmp_path / "gate").touch()
     assert handle.result(timeout=30) != os.getpid()
+
+
+PRINTER = """
+import asyncio, os, sys, time
+def printer(gate):
+    for i in range(3):
+        print("line", i)
+    print("to stderr", file=sys.stderr)
+    while not os.path.exists(gate):
+        time.sleep(0.01)
+    print("after the gate")
+    return "done"
+async def async_printer(gate):
+    for i in range(3):
+        print("line", i)
+    print("to stderr", file=sys.stderr)
+    while not os.path.exists(gate):
+        await asyncio.sleep(0.01)
+    print("after the gate")
+    return "done"
+"""
+
+
+@pytest.mark.parametrize("mode", ["thread", "coroutine", "cell", "process"])
+def test_what_a_task_prints_reaches_its_widget_while_it_runs(ip, tmp_path, mode):
+    from sitq.notebook.widgets import TaskWidget
+
+    rt = ip.run_line_magic("sitq", "start --processes 1" if mode == "process" else "start")
+    ip.run_cell(PRINTER)
+    gate = str(tmp_path / "gate")
+    ip.user_ns["gate"] = gate
+    if mode == "cell":
+        handle = ip.run_cell("%%sitq\nfor i in range(3):\n    print('line', i)\nimport os, sys, time\n"
+                             "print('to stderr', file=sys.stderr)\nwhile not os.path.exists(gate):\n"
+                             "    time.sleep(0.01)\nprint('after the gate')\n'done'").result
+    else:
+        handle = rt.enqueue(ip.user_ns["async_printer" if mode == "coroutine" else "printer"], gate)
+    widget = TaskWidget(handle.task_id)
+    rt.refresher.add_task(widget)
+    wait_until(lambda: "to stderr" in visible_text(widget.output.value))
+    assert handle.status == "running" and not widget.finished
+    assert "line 0\nline 1\nline 2\nto stderr" in visible_text(widget.output.value)
+    assert handle.output() == "line 0\nline 1\nline 2\nto stderr\n"
+    (tmp_path / "gate").touch()
+    assert handle.result(timeout=30) == "done"
+    wait_until(lambda: widget.finished)
+    assert widget.output.value == "" and "after the gate" in visible_text(widget.body.value)
+    assert handle.output() == "line 0\nline 1\nline 2\nto stderr\nafter the gate\n"  # all of it, stored

@@ -5,6 +5,7 @@ never needs IPython."""
 import datetime as dt
 import linecache
 import pickle
+import re
 import subprocess
 import sys
 import threading
@@ -116,7 +117,7 @@ def test_success_result_shows_state_timings_value_and_output():
 
 def test_failed_result_shows_a_highlighted_traceback():
     html = result_html(result(status="failed", tb=remote_traceback()))
-    assert 'pre class="sitq-traceback"' in html and "line-height: normal" in html
+    assert 'pre class="sitq-traceback ' in html and "line-height: normal" in html
     assert 'color: #d9534f' in html  # the exception line is coloured
     assert "background-color" not in html  # transparent: readable on light and dark themes
     text = visible_text(html)
@@ -196,7 +197,7 @@ def test_task_widget_moves_from_a_background_thread_then_shows_the_result():
 def test_failed_task_widget_shows_the_traceback():
     w = widgets.TaskWidget("abc123")
     w.finish(result(status="failed", tb=remote_traceback()))
-    assert 'class="sitq-traceback"' in w.body.value and w.bar.bar_style == "danger"
+    assert 'class="sitq-traceback ' in w.body.value and w.bar.bar_style == "danger"
 
 
 def test_board_keeps_the_picked_task_while_rows_change():
@@ -267,3 +268,50 @@ def test_long_output_keeps_its_end_and_long_tracebacks_both_ends():
     text = visible_text(traceback_html(deep))
     assert "lines not shown" in text and text.count("in f") < 500
     assert text.startswith("Traceback") and "RecursionError" in text
+
+
+def test_every_view_keeps_mathjax_away_from_dollars():
+    """JupyterLab typesets HTML outputs: "$1,200 ... $5" would come out as mathematics."""
+    from sitq.notebook.render import NO_MATH, counts_html, live_output_html, output_html, table_html
+
+    money = task_row(info(status="failed", error="ValueError: $5 short", message="$1,200 of $5", name="pay $1,200"))
+    paid = result(value="$5", output="paid $1,200\nleft $5\n", name="pay $1,200")
+    failed = result(status="failed", tb="Traceback (most recent call last):\nValueError: $5 short\n",
+                    name="pay $1,200")
+    views = {
+        "task": task_html(money), "board": board_html({"failed": 1}, [money]),
+        "counts": counts_html({"failed": 1}), "table": table_html([money]),
+        "result": result_html(paid), "failure": result_html(failed),
+        "traceback": traceback_html(failed.traceback), "live output": live_output_html("paid $1,200"),
+        "output": output_html("paid $1,200"),
+    }
+    for name, html in views.items():
+        outer = re.match(r'\s*<(\w+)[^>]*class="([^"]*)"', html)
+        assert outer and set(NO_MATH.split()) <= set(outer[2].split()), (name, html[:200])
+        if name != "counts":
+            assert "$" in visible_text(html), name  # still there, as a dollar
+
+
+def test_live_output_shows_the_last_lines_escaped():
+    from sitq.notebook.render import LIVE_LINES, live_output_html
+
+    text = "\n".join(f"line {i} <b>" for i in range(100))
+    html = live_output_html(text)
+    shown = visible_text(html)
+    assert f"last {LIVE_LINES} lines" in shown
+    assert "line 99 <b>" in shown and "line 79 <b>" not in shown and f"line {100 - LIVE_LINES} <b>" in shown
+    assert "<b>" not in html.replace("<b>line", "")  # escaped
+    assert "last" not in visible_text(live_output_html("one\ntwo"))
+
+
+def test_task_widget_shows_output_while_running_and_the_result_after():
+    from sitq.notebook import widgets
+
+    w = widgets.TaskWidget("abc123", "crunch")
+    w.show(task_row(info(status="running")))
+    w.show_output("step 1\nstep 2")
+    assert "step 2" in visible_text(w.output.value)
+    w.finish(result(value=1, output="step 1\nstep 2\nstep 3\n"))
+    assert w.output.value == "" and "step 3" in visible_text(w.body.value)
+    w.show_output("late")
+    assert w.output.value == ""

@@ -15,11 +15,12 @@ display formatter: the core knows nothing of notebooks and draws nothing.
 
 from __future__ import annotations
 
-import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from sitq.notebook.cells import cell_label, running_shell
 from sitq.notebook.handle import TaskHandle
 from sitq.notebook.runtime import Runtime, board, current, start_worker, stop_worker, submit, task
+from sitq.serialization import set_code_labeller
 
 if TYPE_CHECKING:  # IPython loads with the magics, not with this package
     from IPython.core.interactiveshell import InteractiveShell
@@ -68,14 +69,11 @@ def unload_ipython_extension(ipython: InteractiveShell) -> None:
         ipython.magics_manager.magics[kind].pop("sitq", None)
 
 
-def _running_shell() -> Any:
-    """The IPython shell this code runs in, if any; IPython is not imported to find out."""
-    ipython = sys.modules.get("IPython")
-    get_ipython = getattr(ipython, "get_ipython", None)
-    return get_ipython() if get_ipython is not None else None
+# Functions defined in cells are pickled with the cell they came from, so their remote
+# tracebacks read "Cell In[7], line 5" as IPython's own do, wherever the task runs.
+set_code_labeller(cell_label)
 
-
-_shell = _running_shell()
+_shell = running_shell()
 if _shell is not None:  # `import sitq.notebook` in a notebook: its records draw as HTML at once
     _register_displays(_shell)
 del _shell

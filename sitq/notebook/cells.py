@@ -13,10 +13,13 @@ import asyncio
 import builtins
 import linecache
 import re
+import sys
 from collections.abc import Awaitable, Mapping
 from typing import Any, TypeVar
 
-__all__ = ["CellTask", "names_read"]
+from sitq.serialization import CODE_LABELS
+
+__all__ = ["CellTask", "cell_label", "names_read", "running_shell"]
 
 T = TypeVar("T")
 
@@ -29,11 +32,17 @@ class CellTask:
     """A picklable callable that runs a cell body in a fresh namespace.
 
     The board shows it by ``name``, or as ``cell:`` and the body's first line.
+    ``label`` (``"Cell In[23]"``) is how its tracebacks name it, and ``header``
+    the line above the body (the ``%%sitq`` line): line numbers count it, so a
+    traceback points at the line of the cell as the notebook shows it.
     """
 
-    def __init__(self, source: str, filename: str, name: str | None = None) -> None:
+    def __init__(self, source: str, filename: str, name: str | None = None, *,
+                 label: str | None = None, header: str | None = None) -> None:
         self.source = source
         self.filename = filename
+        self.label = label
+        self.header = header
         ast.parse(source, filename)  # a syntax error surfaces when the cell runs, not later
         first = next((line.strip() for line in source.splitlines() if line.strip()), "")
         # describe_callable() reads these, so the board names the cell by its first line
@@ -45,18 +54,40 @@ class CellTask:
 
     def __call__(self, namespace: Mapping[str, Any]) -> Any:
         __tracebackhide__ = True  # noqa: F841 - remote tracebacks start at the cell's code
-        # Register the source so tracebacks show the cell's lines in this process.
-        lines = self.source.splitlines(keepends=True)
-        linecache.cache[self.filename] = (len(self.source), None, lines, self.filename)
+        # Register the source so tracebacks show the cell's lines in this process, by its label.
+        header = getattr(self, "header", None)  # (cell tasks pickled by an older sitq have neither)
+        text = self.source if header is None else header.rstrip("\n") + "\n" + self.source
+        lines = text.splitlines(keepends=True)
+        linecache.cache[self.filename] = (len(text), None, lines, self.filename)
+        label = getattr(self, "label", None)
+        if label:
+            CODE_LABELS[self.filename] = label
         scope = dict(namespace)
         scope.setdefault("__builtins__", builtins)
         scope.setdefault("__name__", "__main__")
         tree = _with_result(ast.parse(self.source, self.filename))
+        if header is not None:
+            ast.increment_lineno(tree, 1)
         code = compile(tree, self.filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
         pending = eval(code, scope)  # a coroutine when the body awaits, else None
         if pending is not None:
             asyncio.run(_awaited(pending))  # runs on this worker thread's own loop
         return scope.get(_RESULT)
+
+
+def running_shell() -> Any:
+    """The IPython shell this code runs in, if any; IPython is not imported to find out."""
+    ipython = sys.modules.get("IPython")
+    get_ipython = getattr(ipython, "get_ipython", None)
+    return get_ipython() if get_ipython is not None else None
+
+
+def cell_label(filename: str) -> str | None:
+    """IPython's name for the cell a code file came from (``Cell In[7]``), or None."""
+    shell = running_shell()
+    name_of = getattr(getattr(shell, "compile", None), "format_code_name", None)
+    named = name_of(filename) if name_of is not None else None
+    return f"{named[0]} {named[1]}" if named else None
 
 
 def names_read(source: str) -> set[str]:

@@ -45,6 +45,8 @@ class _Runtime(Protocol):
 
     def cancel(self, task_id: str) -> Any: ...
 
+    def output(self, task_id: str) -> str | None: ...
+
     def successor(self) -> _Runtime | None: ...
 
 
@@ -95,6 +97,11 @@ class TaskHandle:
     def cancel(self) -> Any:
         """Cancel the task if it has not finished (needs a sitq that can cancel)."""
         return self.runtime.cancel(self.task_id)
+
+    def output(self) -> str | None:
+        """What the task printed: what it printed so far while the kernel's worker runs it,
+        all of it (up to sitq's limit of a million characters) once it has ended; None if nothing."""
+        return self.runtime.output(self.task_id)
 
     # -- results ---------------------------------------------------------------
 

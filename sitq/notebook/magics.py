@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import sys
+import types
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -12,7 +14,7 @@ from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_ar
 
 from sitq.errors import SitqError
 from sitq.notebook import runtime
-from sitq.notebook.cells import CellTask, names_read
+from sitq.notebook.cells import CellTask, cell_label, names_read
 from sitq.notebook.handle import TaskHandle
 
 __all__ = ["SitqMagics"]
@@ -22,9 +24,11 @@ __all__ = ["SitqMagics"]
 @argument("path", nargs="?", default=None,
           help="the store: a SQLite file path, sqlite:///path or postgresql://... "
                f"(default: {runtime.DEFAULT_PATH} in the working folder)")
-@argument("--concurrency", "-c", type=int, default=None, help="tasks run at once (default 4)")
+@argument("--concurrency", "-c", type=int, default=None,
+          help="tasks run at once (default 4; with --processes, one per process)")
 @argument("--processes", "-p", type=int, default=None,
-          help="run task functions in N processes, for CPU-bound work")
+          help="run every task in one of N processes, N at a time, for CPU-bound work "
+               "(they start in the background)")
 def _start(args: argparse.Namespace) -> None:
     """Start the background worker in this kernel (again: does nothing)."""
 
@@ -72,7 +76,7 @@ class SitqMagics(Magics):
     @line_cell_magic
     def sitq(self, line: str, cell: str | None = None) -> object:
         if cell is not None:
-            return self._run_cell(_parse(_CELL_PARSER, line), cell)
+            return self._run_cell(_parse(_CELL_PARSER, line), cell, line)
         command, _, rest = line.strip().partition(" ")
         if command not in _COMMANDS:
             raise UsageError(f"%sitq: unknown command {command!r}; use one of "
@@ -110,7 +114,7 @@ class SitqMagics(Magics):
             raise UsageError(f"%sitq cancel: no task with id {args.task_id!r} in {rt.path}")
         print(f"sitq: task {args.task_id} {_CANCELLED.get(outcome, outcome)}")
 
-    def _run_cell(self, args: argparse.Namespace, body: str) -> TaskHandle:
+    def _run_cell(self, args: argparse.Namespace, body: str, line: str = "") -> TaskHandle:
         if not body.strip():
             raise UsageError("%%sitq: the cell is empty; put the code to run below the %%sitq line")
         try:
@@ -124,7 +128,9 @@ class SitqMagics(Magics):
         assert shell is not None  # IPython registers magics with the shell they run in
         user_ns = shell.user_ns
         namespace = {name: user_ns[name] for name in names if name in user_ns}
-        task = CellTask(body, f"<sitq cell {shell.execution_count}>", args.name)
+        label = _calling_cell() or f"Cell In[{shell.execution_count}]"
+        header = f"%%sitq {line}".rstrip()
+        task = CellTask(body, f"<sitq {label}>", args.name, label=label, header=header)
         eta = dt.timedelta(seconds=args.delay) if args.delay else None
         try:
             handle = rt.enqueue(task, namespace, eta=eta)
@@ -141,6 +147,19 @@ _CANCELLED = {
                  "a function's result will be discarded)",
     "finished": "had already finished; nothing changed",
 }
+
+
+def _calling_cell() -> str | None:
+    """IPython's name for the cell running this magic (``Cell In[23]``): the first frame up the
+    stack whose code a cell compiled. (The shell's ``execution_count`` has already moved on
+    to the next cell by the time a cell that stores history runs.)"""
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        label = cell_label(frame.f_code.co_filename)
+        if label:
+            return label
+        frame = frame.f_back
+    return None
 
 
 def _parse(parser: MagicArgumentParser, argstring: str) -> argparse.Namespace:

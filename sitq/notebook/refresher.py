@@ -41,10 +41,18 @@ class Refresher:
     """Redraws live views on the runtime's loop: task widgets until their task
     ends, boards for as long as the runtime runs. It wakes on every change the
     store reports and at least every ``REFRESH_INTERVAL`` seconds, so elapsed
-    times move too; a view's traits only send messages when a value changes."""
+    times move too; a view's traits only send messages when a value changes.
 
-    def __init__(self, queue: TaskQueue, loop: LoopThread) -> None:
+    ``output_of(task_id)`` is what a running task has printed so far, or None
+    (the kernel's worker knows it for the tasks it runs; a worker elsewhere
+    stores output only when the task ends): task widgets show its last lines
+    while the task runs, at most every ``REFRESH_INTERVAL`` seconds.
+    """
+
+    def __init__(self, queue: TaskQueue, loop: LoopThread,
+                 output_of: Callable[[str], str | None] | None = None) -> None:
         self.queue = queue
+        self._output_of = output_of
         self.tasks: dict[str, list[TaskWidget]] = {}
         self.boards: list[_Board] = []
         self._loop = loop
@@ -100,8 +108,11 @@ class Refresher:
                 if info is None:
                     continue  # not visible yet to this connection; try again next time
                 row = task_row(info)
+                output = self._output_of(task_id) if self._output_of is not None and not info.finished else None
                 for widget in widgets:
                     widget.show(row)
+                    if output is not None:
+                        widget.show_output(output)
                 if info.finished:
                     result = await self.queue.get_result(task_id, 0)
                     for widget in widgets:

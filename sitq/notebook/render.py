@@ -3,7 +3,10 @@
 Only the standard library and rich (a core dependency) are imported here, so
 views draw without IPython or widgets; ``sitq.notebook`` registers them with
 IPython's display formatter (the core's records draw nothing by themselves).
-Every user string is escaped. Colours come from JupyterLab's CSS variables
+Every user string is escaped, and every view carries the classes that keep
+MathJax away (``mathjax_ignore``, and ``tex2jax_ignore`` for older MathJax):
+JupyterLab typesets HTML outputs, and would turn ``"$1,200 ... $5"`` in a
+name or a value into mathematics. Colours come from JupyterLab's CSS variables
 with fallbacks, and the traceback palette is mid-tone on a transparent
 background, so light and dark themes both read well.
 """
@@ -32,6 +35,8 @@ __all__ = [
     "result_html",
     "traceback_html",
     "output_html",
+    "live_output_html",
+    "NO_MATH",
 ]
 
 STATE_COLOURS = {
@@ -51,6 +56,8 @@ _PRE = (
     f" padding: 4px 6px; border-left: 3px solid {{colour}}; background: transparent;"
 )
 MAX_OUTPUT_CHARS = 20_000  # what a result shows of a task's output
+LIVE_LINES = 20  # what a running task's widget shows of its output so far
+NO_MATH = "mathjax_ignore tex2jax_ignore"  # on every view's outermost element: a $ is a dollar
 MAX_TRACEBACK_LINES = 400
 e = html.escape
 
@@ -81,7 +88,7 @@ def task_html(row: TaskRow) -> str:
             bits.append(f'<span style="{_MUTED}">{e(extra)}</span>')
     if row.attempts > 1:
         bits.append(f'<span style="{_MUTED}">attempt {row.attempts}</span>')
-    return f'<span class="sitq-task" style="{_FONT}">{" ".join(bits)}</span>'
+    return f'<span class="sitq-task {NO_MATH}" style="{_FONT}">{" ".join(bits)}</span>'
 
 
 def counts_html(counts: Mapping[str, int]) -> str:
@@ -90,7 +97,7 @@ def counts_html(counts: Mapping[str, int]) -> str:
         n = int(counts.get(status, 0))
         pills.append(f'<span class="sitq-count" data-state="{status}" style="margin-right: 1em;">'
                      f'{state_badge(status)} <b class="sitq-n">{n}</b></span>')
-    return f'<div class="sitq-counts" style="{_FONT} margin: 2px 0 6px 0;">{" ".join(pills)}</div>'
+    return f'<div class="sitq-counts {NO_MATH}" style="{_FONT} margin: 2px 0 6px 0;">{" ".join(pills)}</div>'
 
 
 def table_html(rows: Iterable[TaskRow]) -> str:
@@ -107,7 +114,7 @@ def table_html(rows: Iterable[TaskRow]) -> str:
             f"<td {cell}>{e(row.timing_text)}</td><td {cell}>{_progress_cell(row)}</td></tr>")
     if not body:
         body.append(f'<tr><td colspan="6" {cell}><i style="{_MUTED}">no tasks yet</i></td></tr>')
-    return (f'<table class="sitq-table" style="{_FONT} border-collapse: collapse;">'
+    return (f'<table class="sitq-table {NO_MATH}" style="{_FONT} border-collapse: collapse;">'
             f'<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
 
 
@@ -120,7 +127,7 @@ def _progress_cell(row: TaskRow) -> str:
 
 def board_html(counts: Mapping[str, int], rows: Iterable[TaskRow]) -> str:
     """A still picture of the board: counts per state and recent tasks."""
-    return f'<div class="sitq-board-view">{counts_html(counts)}{table_html(rows)}</div>'
+    return f'<div class="sitq-board-view {NO_MATH}">{counts_html(counts)}{table_html(rows)}</div>'
 
 
 def result_html(result: Any, deserialize: Callable[[Any], Any] | None = None) -> str:
@@ -151,7 +158,7 @@ def result_html(result: Any, deserialize: Callable[[Any], Any] | None = None) ->
                      f"{e(result.error)}</pre>")
     if result.output:
         parts.append(output_html(result.output))
-    return f'<div class="sitq-result" data-state="{e(row.status)}">{"".join(parts)}</div>'
+    return f'<div class="sitq-result {NO_MATH}" data-state="{e(row.status)}">{"".join(parts)}</div>'
 
 
 def output_html(text: str) -> str:
@@ -161,8 +168,19 @@ def output_html(text: str) -> str:
         label = (f"output, last {MAX_OUTPUT_CHARS:,} of {len(text):,} characters "
                  "(the result's .output has all)")
         text = text[-MAX_OUTPUT_CHARS:]
-    return (f'<div class="sitq-output-label" style="{_FONT} {_MUTED}">{label}</div>'
+    return (f'<div class="sitq-output-label {NO_MATH}" style="{_FONT} {_MUTED}">{label}</div>'
             f'<pre class="sitq-output" style="{_PRE.format(colour=_BORDER)}">{e(text)}</pre>')
+
+
+def live_output_html(text: str, lines: int = LIVE_LINES) -> str:
+    """What a running task has printed so far: its last ``lines`` lines (the result shows it all)."""
+    kept = text.splitlines()
+    label = "output so far"
+    if len(kept) > lines:
+        label = f"output so far, last {lines} lines"
+        kept = kept[-lines:]
+    return (f'<div class="sitq-live-output {NO_MATH}"><div style="{_FONT} {_MUTED}">{label}</div>'
+            f'<pre style="{_PRE.format(colour=STATE_COLOURS["running"])}">{e(chr(10).join(kept))}</pre></div>')
 
 
 def traceback_html(traceback: str, width: int = 100) -> str:
@@ -185,7 +203,7 @@ def traceback_html(traceback: str, width: int = 100) -> str:
     # line-height: normal as in rich's own Jupyter format, or lines show gaps
     pre = _PRE.format(colour=STATE_COLOURS["failed"]).replace("{", "{{").replace("}", "}}")
     return console.export_html(inline_styles=True, code_format=(
-        f'<pre class="sitq-traceback" style="{pre}">{{code}}</pre>'))
+        f'<pre class="sitq-traceback {NO_MATH}" style="{pre}">{{code}}</pre>'))
 
 
 _THEME: SyntaxTheme | None = None

@@ -32,8 +32,7 @@ from sitq.serialization import describe_callable
 from sitq.sync import LoopThread
 from sitq.worker import Worker
 
-if TYPE_CHECKING:  # both load when first used: a process pool or a board is asked for
-    from sitq.notebook.processes import ProcessPool
+if TYPE_CHECKING:  # loads when a board is first asked for
     from sitq.notebook.widgets import BoardWidget
 
 __all__ = ["Runtime", "start_worker", "stop_worker", "current", "submit", "task", "board",
@@ -53,8 +52,9 @@ class Runtime:
     and the refresher that keeps task widgets and boards live.
 
     ``concurrency`` tasks run at once (threads for plain functions, the loop for
-    coroutines). With ``processes=N`` the functions submitted from the notebook
-    run in a pool of N processes instead, so N CPU-bound tasks use N cores.
+    coroutines; 4 by default). With ``processes=N`` every task runs in one of N
+    processes instead, N at a time, so N CPU-bound tasks use N cores; the
+    processes start in the background when the runtime starts.
     """
 
     def __init__(self, path: str | os.PathLike[str] = DEFAULT_PATH, concurrency: int | None = None,
@@ -62,13 +62,13 @@ class Runtime:
         self.backend = open_backend(path)
         self.path: str = getattr(self.backend, "path", None) or describe_target(path)
         self.processes = processes or 0
-        self.concurrency = concurrency or max(self.processes, 4)
+        self.worker = Worker(self.backend, max_concurrency=concurrency or (None if processes else 4),
+                             processes=processes, poll_interval=poll_interval, name="notebook",
+                             capture_output=True)
+        self.concurrency = self.worker.max_concurrency
         self.loop = LoopThread(name="sitq-notebook")
         self.queue = TaskQueue(self.backend)
-        self.worker = Worker(self.backend, max_concurrency=self.concurrency,
-                             poll_interval=poll_interval, name="notebook", capture_output=True)
-        self.pool: ProcessPool | None = None
-        self.refresher = Refresher(self.queue, self.loop)
+        self.refresher = Refresher(self.queue, self.loop, self._live_output)
         self.stopped = False
         self._tasks: list[concurrent.futures.Future[None]] = []
 
@@ -87,9 +87,6 @@ class Runtime:
 
     def start(self) -> None:
         self.loop.run(self.backend.connect())  # a bad path fails here, in the user's cell
-        if self.processes:
-            from sitq.notebook.processes import ProcessPool
-            self.pool = ProcessPool(self.processes)
         # The worker's task inherits this cell's context, so anything it prints
         # outside a task stays in the cell that started it. The refresher starts
         # in an empty context: ipykernel then sends its widget updates with the
@@ -119,13 +116,23 @@ class Runtime:
             except Exception:
                 log.warning("sitq: could not draw the final state of the notebook views",
                             exc_info=True)
-            if self.pool is not None:
-                self.pool.shutdown()
-                self.pool = None
             try:
                 self.loop.run(self.queue.close(), timeout=5)
             finally:
                 self.loop.stop()
+
+    def _live_output(self, task_id: str) -> str | None:
+        from sitq.notebook.render import LIVE_LINES
+
+        return self.worker.live_output(task_id, max_chars=LIVE_LINES * 200)
+
+    def output(self, task_id: str) -> str | None:
+        """What the task printed: so far, while this kernel's worker runs it; all of it once it ended."""
+        live = self.worker.live_output(task_id)
+        if live is not None:
+            return live
+        result = self.run(self.queue.get_result(task_id, 0))
+        return result.output if result is not None else None
 
     def successor(self) -> Runtime | None:
         """The kernel's runtime on this runtime's store, for handles made before it was stopped."""
@@ -138,9 +145,6 @@ class Runtime:
 
     def enqueue(self, func: Callable[..., Any], /, *args: Any, eta: Any = None, **kwargs: Any) -> TaskHandle:
         """Store a call and return its :class:`TaskHandle`."""
-        if self.pool is not None:
-            from sitq.notebook.processes import InProcess
-            func = InProcess.around(func)
         task_id = self.run(self.queue.enqueue(func, *args, eta=eta, **kwargs))
         return TaskHandle(self, task_id, describe_callable(func))
 

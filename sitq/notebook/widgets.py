@@ -14,7 +14,7 @@ from typing import Any
 
 import ipywidgets as W
 
-from sitq.notebook.render import counts_html, result_html, table_html, task_html
+from sitq.notebook.render import counts_html, live_output_html, result_html, table_html, task_html
 from sitq.notebook.rows import TaskRow
 
 __all__ = ["TaskWidget", "BoardWidget"]
@@ -32,8 +32,10 @@ class TaskWidget:
         self.header = W.HTML(value=task_html(TaskRow(task_id, name, "pending")))
         self.bar = W.FloatProgress(value=0.0, min=0.0, max=1.0, bar_style="info",
                                    layout=W.Layout(display="none", width="24em"))
+        self.output = W.HTML(value="")
+        self.output.add_class("sitq-task-output")
         self.body = W.HTML(value="")
-        self.box = W.VBox([self.header, self.bar, self.body])
+        self.box = W.VBox([self.header, self.bar, self.output, self.body])
         self.box.add_class("sitq-task-widget")
 
     def show(self, row: TaskRow) -> None:
@@ -46,6 +48,11 @@ class TaskWidget:
             self.bar.layout.display = None
         self.bar.bar_style = _BAR_STYLE.get(row.status, "info")
 
+    def show_output(self, text: str) -> None:
+        """Draw what the running task has printed so far (its last lines)."""
+        if not self.finished:
+            self.output.value = live_output_html(text)
+
     def finish(self, result: Any, deserialize: Callable[[Any], Any] | None = None) -> None:
         """Replace the live view by the result (or traceback) and captured output;
         ``deserialize`` loads the value (the queue's ``deserialize_result``)."""
@@ -55,6 +62,7 @@ class TaskWidget:
             self.bar.value = 1.0
         self.header.value = ""
         self.header.layout.display = "none"
+        self.output.value = ""  # the result shows all of it
         self.body.value = result_html(result, deserialize)
         self.box.add_class(f"sitq-done-{result.status}")
 

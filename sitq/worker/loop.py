@@ -40,7 +40,7 @@ PRUNE_LIMIT = 20 * PRUNE_BATCH  # the most expired tasks one prune deletes; the 
 
 
 class Worker:
-    """Runs tasks from a backend, at most ``max_concurrency`` at a time.
+    """Runs tasks from a backend, at most ``max_concurrency`` at a time (default 1).
 
     ``backend`` is a store target: a file path, a ``sqlite:///`` or
     ``postgresql://`` URL, or a backend object (see :func:`sitq.open_backend`).
@@ -68,6 +68,15 @@ class Worker:
     and about once a second it enqueues the ticks of schedules that are due (exactly one
     worker of those sharing the store enqueues each tick).
 
+    With ``processes=N`` every task runs in one of N child processes that the
+    worker starts when it starts (fresh interpreters, not forks), one task per
+    process, N at a time: the worker claims a task only for a free process, so
+    ``max_concurrency`` is N and may be left out. Functions travel by value as
+    cloudpickle sends them, progress and output are relayed while a task runs,
+    a task that is timed out or cancelled has its process terminated and
+    replaced, and a process that dies fails only its own task (see
+    :mod:`sitq.worker.processes`).
+
     ``name`` begins the worker's id (``worker_id``, ``name:pid:random``, the
     host name by default), which the board, ``sitq status`` and the logs show.
     Progress that tasks report is stored about every ``progress_interval`` seconds.
@@ -85,7 +94,7 @@ class Worker:
     def __init__(
         self,
         backend: Target,
-        max_concurrency: int = 1,
+        max_concurrency: int | None = None,
         poll_interval: float = 1.0,
         serializer: Serializer | None = None,
         *,
@@ -97,14 +106,17 @@ class Worker:
         cancel_grace: float = 5.0,
         queues: Sequence[str] | None = None,
         prune_interval: float = PRUNE_INTERVAL,
+        processes: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        max_concurrency = _concurrency(max_concurrency, processes)
         _check_settings(max_concurrency, poll_interval=poll_interval, lease=lease,
                         progress_interval=progress_interval, cancel_grace=cancel_grace, prune_interval=prune_interval)
         self.queues = _check_queues(queues)
         self.prune_interval = float(prune_interval)
         self.backend = open_backend(backend)
         self.max_concurrency = max_concurrency
+        self.processes = processes or 0
         self.poll_interval = float(poll_interval)
         self.serializer = serializer or CloudpickleSerializer()
         self.lease = float(lease)
@@ -118,7 +130,8 @@ class Worker:
         self.failed = 0
         self._runner = Runner(
             self.worker_id, self._settled, serializer=self.serializer, signer=self._signer, clock=clock,
-            capture_output=capture_output, cancel_grace=self.cancel_grace,
+            capture_output=capture_output, cancel_grace=self.cancel_grace, processes=self.processes,
+            on_capacity=self._capacity,
         )
         self._side = _SideTasks(self)
         self._wakeup = _Wakeup(self.backend)
@@ -141,6 +154,19 @@ class Worker:
     def active(self) -> int:
         """How many tasks are claimed and not yet finished."""
         return len(self._runner.active)
+
+    def live_output(self, task_id: str, max_chars: int | None = None) -> str | None:
+        """What a task this worker is running has printed so far (its last ``max_chars``
+        characters, if given), or None if it printed nothing or does not run here.
+
+        For live views in the worker's own process (the notebook's widgets); a worker
+        elsewhere stores the output when the task ends. Safe to call from any thread.
+        """
+        running = self._runner.active.get(task_id)
+        output = running.output if running is not None else None
+        if output is None:
+            return None
+        return output.text() if max_chars is None else output.tail(max_chars)
 
     async def start(self) -> None:
         """Run tasks until :meth:`stop` is called.
@@ -209,12 +235,15 @@ class Worker:
                     self.worker_id, outcomes, free * self._runner.run_length(), now, now + self.lease, alone=alone,
                     queues=self.queues,
                 )
+                if (any(stored) or claimed) and backend.change_token == token + 1:
+                    token += 1  # only this write moved it: waking for our own change would find nothing new
                 self._count(outcomes, stored)
                 if claimed:
                     if claimed[0].lost:
                         self._suspect, self._side.suspects_waiting = claimed[0].task_id, False
                     self._runner.launch(claimed, free)
-            if not self._runner.active and not self._outcomes and (self._stopping or (until_empty and not claimed)):
+            drained = until_empty and free > 0 and not claimed  # it looked for work with room for it, and found none
+            if not self._runner.active and not self._outcomes and (self._stopping or drained):
                 if until_empty and not self._stopping and await backend.requeue_expired(self.clock()):
                     continue  # a dead worker's tasks are ready again
                 return
@@ -229,7 +258,11 @@ class Worker:
         suspects wait and tasks still run here, so that this worker empties and can take one."""
         if self._stopping or self._suspect is not None or (self._side.suspects_waiting and self._runner.active):
             return 0
-        return self.max_concurrency - self._runner.busy_slots
+        return self._runner.free_slots(self.max_concurrency)
+
+    def _capacity(self) -> None:
+        """A process became free (or started): claim for it."""
+        self._wakeup.signal()
 
     async def _idle_timeout(self) -> float:
         next_eta = await self.backend.next_eta(self.queues)
@@ -374,6 +407,20 @@ class _Wakeup:
                 timer.cancel()
             if token is not None:
                 self._backend.unwatch(fut)
+
+
+def _concurrency(max_concurrency: int | None, processes: int | None) -> int:
+    """Tasks at a time: one per process with ``processes``, else ``max_concurrency`` (default 1)."""
+    if processes is None:
+        return 1 if max_concurrency is None else max_concurrency
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise InvalidTaskError(f"processes must be a whole number >= 1, not {processes!r}")
+    if max_concurrency is not None and max_concurrency != processes:
+        raise InvalidTaskError(
+            f"with processes={processes} the worker runs one task per process, {processes} at a time; "
+            f"max_concurrency={max_concurrency!r} cannot be more or fewer: leave it out"
+        )
+    return processes
 
 
 def _check_settings(max_concurrency: int, **timings: float) -> None:

@@ -34,11 +34,9 @@ import logging
 import queue as thread_queue
 import threading
 import time
-import traceback
-import types
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sitq.core import ClaimedTask, Outcome, OutcomeKind
 from sitq.errors import SerializationError, TaskTimeoutError
@@ -47,6 +45,10 @@ from sitq.output import CapturedOutput
 from sitq.serialization import Serializer
 from sitq.signing import Signer
 from sitq.worker.capture import ProgressLog, mark_stopped, task_context
+from sitq.worker.failures import describe_exception, describe_failure
+
+if TYPE_CHECKING:
+    from sitq.worker.processes import ProcessPool
 
 __all__ = ["Recorder", "Runner"]
 
@@ -99,6 +101,7 @@ class _Run:
         self.unsettled = len(jobs)
         self.next = 0  # index of the next job to start
         self.lock = threading.Lock()
+        self.child: Any = None  # the process running it, with processes (see sitq.worker.processes)
         for job in jobs:
             job.run = self
 
@@ -143,6 +146,8 @@ class Runner:
         clock: Callable[[], float],
         capture_output: bool,
         cancel_grace: float,
+        processes: int = 0,
+        on_capacity: Callable[[], None] = lambda: None,
     ) -> None:
         self.worker_id = worker_id
         self.recorder = Recorder(serializer, signer, clock)
@@ -158,17 +163,33 @@ class Runner:
         self._loop_runs: set[asyncio.Task[None]] = set()
         self._average_run: float | None = None  # moving average of task run times, in seconds
         self._threads: _Threads | None = None
+        self._options: dict[bytes, TaskOptions] = {}  # with processes: each function's options, by its bytes
+        self.pool: ProcessPool | None = None
+        if processes:
+            from sitq.worker.processes import ProcessPool  # loaded only by workers that use processes
+
+            self.pool = ProcessPool(processes, self, serializer, capture_output, on_capacity)
 
     def open(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Run tasks on ``loop`` (the loop of the worker run that starts now)."""
+        """Run tasks on ``loop`` (the loop of the worker run that starts now); processes start now."""
         self._loop = loop
+        if self.pool is not None:
+            self.pool.open(loop)
 
     async def close(self) -> None:
-        """Cancel abandoned coroutines once more and let idle threads end (tasks still running go on)."""
+        """Cancel abandoned coroutines once more and let idle threads end (tasks still running go on);
+        end the processes."""
         await self._coroutines.cancel_abandoned()
         if self._threads is not None:
             self._threads.shutdown()
             self._threads = None
+        if self.pool is not None:
+            await self.pool.close()
+
+    def free_slots(self, max_concurrency: int) -> int:
+        """How many more runs can start now: free slots, and with processes, free processes."""
+        free = max_concurrency - self.busy_slots
+        return free if self.pool is None else min(free, self.pool.available())
 
     def run_length(self) -> int:
         """How many tasks one free slot claims: one, unless recent tasks were very short."""
@@ -198,6 +219,11 @@ class Runner:
         try:
             if self._signer is not None:
                 self._signer.verify_task(task.task_id, task.func, task.args, task.signature)
+            if self.pool is not None:  # its process unpickles the call; only the options are needed here
+                running.options = self._options_of(task.func)
+                if self.capture_output:
+                    running.output = CapturedOutput()
+                return running
             func, args, kwargs = self.serializer.loads_call(task.func, task.args)
             if isinstance(func, Task):
                 running.options, func = func.task_options, func.func
@@ -213,9 +239,43 @@ class Runner:
         running.context = task_context(running, running.output)
         return running
 
+    def _options_of(self, func: bytes) -> TaskOptions:
+        options = self._options.get(func)
+        if options is None:
+            loaded = self.serializer.loads(func)
+            options = loaded.task_options if isinstance(loaded, Task) else DEFAULT_OPTIONS
+            if len(self._options) >= 64:
+                self._options.clear()
+            self._options[func] = options
+        return options
+
+    # -- what the process pool reports (sitq.worker.processes.Owner) -------------
+
+    def finished(self, job: _Running, status: str, data: bytes | None, error: str | None, traceback: str | None,
+                 delay: float | None, elapsed: float) -> None:
+        self._timed(elapsed)
+        self._settle(job, self.recorder.remote(job, status, data, error, traceback, delay))
+
+    def died(self, job: _Running, error: BaseException) -> None:
+        self._settle(job, self.recorder.record(job, error, failed=True, skip_frames=0))
+
+    def arm_timeout(self, job: _Running) -> None:
+        self._arm_timeout(job)
+
+    def requeue(self, run: _Run, jobs: list[_Running]) -> None:
+        """Run ``jobs``, taken from ``run`` before they started (its process died), in a run of their own."""
+        run.unsettled -= len(jobs)
+        if run.unsettled == 0:
+            self.busy_slots -= 1
+        for job in jobs:
+            job.started = False
+        self._start_run(_Run(jobs))
+
     def _start_run(self, run: _Run) -> None:
         self.busy_slots += 1
-        if any(job.is_async for job in run.jobs):
+        if self.pool is not None:
+            self.pool.start_run(run)
+        elif any(job.is_async for job in run.jobs):
             run.on_loop = True
             task = self._loop.create_task(self._run_on_loop(run))
             self._loop_runs.add(task)  # owned: asyncio keeps only weak references to tasks
@@ -283,6 +343,10 @@ class Runner:
         if running.settled or running.stop_reason is not None:
             return
         mark_stopped(running, reason)
+        if self.pool is not None:  # terminate its process, or tell that process to skip it
+            self.pool.stop(running)
+            self._settle(running, self.recorder.stopped_outcome(running))
+            return
         if running.handle is not None:
             self._coroutines.cancel(running, self._loop)
             return
@@ -449,8 +513,8 @@ class Recorder:
             return self._unrecordable(running, exc)
 
     def _unrecordable(self, running: _Running, exc: BaseException) -> Outcome:
-        log.error("task %s: could not record its outcome: %s", running.task.task_id, _describe(exc))
-        error = f"SitqError: sitq could not record the outcome of this task: {_describe(exc)}"
+        log.error("task %s: could not record its outcome: %s", running.task.task_id, describe_exception(exc))
+        error = f"SitqError: sitq could not record the outcome of this task: {describe_exception(exc)}"
         try:
             return self.outcome(running, OutcomeKind.FAILED, error=error)
         except BaseException:
@@ -471,7 +535,7 @@ class Recorder:
             return self._failure(running, exc, skip_frames=0)
         except BaseException as exc:  # the value's __reduce__ or __repr__ raised something else
             error = SerializationError(
-                f"cannot pickle the return value, a {type(value).__name__}: {_describe(exc)}. "
+                f"cannot pickle the return value, a {type(value).__name__}: {describe_exception(exc)}. "
                 "Return plain data instead."
             )
             return self._failure(running, error, skip_frames=0)
@@ -479,18 +543,27 @@ class Recorder:
         return self.outcome(running, OutcomeKind.SUCCESS, value=data, value_signature=signature)
 
     def _failure(self, running: _Running, exc: BaseException, skip_frames: int = 1) -> Outcome:
-        tb = exc.__traceback__
-        for _ in range(skip_frames):  # drop sitq's own frame: the user's code comes first
-            if tb is not None:
-                tb = tb.tb_next
-        while tb is not None and tb.tb_next is not None and tb.tb_frame.f_locals.get("__tracebackhide__"):
-            tb = tb.tb_next  # wrappers (notebook cells, process runners) hide themselves, as in pytest
-        text = _format_traceback(exc, tb) if tb is not None else None
-        error = _describe(exc)
-        delay = running.options.retry_after(running.task.attempts, exc)
+        error, text = describe_failure(exc, skip_frames)
+        return self._failed(running, error, text, running.options.retry_after(running.task.attempts, exc))
+
+    def _failed(self, running: _Running, error: str | None, text: str | None, delay: float | None) -> Outcome:
         if delay is not None:
             return self.outcome(running, OutcomeKind.RETRY, error=error, traceback=text, retry_at=self.clock() + delay)
         return self.outcome(running, OutcomeKind.FAILED, error=error, traceback=text)
+
+    def remote(self, running: _Running, status: str, data: bytes | None, error: str | None,
+               traceback: str | None, delay: float | None) -> Outcome:
+        """The outcome of a task that ran in a process, from what that process sent back
+        (the value already pickled by the worker's serializer, or the error, traceback and retry delay)."""
+        try:
+            if running.stop_reason is not None:
+                return self.stopped_outcome(running)
+            if status == "success" and data is not None:
+                signature = self._signer.sign_value(running.task.task_id, data) if self._signer is not None else None
+                return self.outcome(running, OutcomeKind.SUCCESS, value=data, value_signature=signature)
+            return self._failed(running, error, traceback, delay)
+        except BaseException as exc:
+            return self._unrecordable(running, exc)
 
     def outcome(self, running: _Running, kind: OutcomeKind, **fields: Any) -> Outcome:
         captured = running.output  # read once: the loop may release it while an abandoned thread gets here
@@ -548,27 +621,6 @@ class _Threads:
 
 async def _awaited(awaitable: Awaitable[T]) -> T:
     return await awaitable
-
-
-def _message(exc: BaseException) -> str:
-    """``str(exc)``, or a note saying it raised (an exception's ``__str__`` is user code)."""
-    try:
-        return str(exc)
-    except BaseException as inner:
-        return f"<str() of the exception raised {type(inner).__name__}>"
-
-
-def _describe(exc: BaseException) -> str:
-    """``"Type: message"`` for any exception, also one whose ``__str__`` raises."""
-    message = _message(exc)
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-
-
-def _format_traceback(exc: BaseException, tb: types.TracebackType | None) -> str | None:
-    try:
-        return "".join(traceback.format_exception(type(exc), exc, tb))
-    except BaseException as inner:
-        return f"{_describe(exc)}\n(sitq could not format its traceback: {_describe(inner)})\n"
 
 
 def _cancelled_from_outside() -> bool:

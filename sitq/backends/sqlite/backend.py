@@ -653,7 +653,13 @@ class SQLiteBackend(Backend):
 RENEWALS_PER_LEASE = 5
 
 class ChangeWatcher(threading.Thread):
-    """Notices commits by other connections while something waits for a change."""
+    """Notices commits by other connections while something waits for a change.
+
+    It asks the loop's own connection when it can (``data_version`` moves for every
+    connection's commits but that connection's own), so the backend's own writes, which
+    woke their waiters already, do not wake them a second time a moment later; its side
+    connection only while the loop's is closed.
+    """
 
     QUIET_AFTER = 1.0
     SLOWEST = 0.025
@@ -693,14 +699,31 @@ class ChangeWatcher(threading.Thread):
                 quiet = time.monotonic() - last_change > self.QUIET_AFTER
                 self._stopped.wait(self.SLOWEST if quiet else backend.change_check_interval)
                 try:
-                    version = conn.execute("PRAGMA data_version").fetchone()[0]
+                    version = self._version(conn)
                 except sqlite3.Error:
                     continue  # busy or being recovered; look again next round
+                if version is None:
+                    continue  # the loop is using its connection; look again next round
                 if version != last:
                     last, last_change = version, time.monotonic()
                     backend.notify_change()
         finally:
             conn.close()
+
+    def _version(self, side: sqlite3.Connection) -> int | None:
+        """The store's ``data_version`` as the loop's connection sees it (None if it is busy now)."""
+        backend = self.backend
+        main = backend._conn
+        if main is None:
+            version: int = side.execute("PRAGMA data_version").fetchone()[0]
+            return version
+        if not backend._lock.acquire(blocking=False):
+            return None
+        try:
+            version = main.execute("PRAGMA data_version").fetchone()[0]
+            return version
+        finally:
+            backend._lock.release()
 
 
 class Helper(threading.Thread):
