@@ -270,6 +270,14 @@ class TaskQueue:
                     return None
             await backend.wait_for_change(token, remaining)
 
+    async def get_results(self, task_ids: Sequence[str]) -> dict[str, Result]:
+        """The current :class:`Result` of many tasks in one read, without waiting (a task that has
+        not finished yet has status pending, waiting or running and no value); unknown ids are
+        left out."""
+        ids = _id_list("get_results", task_ids)
+        backend = await self._checked(writing=False)
+        return await backend.fetch_results(ids)
+
     def deserialize_result(self, result: Result) -> Any:
         """The task's return value, unpickled.
 

@@ -171,6 +171,10 @@ class SyncTaskQueue:
         """Wait for the task and return its :class:`Result`; see :meth:`TaskQueue.get_result`."""
         return self._loop.run(self.queue.get_result(task_id, timeout))
 
+    def get_results(self, task_ids: Sequence[str]) -> dict[str, Result]:
+        """The current results of many tasks in one read, without waiting; see :meth:`TaskQueue.get_results`."""
+        return self._loop.run(self.queue.get_results(task_ids))
+
     def value(self, task_id: str, timeout: float | None = None) -> Any:
         """Wait for the task and return its value (see the class docstring for failures)."""
         return self._loop.run(self._value(task_id, timeout))

@@ -502,3 +502,17 @@ def test_every_store_takes_queue_priority_group_and_key_into_its_records(backend
 
     run(main())
 
+
+
+def test_many_results_are_read_at_once_in_any_state(backend, run):
+    async def main():
+        tasks = [task(f"t{i}", at=NOW + i * 0.001) for i in range(3)]
+        await backend.enqueue(tasks)
+        (first, _) = await backend.claim("w", 2, NOW + 1, NOW + 60)
+        await backend.finish("w", [outcome(first, value=b"v")])
+        results = await backend.fetch_results([t.task_id for t in tasks] + ["0" * 32])
+        assert {i: r.status for i, r in results.items()} == {
+            tasks[0].task_id: "success", tasks[1].task_id: "running", tasks[2].task_id: "pending"}
+        assert results[tasks[0].task_id].value == b"v"
+
+    run(main())

@@ -213,6 +213,11 @@ class Backend:
         """The task's outcome fields in any state (``status`` may be pending), or None if unknown."""
         raise NotImplementedError
 
+    async def fetch_results(self, task_ids: Sequence[str]) -> dict[str, Result]:
+        """The outcome fields of the known tasks among ``task_ids``, in any state, in one read
+        (a group's results, say); unknown ids are left out."""
+        raise NotImplementedError
+
     async def fetch_info(self, task_ids: Sequence[str]) -> dict[str, TaskInfo]:
         """Current state of the known tasks among ``task_ids``."""
         raise NotImplementedError

@@ -437,6 +437,9 @@ class MemoryBackend(Backend):
     async def fetch_result(self, task_id: str) -> Result | None:
         return self._read(lambda: _result(self._rows[task_id]) if task_id in self._rows else None)
 
+    async def fetch_results(self, task_ids: Sequence[str]) -> dict[str, Result]:
+        return self._read(lambda: {i: _result(self._rows[i]) for i in task_ids if i in self._rows})
+
     async def fetch_info(self, task_ids: Sequence[str]) -> dict[str, TaskInfo]:
         return self._read(lambda: {i: _info(self._rows[i]) for i in task_ids if i in self._rows})
 

@@ -528,6 +528,18 @@ class SQLiteBackend(Backend):
         row = await self._run(sql.fetch_result, task_id)
         return None if row is None else readers.result(row)
 
+    async def fetch_results(self, task_ids: Sequence[str]) -> dict[str, Result]:
+        ids = json.dumps(list(task_ids))
+        if len(task_ids) <= OFFLOAD_ROWS:
+            rows = await self._run(sql.fetch_all, sql.SELECT_RESULTS, (ids,))
+            return {row[0]: readers.result(row) for row in rows}
+
+        def job(conn: sqlite3.Connection, stopped: threading.Event) -> dict[str, Result]:
+            rows = self._call_here(conn, sql.fetch_all, (sql.SELECT_RESULTS, (ids,)), stopped)
+            return {row[0]: readers.result(row) for row in rows}
+
+        return await self._offload(job)
+
     async def fetch_info(self, task_ids: Sequence[str]) -> dict[str, TaskInfo]:
         if len(task_ids) <= OFFLOAD_ROWS:
             return readers.infos(await self._run(sql.fetch_all, sql.SELECT_INFO, (json.dumps(list(task_ids)),)))

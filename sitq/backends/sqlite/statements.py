@@ -265,6 +265,8 @@ SELECT id, name, status, value, error, traceback, enqueued_at, started_at, finis
 FROM sitq_tasks WHERE id = ?
 """
 
+SELECT_RESULTS = SELECT_RESULT.replace("WHERE id = ?", "WHERE id IN (SELECT value FROM json_each(?))")
+
 INFO_COLUMNS = """
 id, name, status, enqueued_at, eta, started_at, finished_at, attempts, worker_id,
 progress_done, progress_total, progress_message, error, queue, priority, group_id, key
