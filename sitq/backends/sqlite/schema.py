@@ -92,18 +92,15 @@ CREATE TABLE sitq_deps (
     PRIMARY KEY (dep, task)
 ) WITHOUT ROWID;
 CREATE INDEX sitq_deps_task ON sitq_deps (task);
--- Counts of tasks per queue in every state but the unfinished ones, kept by the triggers below
--- in the transaction that moves a task, so counting never reads the finished rows.
+-- Counts of tasks per queue in every state but the unfinished ones, kept in the transaction that
+-- moves a task (by the triggers below) or inserts it (by the insert itself: a trigger on every
+-- insert would cost each enqueue as much as the insert), so counting never reads finished rows.
 CREATE TABLE sitq_totals (
     queue  TEXT    NOT NULL,
     status TEXT    NOT NULL,
     n      INTEGER NOT NULL,
     PRIMARY KEY (queue, status)
 ) WITHOUT ROWID;
-CREATE TRIGGER sitq_totals_insert AFTER INSERT ON sitq_tasks WHEN new.status NOT IN {UNFINISHED}
-BEGIN
-    INSERT INTO sitq_totals VALUES (new.queue, new.status, 1) ON CONFLICT (queue, status) DO UPDATE SET n = n + 1;
-END;
 CREATE TRIGGER sitq_totals_leave AFTER UPDATE OF status, queue ON sitq_tasks
 WHEN old.status NOT IN {UNFINISHED} AND (old.status IS NOT new.status OR old.queue IS NOT new.queue)
 BEGIN
@@ -118,7 +115,8 @@ CREATE TRIGGER sitq_totals_delete AFTER DELETE ON sitq_tasks WHEN old.status NOT
 BEGIN
     UPDATE sitq_totals SET n = n - 1 WHERE queue = old.queue AND status = old.status;
 END;
--- Groups (map(..., group=...)), and their counts in every state, kept the same way.
+-- Groups (map(..., group=...)), and their counts in every state, kept the same way (an enqueue adds
+-- its tasks to the counts itself, once per batch).
 CREATE TABLE sitq_groups (
     id         TEXT PRIMARY KEY,
     name       TEXT NOT NULL,
@@ -131,11 +129,6 @@ CREATE TABLE sitq_group_counts (
     n        INTEGER NOT NULL,
     PRIMARY KEY (group_id, status)
 ) WITHOUT ROWID;
-CREATE TRIGGER sitq_group_insert AFTER INSERT ON sitq_tasks WHEN new.group_id IS NOT NULL
-BEGIN
-    INSERT INTO sitq_group_counts VALUES (new.group_id, new.status, 1)
-        ON CONFLICT (group_id, status) DO UPDATE SET n = n + 1;
-END;
 CREATE TRIGGER sitq_group_update AFTER UPDATE OF status, group_id ON sitq_tasks
 WHEN (old.group_id IS NOT NULL OR new.group_id IS NOT NULL)
     AND (old.status IS NOT new.status OR old.group_id IS NOT new.group_id)

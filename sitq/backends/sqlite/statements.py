@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import sqlite3
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from typing import Any
@@ -109,6 +110,13 @@ ADD_EDGE = "INSERT OR IGNORE INTO sitq_deps (dep, task) VALUES (?, ?)"
 COUNT_DEPENDENT = "UPDATE sitq_tasks SET dependents = dependents + 1 WHERE seq = ?"
 
 ADD_GROUP = "INSERT INTO sitq_groups (id, name, created_at) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING"
+
+# What an insert adds to the counts the triggers keep for moves (see the schema).
+COUNT_IN_GROUP = """
+INSERT INTO sitq_group_counts VALUES (?, ?, ?) ON CONFLICT (group_id, status) DO UPDATE SET n = n + excluded.n
+"""
+
+COUNT_INSERTED = "INSERT INTO sitq_totals VALUES (?, ?, ?) ON CONFLICT (queue, status) DO UPDATE SET n = n + excluded.n"
 
 # -- claims ------------------------------------------------------------------------
 
@@ -414,6 +422,17 @@ def add_groups(conn: sqlite3.Connection, tasks: Sequence[NewTask]) -> None:
         conn.execute(ADD_GROUP, (group_id, name, created))
 
 
+def count_pending(conn: sqlite3.Connection, tasks: Sequence[NewTask]) -> None:
+    """Add plain tasks, all pending, to their groups' counts."""
+    if isinstance(tasks, NewTaskBatch):
+        if tasks.group_id is not None:
+            conn.execute(COUNT_IN_GROUP, (tasks.group_id, "pending", len(tasks)))
+        return
+    counts = Counter(t.group_id for t in tasks if t.group_id is not None)
+    for group_id, n in counts.items():
+        conn.execute(COUNT_IN_GROUP, (group_id, "pending", n))
+
+
 def insert(conn: sqlite3.Connection, tasks: Sequence[NewTask]) -> tuple[list[Enqueued], bool]:
     """The plain path, for a few tasks: one INSERT (a transaction only if there is more to write)."""
     rows = task_rows(tasks)
@@ -423,6 +442,7 @@ def insert(conn: sqlite3.Connection, tasks: Sequence[NewTask]) -> tuple[list[Enq
     conn.execute("BEGIN IMMEDIATE")
     add_groups(conn, tasks)
     conn.executemany(INSERT_TASK, rows)
+    count_pending(conn, tasks)
     conn.execute("COMMIT")
     return [Enqueued.INSERTED] * len(tasks), True
 
@@ -438,6 +458,7 @@ def insert_staged(conn: sqlite3.Connection, tasks: Sequence[NewTask]) -> tuple[l
     conn.execute("BEGIN IMMEDIATE")
     add_groups(conn, tasks)
     conn.execute(INSERT_STAGED)
+    count_pending(conn, tasks)
     conn.execute("COMMIT")
     return [Enqueued.INSERTED] * len(tasks), True
 
@@ -457,6 +478,7 @@ def insert_full_rows(conn: sqlite3.Connection, tasks: Sequence[NewTask], if_abse
     dependencies = _dependencies(conn, tasks)
     done = []
     batch = isinstance(tasks, NewTaskBatch)
+    group_counts: Counter[tuple[str, str]] = Counter()
     for task in tasks:
         if any(d not in dependencies for d in task.after):
             raise InvalidTaskError(_unknown(next(d for d in task.after if d not in dependencies)))
@@ -470,6 +492,11 @@ def insert_full_rows(conn: sqlite3.Connection, tasks: Sequence[NewTask], if_abse
         done.append(outcome)
         if outcome is Enqueued.EXISTING:
             continue
+        if outcome is Enqueued.INSERTED:  # a reset row moved, and the triggers counted the move
+            if task.group_id is not None:
+                group_counts[task.group_id, status.value] += 1
+            if status == CANCELLED:
+                conn.execute(COUNT_INSERTED, (task.queue, status.value, 1))
         if status == WAITING:
             for dep_seq, _, _, dep_status in deps:
                 if dependency_finished(dep_status) is None:
@@ -477,6 +504,8 @@ def insert_full_rows(conn: sqlite3.Connection, tasks: Sequence[NewTask], if_abse
                     conn.execute(COUNT_DEPENDENT, (dep_seq,))
         if not batch:
             dependencies[task.task_id] = (seq, task.task_id, task.name, status)  # a later task may run after it
+    for (group_id, state), n in group_counts.items():
+        conn.execute(COUNT_IN_GROUP, (group_id, state, n))
     return done
 
 
