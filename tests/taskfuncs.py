@@ -451,3 +451,11 @@ def note_interval(path, seconds):
     with open(path, "a") as f:
         f.write(f"{start} {time.time()}\n")
     return os.getpid()
+
+
+def wait_for_file_if(i, first, path):
+    """Item ``first`` of a map waits until the file ``path`` exists (a gate across processes); others return."""
+    if i == first:
+        while not os.path.exists(path):
+            time.sleep(0.005)
+    return i

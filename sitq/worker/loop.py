@@ -131,11 +131,12 @@ class Worker:
         self._runner = Runner(
             self.worker_id, self._settled, serializer=self.serializer, signer=self._signer, clock=clock,
             capture_output=capture_output, cancel_grace=self.cancel_grace, processes=self.processes,
-            on_capacity=self._capacity,
+            on_capacity=self._capacity, on_released=self._released_by_runner,
         )
         self._side = _SideTasks(self)
         self._wakeup = _Wakeup(self.backend)
         self._outcomes: list[Outcome] = []
+        self._released: list[ClaimedTask] = []  # claimed, never started, to hand back to the store
         self._suspect: str | None = None  # the id of a suspect running alone here
         self._stopping = False
         self._done: asyncio.Event | None = None
@@ -224,6 +225,9 @@ class Worker:
             # Read before looking: a change after this moment, ours or anyone's, ends the wait below.
             # (Writes that change nothing move no token, so an idle worker does not wake itself.)
             token = backend.change_token
+            if self._released:
+                released, self._released = self._released, []
+                await backend.release(self.worker_id, [(task.handle, task.attempts) for task in released])
             outcomes, self._outcomes = self._outcomes, []
             free = self._free_slots()
             claimed: list[ClaimedTask] = []
@@ -243,11 +247,11 @@ class Worker:
                         self._suspect, self._side.suspects_waiting = claimed[0].task_id, False
                     self._runner.launch(claimed, free)
             drained = until_empty and free > 0 and not claimed  # it looked for work with room for it, and found none
-            if not self._runner.active and not self._outcomes and (self._stopping or drained):
+            if not self._runner.active and not self._outcomes and not self._released and (self._stopping or drained):
                 if until_empty and not self._stopping and await backend.requeue_expired(self.clock()):
                     continue  # a dead worker's tasks are ready again
                 return
-            if self._outcomes:
+            if self._outcomes or self._released:
                 continue
             can_claim = self._free_slots() > 0
             timeout = await self._idle_timeout() if can_claim else None
@@ -272,7 +276,16 @@ class Worker:
 
     def _woken(self, watching: bool) -> bool:
         """Whether the loop has something to do at once: an outcome to store, a reason to stop."""
-        return bool(self._outcomes) or self._side.fatal is not None or (self._stopping and watching)
+        return (bool(self._outcomes) or bool(self._released) or self._side.fatal is not None
+                or (self._stopping and watching))
+
+    def _released_by_runner(self, tasks: list[ClaimedTask]) -> None:
+        """The runner gave back claimed tasks it will not start (a slow task held them up): hand them
+        back to the store with the next round, for whichever worker is free first."""
+        if self._suspect is not None and any(task.task_id == self._suspect for task in tasks):
+            self._suspect = None
+        self._released.extend(tasks)
+        self._wakeup.signal()
 
     def _count(self, outcomes: list[Outcome], stored: list[bool]) -> None:
         for outcome, ok in zip(outcomes, stored, strict=False):

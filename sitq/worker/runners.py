@@ -9,7 +9,12 @@ A slot normally takes one task. When the tasks run so far were very short
 one after another, so that the store's round trips and the hops between the
 loop and a thread are shared by the run; a run is sized to stay within a few
 milliseconds of work, so no task waits long behind another and other workers
-are not starved. ``docs/performance.md`` has the measurements.
+are not starved. Batching never holds a result back for long: a thread hands
+the outcomes of its run to the loop at most ``RUN_BUDGET`` after the first of
+them, whatever the tasks after it do; and when a task of a run turns out slow
+(it runs longer than ``SLOW_TASK``), the tasks of the run that have not
+started are handed back to the store (``Backend.release``), for any idle
+worker to take. ``docs/performance.md`` has the measurements.
 
 A task is data whatever it does: anything it raises (``KeyboardInterrupt``
 and other ``BaseException`` subclasses included) and anything that goes wrong
@@ -56,6 +61,7 @@ log = logging.getLogger(__name__)
 
 RUN_BUDGET = 0.002  # seconds of work one slot may claim at once, judged by recent task times
 MAX_RUN = 64  # tasks one slot may claim at once
+SLOW_TASK = 2 * RUN_BUDGET  # a task of a run that runs longer has the run's unstarted tasks handed back
 
 T = TypeVar("T")
 # A task's unpickled call: (function, args, kwargs).
@@ -102,6 +108,8 @@ class _Run:
         self.next = 0  # index of the next job to start
         self.lock = threading.Lock()
         self.child: Any = None  # the process running it, with processes (see sitq.worker.processes)
+        self.current_since: float | None = None  # perf_counter() when the job running now started
+        self.done: list[tuple[_Running, Outcome | None]] = []  # outcomes a thread recorded, not yet settled
         for job in jobs:
             job.run = self
 
@@ -113,8 +121,26 @@ class _Run:
                 self.next += 1
                 if not job.settled:
                     job.started = True
+                    self.current_since = time.perf_counter()
                     return job
+            self.current_since = None
             return None
+
+    def waiting(self) -> bool:
+        """Whether some of its jobs have not started yet."""
+        with self.lock:
+            return self.next < len(self.jobs)
+
+    def hand_over(self, job: _Running, outcome: Outcome | None) -> bool:
+        """Record a job's outcome for the loop to settle; True for the first one since the loop last took them."""
+        with self.lock:
+            self.done.append((job, outcome))
+            return len(self.done) == 1
+
+    def take_done(self) -> list[tuple[_Running, Outcome | None]]:
+        with self.lock:
+            done, self.done = self.done, []
+        return done
 
     def take_rest(self) -> list[_Running]:
         """Take the jobs not started yet away from this run, to run them elsewhere."""
@@ -148,6 +174,7 @@ class Runner:
         cancel_grace: float,
         processes: int = 0,
         on_capacity: Callable[[], None] = lambda: None,
+        on_released: Callable[[list[ClaimedTask]], None] = lambda tasks: None,
     ) -> None:
         self.worker_id = worker_id
         self.recorder = Recorder(serializer, signer, clock)
@@ -159,6 +186,7 @@ class Runner:
         self._coroutines = _Coroutines(worker_id, cancel_grace, self.recorder, self._settle, self._timed)
         self._signer = signer
         self._on_settled = on_settled
+        self._on_released = on_released
         self._loop: Any = None
         self._loop_runs: set[asyncio.Task[None]] = set()
         self._average_run: float | None = None  # moving average of task run times, in seconds
@@ -274,14 +302,37 @@ class Runner:
     def _start_run(self, run: _Run) -> None:
         self.busy_slots += 1
         if self.pool is not None:
-            self.pool.start_run(run)
-        elif any(job.is_async for job in run.jobs):
+            self.pool.start_run(run)  # a child sends each outcome as its task ends
+            return
+        if len(run.jobs) > 1:
+            self._loop.call_later(SLOW_TASK, self._watch, run)
+        if any(job.is_async for job in run.jobs):
             run.on_loop = True
             task = self._loop.create_task(self._run_on_loop(run))
             self._loop_runs.add(task)  # owned: asyncio keeps only weak references to tasks
             task.add_done_callback(self._loop_runs.discard)
         else:
             self._thread_pool().submit(lambda: self._run_in_thread(run))
+
+    def _watch(self, run: _Run) -> None:
+        """While a run has jobs that have not started: if the one running now is slow, hand them back
+        to the store, so that an idle worker takes them instead of waiting behind it."""
+        if not run.waiting():
+            return
+        since = run.current_since
+        if since is None or time.perf_counter() - since < SLOW_TASK:
+            self._loop.call_later(SLOW_TASK, self._watch, run)
+            return
+        self._timed(time.perf_counter() - since)  # recent tasks are not short after all: claim fewer
+        rest = run.take_rest()
+        for job in rest:  # never started: forget it here; the store makes it pending again
+            job.settled = True
+            self.active.pop(job.task.task_id, None)
+            self.progress.discard(job)
+            job.run = None
+            job.release()
+        if rest:
+            self._on_released([job.task for job in rest])
 
     def _thread_pool(self) -> _Threads:
         if self._threads is None:
@@ -307,15 +358,29 @@ class Runner:
             await waiter
 
     def _run_in_thread(self, run: _Run) -> None:
-        """Run a run of plain functions in this thread; settle them on the loop in one hop."""
-        settled: list[tuple[_Running, Outcome | None]] = []
+        """Run a run of plain functions in this thread. Their outcomes reach the loop in a few hops:
+        the loop takes what has finished ``RUN_BUDGET`` after the first outcome, and the rest when
+        the run ends."""
         try:
             while (job := run.take()) is not None:
                 if job.options.timeout is not None:
                     self._loop.call_soon_threadsafe(self._arm_timeout, job)
-                settled.append((job, self._call_in_thread(job)))
+                if run.hand_over(job, self._call_in_thread(job)):
+                    self._from_thread(self._settle_soon, run)
         finally:
-            self._settle_from_thread(settled)
+            self._from_thread(self._settle_done, run)
+
+    def _from_thread(self, callback: Callable[[_Run], None], run: _Run) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, run)
+        except RuntimeError:
+            pass  # the worker stopped and its loop closed while an abandoned thread ran on
+
+    def _settle_soon(self, run: _Run) -> None:
+        self._loop.call_later(RUN_BUDGET, self._settle_done, run)
+
+    def _settle_done(self, run: _Run) -> None:
+        self._settle_all(run.take_done())
 
     def _call_in_thread(self, running: _Running) -> Outcome | None:
         call, context = running.call, running.context
