@@ -32,7 +32,7 @@ from sitq.serialization import CloudpickleSerializer, Serializer
 from sitq.sync import SyncTaskQueue
 from sitq.worker import Worker, progress
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place the version is written (pyproject.toml reads it)
 
 __all__ = [
     "Backend",
