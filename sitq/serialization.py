@@ -196,6 +196,7 @@ def dumps_shipping_source(obj: Any) -> bytes:
 
 
 def loads_shipped(data: bytes) -> Any:
+    """Unpickle what :func:`dumps_shipping_source` made, putting its in-memory sources back for tracebacks."""
     obj = pickle.loads(data)
     return obj.install() if isinstance(obj, ShippedSource) else obj
 

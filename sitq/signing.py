@@ -72,12 +72,15 @@ class Signer:
         return "hmac-sha256:" + hmac.new(self._key, _FINGERPRINT, hashlib.sha256).hexdigest()
 
     def sign_task(self, task_id: str, func: bytes, args: bytes) -> bytes:
+        """The signature of a task's payload (function and argument bytes), bound to its id."""
         return self._mac(_TASK, task_id, func, args)
 
     def sign_value(self, task_id: str, value: bytes) -> bytes:
+        """The signature of a task's pickled return value, bound to its id."""
         return self._mac(_VALUE, task_id, value)
 
     def sign_schedule(self, name: str, func: bytes, args: bytes) -> bytes:
+        """The signature of a schedule's payload, bound to its name."""
         return self._mac(_SCHEDULE, name, func, args)
 
     def verify_schedule(self, name: str, func: bytes, args: bytes, signature: bytes | None) -> None:

@@ -43,6 +43,7 @@ class LoopThread:
 
     @property
     def is_running(self) -> bool:
+        """Whether the loop's thread is alive (it starts on first use of :attr:`loop`)."""
         return self._thread is not None and self._thread.is_alive()
 
     @property

@@ -48,6 +48,7 @@ class ChangeNotifier:
 
     @property
     def has_watchers(self) -> bool:
+        """Whether anyone waits for a change now (a backend watches other processes only then)."""
         return bool(self._watchers)
 
     def notify(self) -> None:
@@ -90,6 +91,7 @@ class ChangeNotifier:
         return True
 
     def unwatch(self, fut: asyncio.Future[None]) -> None:
+        """Forget ``fut``: its waiter stopped waiting (it timed out, or was cancelled)."""
         with self._lock:
             self._watchers.discard(fut)
 

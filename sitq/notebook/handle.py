@@ -92,6 +92,7 @@ class TaskHandle:
         return self.info().status
 
     def done(self) -> bool:
+        """Whether the task has finished: succeeded, failed or was cancelled."""
         return self.info().finished
 
     def cancel(self) -> Any:

@@ -86,6 +86,7 @@ class Runtime:
                 and (processes is None or processes == self.processes))
 
     def start(self) -> None:
+        """Open the store, start the worker and the live views on the runtime's loop thread; returns at once."""
         self.loop.run(self.backend.connect())  # a bad path fails here, in the user's cell
         # The worker's task inherits this cell's context, so anything it prints
         # outside a task stays in the cell that started it. The refresher starts
@@ -156,9 +157,11 @@ class Runtime:
         return TaskHandle(self, task_id, info.name)
 
     def can_cancel(self) -> bool:
+        """Whether tasks can be cancelled through this runtime's queue."""
         return hasattr(self.queue, "cancel")
 
     def cancel(self, task_id: str) -> Any:
+        """Cancel a task: ``"cancelled"``, ``"requested"``, ``"finished"`` or None (see ``TaskQueue.cancel``)."""
         if not self.can_cancel():
             raise SitqError("this version of sitq cannot cancel tasks yet")
         return self.run(self.queue.cancel(task_id))
