@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import math
-import secrets
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -50,8 +50,8 @@ FINISHED_NAMES = ("success", "failed", "cancelled")
 
 
 def new_task_id(now: float) -> str:
-    """32 hex digits: milliseconds first, so ids sort by creation and index cheaply."""
-    return f"{int(now * 1000):012x}{secrets.token_hex(10)}"
+    """32 hex digits: milliseconds first, so ids sort by creation and index cheaply, then 80 random bits."""
+    return f"{int(now * 1000):012x}{os.urandom(10).hex()}"
 
 
 class TaskQueue:
@@ -210,6 +210,7 @@ class TaskQueue:
         func_bytes = self.serializer.dumps_function(func)
         dumps_arguments = self.serializer.dumps_arguments
         sign = self._sign
+        urandom = os.urandom
         no_kwargs: dict[str, Any] = {}
         prefix = f"{int(now * 1000):012x}"
         task_ids: list[str] = []
@@ -219,7 +220,7 @@ class TaskQueue:
         pause_at = time.perf_counter() + MAP_SLICE
         for call in zip(*iterables, strict=False):  # stops at the shortest, as map() does
             if keys is None:
-                task_id = prefix + secrets.token_hex(10)
+                task_id = prefix + urandom(10).hex()
             else:
                 keys.append(item_key := f"{key}/{len(task_ids)}")
                 task_id = key_task_id(item_key)

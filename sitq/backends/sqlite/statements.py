@@ -394,6 +394,8 @@ def is_plain(tasks: Sequence[NewTask]) -> bool:
     """Whether every task takes the plain path: no dedupe key and nothing to run after."""
     if isinstance(tasks, NewTaskBatch):
         return tasks.keys is None and not tasks.after
+    if len(tasks) == 1:
+        return tasks[0].key is None and not tasks[0].after
     return all(t.key is None and not t.after for t in tasks)
 
 
@@ -435,10 +437,11 @@ def count_pending(conn: sqlite3.Connection, tasks: Sequence[NewTask]) -> None:
 
 def insert(conn: sqlite3.Connection, tasks: Sequence[NewTask]) -> tuple[list[Enqueued], bool]:
     """The plain path, for a few tasks: one INSERT (a transaction only if there is more to write)."""
-    rows = task_rows(tasks)
-    if len(tasks) == 1 and tasks[0].group_id is None:
-        conn.execute(INSERT_TASK, next(iter(rows)))
+    if len(tasks) == 1 and (t := tasks[0]).group_id is None:  # one enqueue: one statement, its own transaction
+        conn.execute(INSERT_TASK, (t.task_id, t.name, t.func, t.args, t.signature, t.max_attempts, t.eta,
+                                   t.enqueued_at, t.queue, t.priority, t.retention, t.group_id))
         return [Enqueued.INSERTED], True
+    rows = task_rows(tasks)
     conn.execute("BEGIN IMMEDIATE")
     add_groups(conn, tasks)
     conn.executemany(INSERT_TASK, rows)
