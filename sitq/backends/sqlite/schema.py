@@ -79,6 +79,7 @@ VERSION_3 = f"""
 CREATE INDEX sitq_ready ON sitq_tasks (queue, priority DESC, eta, seq) WHERE status = 'pending';
 CREATE INDEX sitq_waiting ON sitq_tasks (queue) WHERE status = 'waiting';
 CREATE INDEX sitq_failures ON sitq_tasks (seq) WHERE status = 'failed';
+CREATE INDEX sitq_cancelled ON sitq_tasks (seq) WHERE status = 'cancelled';
 CREATE INDEX sitq_members ON sitq_tasks (group_id, status) WHERE group_id IS NOT NULL;
 CREATE INDEX sitq_expiry ON sitq_tasks (expires_at) WHERE expires_at IS NOT NULL;
 -- Rows sitq did not write: a pending task whose eta is text or bytes is never due (see statements).

@@ -52,6 +52,8 @@ from sitq.errors import InvalidTaskError
 log = logging.getLogger("sitq.backends.sqlite")
 
 NO_PROGRESS = (None, None, None)
+# States whose partial index is in enqueue order (success has none: it is most rows, read newest first).
+SORTED_BY_INDEX = ("failed", "cancelled", "success")
 FINISHED = "('success', 'failed', 'cancelled')"
 # The bytes a row keeps, as purges and prunes report them.
 ROW_SIZE = """length(func) + length(args) + coalesce(length(signature), 0) + coalesce(length(value), 0)
@@ -284,7 +286,12 @@ SELECT_INFO = f"SELECT {INFO_COLUMNS} FROM sitq_tasks WHERE id IN (SELECT value 
 
 SELECT_RECENT = f"SELECT {INFO_COLUMNS} FROM sitq_tasks ORDER BY seq DESC LIMIT ?"
 
-SELECT_RUNNING = f"SELECT {INFO_COLUMNS} FROM sitq_tasks WHERE status = 'running' ORDER BY seq DESC LIMIT ?"
+# The running rows are found in their partial index and sorted (a scan of the table newest first,
+# which the planner would otherwise pick to avoid the sort, reads every finished row).
+SELECT_RUNNING = f"""
+SELECT {INFO_COLUMNS} FROM sitq_tasks WHERE seq IN (SELECT seq FROM sitq_tasks WHERE status = 'running')
+ORDER BY seq DESC LIMIT ?
+"""
 
 SELECT_FAILURES = f"SELECT {INFO_COLUMNS} FROM sitq_tasks WHERE status = 'failed' ORDER BY seq DESC LIMIT ?"
 
@@ -784,21 +791,39 @@ def find_tasks(
     conn: sqlite3.Connection, statuses: Sequence[str] | None, queue: str | None, group_id: str | None, limit: int,
     offset: int, newest_first: bool,
 ) -> list[TaskInfo]:
+    order = "DESC" if newest_first else "ASC"
     where, params = [], []
-    if statuses is not None:
-        where.append("status IN (SELECT value FROM json_each(?))")
-        params.append(json.dumps([str(s) for s in statuses]))
     if queue is not None:
         where.append("queue = ?")
         params.append(queue)
     if group_id is not None:
         where.append("group_id = ?")
         params.append(group_id)
-    clause = f"WHERE {' AND '.join(where)}" if where else ""
-    order = "DESC" if newest_first else "ASC"
-    statement = f"SELECT {INFO_COLUMNS} FROM sitq_tasks {clause} ORDER BY seq {order} LIMIT ? OFFSET ?"
-    rows = readers.read(conn, lambda: conn.execute(statement, (*params, limit, offset)).fetchall())
-    return [readers.info(row) for row in rows]
+    if statuses is None:
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        statement = f"SELECT {INFO_COLUMNS} FROM sitq_tasks {clause} ORDER BY seq {order} LIMIT ? OFFSET ?"
+        rows = readers.read(conn, lambda: conn.execute(statement, (*params, limit, offset)).fetchall())
+        return [readers.info(row) for row in rows]
+    # One part a state, each in enqueue order from that state's partial index, merged: a state
+    # written as a literal lets SQLite use its partial index (a bound parameter would not), so a
+    # few failures among millions of finished tasks are found without a scan.
+    parts: list[str] = []
+    all_params: list[Any] = []
+    for status in dict.fromkeys(str(s) for s in statuses):
+        if status in SORTED_BY_INDEX:
+            test = f"status = '{status}'"
+        elif status in STATES:  # their indexes are not in enqueue order: find the rows there, then sort
+            test = f"seq IN (SELECT seq FROM sitq_tasks WHERE status = '{status}')"
+        else:
+            test, all_params = "status = ?", [*all_params, status]
+        all_params += [*params, limit + offset]
+        parts.append(f"SELECT * FROM (SELECT seq, {INFO_COLUMNS} FROM sitq_tasks WHERE "
+                     f"{' AND '.join([test, *where])} ORDER BY seq {order} LIMIT ?)")
+    if not parts:
+        return []
+    statement = f"{' UNION ALL '.join(parts)} ORDER BY seq {order} LIMIT ? OFFSET ?"
+    rows = readers.read(conn, lambda: conn.execute(statement, (*all_params, limit, offset)).fetchall())
+    return [readers.info(row[1:]) for row in rows]
 
 
 def match_ids(conn: sqlite3.Connection, fragment: str, limit: int) -> list[str]:
