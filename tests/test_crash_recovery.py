@@ -1,9 +1,10 @@
-"""Workers that die or stall, with real processes on a real file: no task is lost, and only a dead
-worker's tasks run twice.
+"""Workers that die or stall, with real processes on a real shared store (each backend of
+tests/backends.py that other processes can open): no task is lost, and only a dead worker's
+tasks run twice.
 
-The worker processes are ``sitq worker`` commands; the tests read the file with the sqlite3
-module to see which worker holds which task (a worker's id contains its pid). One test plays
-the dying worker through the backend itself, to reach the lost-worker limit quickly.
+The worker processes are ``sitq worker`` commands; the tests list the running tasks to see
+which worker holds which (a worker's id contains its pid). One test plays the dying worker
+through the backend itself, to reach the lost-worker limit quickly: it runs on every backend.
 """
 
 import os
@@ -19,7 +20,7 @@ import taskfuncs
 from conftest import sitq_command, worker_env
 
 import sitq
-from sitq import SQLiteBackend, SyncTaskQueue, TaskQueue
+from sitq import SyncTaskQueue, TaskQueue
 from sitq.backends.rules import LOST_WORKER_LIMIT
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and SIGSTOP are POSIX signals")
@@ -28,8 +29,8 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and SIG
 class Workers:
     """``sitq worker`` processes, each with its stderr in a file; all are ended when the test ends."""
 
-    def __init__(self, db, folder):
-        self.db = db
+    def __init__(self, target, folder):
+        self.target = target
         self.folder = folder
         self.procs = []
 
@@ -37,7 +38,7 @@ class Workers:
         number = len(self.procs)
         stderr = open(self.folder / f"worker-{number}.err", "w")
         proc = subprocess.Popen(
-            sitq_command("worker", str(self.db), "--quiet", "--poll-interval", "0.2", *options),
+            sitq_command("worker", self.target, "--quiet", "--poll-interval", "0.2", *options),
             env=worker_env(),
             stdout=subprocess.DEVNULL,
             stderr=stderr,
@@ -63,8 +64,8 @@ class Workers:
 
 
 @pytest.fixture
-def workers(tmp_path):
-    pool = Workers(tmp_path / "tasks.db", tmp_path)
+def workers(shared_target, tmp_path):
+    pool = Workers(shared_target, tmp_path)
     yield pool
     pool.end_all()
 
@@ -77,18 +78,9 @@ def wait_until(condition, what, timeout=30.0):
     return value
 
 
-def query(db, sql, *params):
-    conn = sqlite3.connect(db, timeout=30)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
-
-
-def held_by(db, pid):
+def held_by(queue, pid):
     """Ids of the tasks running under the worker process ``pid``."""
-    rows = query(db, "SELECT id FROM sitq_tasks WHERE status = 'running' AND worker_id LIKE ?", f"%:{pid}:%")
-    return {task_id for (task_id,) in rows}
+    return {t.task_id for t in queue.list_tasks("running", limit=10_000) if f":{pid}:" in (t.worker_id or "")}
 
 
 def log_entries(log):
@@ -99,9 +91,9 @@ def log_entries(log):
 
 
 def test_killed_workers_tasks_are_rerun_and_only_those(workers, tmp_path):
-    db, log = workers.db, tmp_path / "runs.log"
+    log = tmp_path / "runs.log"
     per_round, rounds, lease = 100, 3, "1.0"
-    queue = SyncTaskQueue(SQLiteBackend(db))
+    queue = SyncTaskQueue(workers.target)
     ids, killed = [], set()
     in_flight = Counter()  # task id -> how many times its worker was killed under it
     for _ in range(rounds):
@@ -109,23 +101,23 @@ def test_killed_workers_tasks_are_rerun_and_only_those(workers, tmp_path):
                          [0.01, 0.02] * (per_round // 2))
         victim, survivor = (workers.start("--concurrency", "2", "--lease", lease) for _ in range(2))
         ended_before = sum(event == "end" for event, _, _ in log_entries(log))
-        wait_until(
-            lambda victim=victim, ended_before=ended_before: (
-                sum(event == "end" for event, _, _ in log_entries(log)) >= ended_before + 30 and held_by(db, victim.pid)
-            ),
-            "the victim is running tasks",
-        )
+
+        def victim_busy(victim=victim, ended_before=ended_before):
+            ended = sum(event == "end" for event, _, _ in log_entries(log))
+            return ended >= ended_before + 30 and held_by(queue, victim.pid)
+
+        wait_until(victim_busy, "the victim is running tasks")
         victim.kill()  # SIGKILL, mid-task
         victim.wait(timeout=30)
         killed.add(victim.pid)
-        caught = held_by(db, victim.pid)  # its lease has not run out yet: these were in flight
+        caught = held_by(queue, victim.pid)  # its lease has not run out yet: these were in flight
         in_flight.update(caught)
         # the survivor carries on, and takes the dead worker's tasks back once their lease runs out
-        wait_until(lambda victim=victim: not held_by(db, victim.pid), "the dead worker's tasks are requeued")
+        wait_until(lambda victim=victim: not held_by(queue, victim.pid), "the dead worker's tasks are requeued")
         workers.stop(survivor)
         assert "Traceback" not in workers.stderr(survivor)
     drain = subprocess.run(
-        sitq_command("worker", str(db), "--drain", "--quiet", "--concurrency", "4"),
+        sitq_command("worker", workers.target, "--drain", "--quiet", "--concurrency", "4"),
         env=worker_env(), capture_output=True, text=True, timeout=120,
     )
     assert drain.returncode == 0 and "Traceback" not in drain.stderr, drain.stderr
@@ -156,22 +148,25 @@ def test_killed_workers_tasks_are_rerun_and_only_those(workers, tmp_path):
 
 
 def test_a_task_longer_than_its_lease_is_not_taken_over_while_its_worker_lives(workers, tmp_path):
-    db = workers.db
-    with SyncTaskQueue(SQLiteBackend(db)) as queue:
+    with SyncTaskQueue(workers.target) as queue:
         task_id = queue.enqueue(taskfuncs.pid_after, 2.0)  # four leases long
         owner = workers.start("--lease", "0.5")
-        wait_until(lambda: held_by(db, owner.pid), "the task runs")
+        wait_until(lambda: held_by(queue, owner.pid), "the task runs")
         other = workers.start("--lease", "0.5")  # sweeping for expired leases all the while
         result = queue.get_result(task_id, timeout=60)
         workers.stop(owner)
         workers.stop(other)
     assert result.status == "success" and result.attempts == 1
-    assert SyncTaskQueue(SQLiteBackend(db)).deserialize_result(result) == owner.pid
+    assert queue.deserialize_result(result) == owner.pid
 
 
-def stop_outside_a_write(proc, db):
-    """SIGSTOP ``proc``, but not while it holds the write lock (that would stall every other process)."""
-    conn = sqlite3.connect(db, timeout=0, isolation_level=None)
+def stop_outside_a_write(proc, target):
+    """SIGSTOP ``proc``, but not while it holds a SQLite file's write lock (that would stall every
+    other process). A store without one store-wide lock (a server) is stopped as it is."""
+    if not os.path.isfile(target):
+        os.kill(proc.pid, signal.SIGSTOP)
+        return
+    conn = sqlite3.connect(target, timeout=0, isolation_level=None)
     try:
         while True:
             os.kill(proc.pid, signal.SIGSTOP)
@@ -188,12 +183,11 @@ def stop_outside_a_write(proc, db):
 
 
 def test_a_paused_worker_cannot_overwrite_the_outcome_of_the_worker_that_took_over(workers):
-    db = workers.db
-    with SyncTaskQueue(SQLiteBackend(db)) as queue:
+    with SyncTaskQueue(workers.target) as queue:
         task_id = queue.enqueue(taskfuncs.pid_after, 1.5)
         paused = workers.start("--lease", "0.5")
-        wait_until(lambda: held_by(db, paused.pid), "the first worker runs the task")
-        stop_outside_a_write(paused, db)  # paused mid-task, past its lease
+        wait_until(lambda: held_by(queue, paused.pid), "the first worker runs the task")
+        stop_outside_a_write(paused, workers.target)  # paused mid-task, past its lease
         taker = workers.start("--lease", "0.5")
         result = queue.get_result(task_id, timeout=60)
         assert queue.deserialize_result(result) == taker.pid and result.attempts == 2
@@ -207,11 +201,11 @@ def test_a_paused_worker_cannot_overwrite_the_outcome_of_the_worker_that_took_ov
     assert queue.deserialize_result(after) == taker.pid
 
 
-def test_a_task_that_keeps_losing_its_worker_fails_in_the_end(db_path, run):
+def test_a_task_that_keeps_losing_its_worker_fails_in_the_end(store, run):
     """A task that kills every worker that runs it (a segfault, the OOM killer) must not loop forever."""
 
     async def go():
-        backend = SQLiteBackend(db_path)
+        backend = store
         queue = TaskQueue(backend)
         task_id = await queue.enqueue(sitq.task(taskfuncs.add, retries=1), 1, 2)
         for _ in range(100):
@@ -233,25 +227,23 @@ def test_a_task_that_keeps_losing_its_worker_fails_in_the_end(db_path, run):
 PRODUCER = """
 import sys
 import taskfuncs
-import sitq
-from sitq import SQLiteBackend, SyncTaskQueue, TaskQueue
-from sitq.backends.rules import LOST_WORKER_LIMIT
+from sitq import SyncTaskQueue
 
-db, producer, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-with SyncTaskQueue(SQLiteBackend(db)) as queue:
+target, producer, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with SyncTaskQueue(target) as queue:
     for i in range(count):
         print(queue.enqueue(taskfuncs.echo, (producer, i)), producer, i)
 """
 
 
-def test_four_producers_and_two_workers_on_one_file(workers, tmp_path):
-    db, count = workers.db, 250
+def test_four_producers_and_two_workers_on_one_store(workers, tmp_path):
+    count = 250
     script = tmp_path / "producer.py"
     script.write_text(PRODUCER)
     consumers = [workers.start("--concurrency", "2") for _ in range(2)]
     producers = [
         subprocess.Popen(
-            [sys.executable, str(script), str(db), str(p), str(count)],
+            [sys.executable, str(script), workers.target, str(p), str(count)],
             env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for p in range(4)
@@ -265,31 +257,26 @@ def test_four_producers_and_two_workers_on_one_file(workers, tmp_path):
             expected[task_id] = (int(producer), int(i))
     assert len(expected) == 4 * count
 
-    def all_finished():
-        return query(db, "SELECT count(*) FROM sitq_tasks WHERE status = 'success'")[0][0] == len(expected)
-
-    wait_until(all_finished, "every task has run", timeout=120)
-    for proc in consumers:
-        workers.stop(proc)
-        assert "locked" not in workers.stderr(proc) and "Traceback" not in workers.stderr(proc)
-    with SyncTaskQueue(SQLiteBackend(db)) as queue:
+    with SyncTaskQueue(workers.target) as queue:
+        wait_until(lambda: queue.overview(0).counts["success"] == len(expected), "every task has run", timeout=120)
+        for proc in consumers:
+            workers.stop(proc)
+            assert "locked" not in workers.stderr(proc) and "Traceback" not in workers.stderr(proc)
         assert {task_id: queue.value(task_id, timeout=0) for task_id in expected} == expected
 
 
 def test_a_draining_worker_reruns_the_tasks_of_a_dead_worker(workers):
-    db = workers.db
-    with SyncTaskQueue(SQLiteBackend(db)) as queue:
+    with SyncTaskQueue(workers.target) as queue:
         task_id = queue.enqueue(taskfuncs.pid_after, 1.0)
         dead = workers.start("--lease", "0.3")
-        wait_until(lambda: held_by(db, dead.pid), "the task runs")
+        wait_until(lambda: held_by(queue, dead.pid), "the task runs")
         dead.kill()
         dead.wait(timeout=30)
-        wait_until(
-            lambda: query(db, "SELECT lease_until < ? FROM sitq_tasks", time.time()) == [(1,)],
-            "the dead worker's lease is over",
-        )
+        # it had renewed its lease for 0.3 s at most when it died
+        lease_over = time.time() + 0.3
+        wait_until(lambda: time.time() > lease_over, "the dead worker's lease is over")
         drain = subprocess.run(
-            sitq_command("worker", str(db), "--drain", "--quiet", "--lease", "0.3"),
+            sitq_command("worker", workers.target, "--drain", "--quiet", "--lease", "0.3"),
             env=worker_env(), capture_output=True, text=True, timeout=60,
         )
         assert drain.returncode == 0, drain.stderr

@@ -3,16 +3,17 @@
 Every task claimed beside it loses its worker too, so after a lost worker each of them is a
 suspect that runs alone: the innocent ones finish, and only the culprit keeps killing its
 worker until its ``LOST_WORKER_LIMIT``-th loss fails it. Real ``sitq worker`` processes on a
-real file, restarted as a supervisor would restart them.
+real shared store, restarted as a supervisor would restart them; the claims of suspects and a
+worker making room for one run in this process, on every backend.
 """
 
 import subprocess
 import time
 
 import taskfuncs
-from conftest import sitq_command, worker_env
+from conftest import sitq_command, worker_env, worker_running
 
-from sitq import SQLiteBackend, SyncTaskQueue, TaskQueue
+from sitq import SyncTaskQueue, TaskQueue
 from sitq.backends.rules import LOST_WORKER_LIMIT
 
 
@@ -20,9 +21,9 @@ def log_lines(log):
     return [line.split() for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def test_only_the_task_that_kills_its_worker_fails(db_path, tmp_path):
+def test_only_the_task_that_kills_its_worker_fails(shared_target, tmp_path):
     log = tmp_path / "runs.log"
-    queue = SyncTaskQueue(SQLiteBackend(db_path))
+    queue = SyncTaskQueue(shared_target)
     innocent = [queue.enqueue(taskfuncs.run_logged, str(log), x, 0.8) for x in (0, 1)]
     culprit = queue.enqueue(taskfuncs.kill_own_worker, str(log), 2, 0.3)
     innocent.append(queue.enqueue(taskfuncs.run_logged, str(log), 3, 0.8))
@@ -33,7 +34,7 @@ def test_only_the_task_that_kills_its_worker_fails(db_path, tmp_path):
     while not all(info.finished for info in queue.statuses(ids).values()):
         assert time.monotonic() < deadline, f"not settled: {queue.statuses(ids)}"
         worker = subprocess.Popen(
-            sitq_command("worker", str(db_path), "--concurrency", "4", "--lease", "1", "--poll-interval", "0.1", "-q"),
+            sitq_command("worker", shared_target, "--concurrency", "4", "--lease", "1", "--poll-interval", "0.1", "-q"),
             env=worker_env(),
             stderr=subprocess.PIPE,
             text=True,
@@ -74,9 +75,9 @@ def test_only_the_task_that_kills_its_worker_fails(db_path, tmp_path):
     assert len({line[1] for line in lines if line[2] == first_pid}) == 4
 
 
-def test_suspects_are_claimed_alone_and_only_by_an_empty_worker(db_path, run):
+def test_suspects_are_claimed_alone_and_only_by_an_empty_worker(store, run):
     async def go():
-        backend = SQLiteBackend(db_path)
+        backend = store
         queue = TaskQueue(backend)
         ids = await queue.map(taskfuncs.add, range(4), range(4))
         now = time.time()
@@ -96,25 +97,18 @@ def test_suspects_are_claimed_alone_and_only_by_an_empty_worker(db_path, run):
     run(go())
 
 
-def test_a_busy_worker_empties_itself_for_a_waiting_suspect(db_path, run):
+def test_a_busy_worker_empties_itself_for_a_waiting_suspect(store, run):
     """A suspect that becomes ready while a worker is busy with a stream of work gets run alone,
     before the stream ends (no starvation), and nothing runs beside it."""
 
     async def go():
-        import sqlite3
-
-        from conftest import worker_running
-
-        backend = SQLiteBackend(db_path)
+        backend = store
         queue = TaskQueue(backend)
         suspect = await queue.enqueue(taskfuncs.sleep_then, 0.1, "suspect")
         now = time.time()
-        await backend.claim("dead", 1, now, now - 1)
-        await backend.requeue_expired(now)
-        conn = sqlite3.connect(db_path)  # ready only once the worker below is busy
-        conn.execute("UPDATE sitq_tasks SET eta = ? WHERE id = ?", (now + 0.3, suspect))
-        conn.commit()
-        conn.close()
+        # claimed by a worker that dies: the task becomes a suspect when its lease runs out,
+        # once the worker below is busy (it deals with expired leases as it runs)
+        await backend.claim("dead", 1, now, now + 0.3)
         stream = await queue.map(taskfuncs.sleep_then, [0.05] * 30, range(30))
         async with worker_running(backend, max_concurrency=2, lease=0.3):
             results = [await queue.get_result(task_id, timeout=30) for task_id in [suspect, *stream]]

@@ -1,14 +1,13 @@
-"""The contract's operations, run against every backend: named queues and priorities,
-dependencies, dedupe keys, groups, retention, retries by hand, hand-backs, schedules,
-id lookups and listings. Expectations come from sitq.backends.rules where a rule decides.
+"""The contract's operations, run against every backend of tests/backends.py: named queues
+and priorities, dependencies, dedupe keys, groups, retention, retries by hand, hand-backs,
+schedules, id lookups and listings. Expectations come from sitq.backends.rules where a rule
+decides.
 """
 
 import asyncio
 
 import pytest
 
-from sitq import open_backend
-from sitq.backends import SQLiteBackend
 from sitq.backends.rules import (
     CancelOutcome,
     RetryOutcome,
@@ -20,19 +19,13 @@ from sitq.core import Enqueued, NewTask, NewTaskBatch, Outcome, OutcomeKind, Sch
 from sitq.errors import BackendError, InvalidTaskError
 from sitq.queue import new_task_id
 
-BACKENDS = {
-    "sqlite-file": lambda tmp_path: SQLiteBackend(tmp_path / "ops.db"),
-    "sqlite-memory": lambda tmp_path: SQLiteBackend(":memory:"),
-    "memory": lambda tmp_path: open_backend("memory://"),
-}
 NOW = 1_000_000.0
 
 
-@pytest.fixture(params=sorted(BACKENDS))
-def backend(request, tmp_path):
-    made = BACKENDS[request.param](tmp_path)
-    yield made
-    asyncio.run(made.close())
+@pytest.fixture
+def backend(store):
+    """Every backend of tests/backends.py in turn (conftest's ``store``)."""
+    return store
 
 
 def task(name="f", *, at=NOW, eta=None, **fields):

@@ -11,21 +11,16 @@ import taskfuncs
 from conftest import worker_running
 
 import sitq
-from sitq import InvalidTaskError, SQLiteBackend, TaskOptions, TaskQueue, Worker
+from sitq import InvalidTaskError, TaskOptions, TaskQueue, Worker
 
 QUICK = {"retry_delay": 0.01, "jitter": False}
 FLAKY = {"sync": taskfuncs.flaky, "async": taskfuncs.async_flaky}
 
 
-@pytest.fixture
-def backend(db_path):
-    return SQLiteBackend(db_path)
-
-
-async def outcome(backend, func, *args, timeout=30, **kwargs):
+async def outcome(store, func, *args, timeout=30, **kwargs):
     """Enqueue one call, run it to its end, and return (queue, Result)."""
-    queue = TaskQueue(backend)
-    async with worker_running(backend):
+    queue = TaskQueue(store)
+    async with worker_running(store):
         task_id = await queue.enqueue(func, *args, **kwargs)
         result = await queue.get_result(task_id, timeout=timeout)
     assert result is not None, "the task did not finish in time"
@@ -62,9 +57,9 @@ def test_retry_on_and_retry_requests_in_the_policy():
 
 
 @pytest.mark.parametrize("kind", FLAKY)
-def test_success_after_two_failures_reflects_the_final_attempt(backend, tmp_path, kind, run):
+def test_success_after_two_failures_reflects_the_final_attempt(store, tmp_path, kind, run):
     calls = tmp_path / "calls"
-    queue, result = run(outcome(backend, sitq.task(FLAKY[kind], retries=2, **QUICK), str(calls), 2))
+    queue, result = run(outcome(store, sitq.task(FLAKY[kind], retries=2, **QUICK), str(calls), 2))
     assert result.status == "success" and queue.deserialize_result(result) == 3
     assert result.attempts == 3
     assert result.error is None and result.traceback is None  # the failures before it are gone
@@ -72,25 +67,25 @@ def test_success_after_two_failures_reflects_the_final_attempt(backend, tmp_path
 
 
 @pytest.mark.parametrize("kind", FLAKY)
-def test_failure_after_all_attempts_keeps_the_last_error(backend, tmp_path, kind, run):
+def test_failure_after_all_attempts_keeps_the_last_error(store, tmp_path, kind, run):
     calls = tmp_path / "calls"
-    _, result = run(outcome(backend, sitq.task(FLAKY[kind], retries=2, **QUICK), str(calls), 10))
+    _, result = run(outcome(store, sitq.task(FLAKY[kind], retries=2, **QUICK), str(calls), 10))
     assert result.status == "failed" and result.attempts == 3
     assert result.error == "ValueError: failure 3"
     assert "in flaky" in result.traceback
     assert len(taskfuncs.call_times(calls)) == 3  # and not one more
 
 
-def test_without_options_a_task_runs_once(backend, tmp_path, run):
+def test_without_options_a_task_runs_once(store, tmp_path, run):
     calls = tmp_path / "calls"
-    _, result = run(outcome(backend, taskfuncs.flaky, str(calls), 1))
+    _, result = run(outcome(store, taskfuncs.flaky, str(calls), 1))
     assert result.status == "failed" and result.attempts == 1 and result.error == "ValueError: failure 1"
 
 
-def test_attempts_wait_longer_and_longer(backend, tmp_path, run):
+def test_attempts_wait_longer_and_longer(store, tmp_path, run):
     calls = tmp_path / "calls"
     task = sitq.task(taskfuncs.flaky, retries=3, retry_delay=0.05, backoff=3.0, jitter=False)
-    _, result = run(outcome(backend, task, str(calls), 3))
+    _, result = run(outcome(store, task, str(calls), 3))
     assert result.status == "success" and result.attempts == 4
     times = taskfuncs.call_times(calls)
     gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
@@ -108,43 +103,43 @@ def test_attempts_wait_longer_and_longer(backend, tmp_path, run):
         (KeyError, (ConnectionError, TimeoutError), 1),
     ],
 )
-def test_retry_on_limits_which_exceptions_are_retried(backend, tmp_path, raised, retry_on, attempts, run):
+def test_retry_on_limits_which_exceptions_are_retried(store, tmp_path, raised, retry_on, attempts, run):
     task = sitq.task(taskfuncs.flaky, retries=2, retry_on=retry_on, **QUICK)
-    _, result = run(outcome(backend, task, str(tmp_path / "calls"), 10, raised))
+    _, result = run(outcome(store, task, str(tmp_path / "calls"), 10, raised))
     assert result.status == "failed" and result.attempts == attempts
     assert result.error.startswith(raised.__name__)
 
 
-def test_a_task_can_ask_for_a_retry_with_a_delay(backend, tmp_path, run):
+def test_a_task_can_ask_for_a_retry_with_a_delay(store, tmp_path, run):
     calls = tmp_path / "calls"
     # Retry's own delay wins over retry_delay, and retry_on does not stop it
     task = sitq.task(taskfuncs.asks_for_retry, retries=1, retry_delay=60, retry_on=KeyError)
-    queue, result = run(outcome(backend, task, str(calls), 1, 0.3))
+    queue, result = run(outcome(store, task, str(calls), 1, 0.3))
     assert result.status == "success" and queue.deserialize_result(result) == 2 and result.attempts == 2
     first, second = taskfuncs.call_times(calls)
     assert 0.3 <= second - first < 30  # its own 0.3 s, not retry_delay's 60 s
 
 
 @pytest.mark.parametrize("retries", [0, 2])
-def test_asking_for_a_retry_with_no_attempts_left_fails(backend, tmp_path, retries, run):
+def test_asking_for_a_retry_with_no_attempts_left_fails(store, tmp_path, retries, run):
     calls = tmp_path / "calls"
     task = sitq.task(taskfuncs.asks_for_retry, retries=retries, **QUICK)
-    _, result = run(outcome(backend, task, str(calls), 100, 0.01))
+    _, result = run(outcome(store, task, str(calls), 100, 0.01))
     assert result.status == "failed" and result.attempts == retries + 1
     assert result.error == f"Retry: not ready at call {retries + 1}"
 
 
-def test_asking_for_a_retry_without_options_fails_at_once(backend, tmp_path, run):
-    _, result = run(outcome(backend, taskfuncs.asks_for_retry, str(tmp_path / "calls"), 1))
+def test_asking_for_a_retry_without_options_fails_at_once(store, tmp_path, run):
+    _, result = run(outcome(store, taskfuncs.asks_for_retry, str(tmp_path / "calls"), 1))
     assert result.status == "failed" and result.attempts == 1 and result.error.startswith("Retry: ")
 
 
-def test_a_retry_with_a_bad_delay_fails_the_task_instead_of_hanging(backend, run):
+def test_a_retry_with_a_bad_delay_fails_the_task_instead_of_hanging(store, run):
     async def go():
-        queue = TaskQueue(backend)
+        queue = TaskQueue(store)
         task = sitq.task(taskfuncs.async_asks_for_retry_badly, retries=1, **QUICK)
         task_id = await queue.enqueue(task, "soon")
-        worker = Worker(backend, poll_interval=0.05)
+        worker = Worker(store, poll_interval=0.05)
         running = asyncio.ensure_future(worker.start())
         result = await queue.get_result(task_id, timeout=3)
         running.cancel()  # a worker with a task that never settles cannot be stopped politely
@@ -160,11 +155,11 @@ def test_a_retry_with_a_bad_delay_fails_the_task_instead_of_hanging(backend, run
     assert "delay" in result.error
 
 
-def test_status_shows_attempts_so_far_and_when_the_next_is_due(backend, tmp_path, run):
+def test_status_shows_attempts_so_far_and_when_the_next_is_due(store, tmp_path, run):
     async def go():
-        queue = TaskQueue(backend)
+        queue = TaskQueue(store)
         task = sitq.task(taskfuncs.flaky, retries=1, retry_delay=1.5, jitter=False)
-        async with worker_running(backend):
+        async with worker_running(store):
             task_id = await queue.enqueue(task, str(tmp_path / "calls"), 1)
             deadline = asyncio.get_running_loop().time() + 30
             while (info := await queue.status(task_id)).attempts < 1 or info.status != "pending":
@@ -185,22 +180,22 @@ def test_status_shows_attempts_so_far_and_when_the_next_is_due(backend, tmp_path
     assert result.started_at >= info.eta  # the second attempt waited until it was due
 
 
-def test_a_decorated_function_keeps_its_options(backend, tmp_path, run):
+def test_a_decorated_function_keeps_its_options(store, tmp_path, run):
     @sitq.task(retries=1, name="twice at most", **QUICK)
     async def shaky(path):
         return await taskfuncs.async_flaky(path, 1)
 
     assert isinstance(shaky, sitq.Task) and shaky.__name__ == "shaky"
-    queue, result = run(outcome(backend, shaky, str(tmp_path / "calls")))
+    queue, result = run(outcome(store, shaky, str(tmp_path / "calls")))
     assert result.name == "twice at most" and result.attempts == 2 and queue.deserialize_result(result) == 2
 
 
-def test_options_changes_one_call_and_leaves_the_task_alone(backend, tmp_path, run):
+def test_options_changes_one_call_and_leaves_the_task_alone(store, tmp_path, run):
     task = sitq.task(taskfuncs.flaky, retries=3, **QUICK)
     once = task.options(retries=0)
     assert task.task_options.retries == 3 and once.task_options.retries == 0
     assert once.task_options.retry_delay == 0.01  # the other options carry over
-    _, result = run(outcome(backend, once, str(tmp_path / "calls"), 1))
+    _, result = run(outcome(store, once, str(tmp_path / "calls"), 1))
     assert result.status == "failed" and result.attempts == 1
 
 
@@ -249,13 +244,13 @@ def test_wrapping_needs_a_callable():
         sitq.task(42)
 
 
-def test_task_options_never_collide_with_the_functions_own_keywords(backend, run):
+def test_task_options_never_collide_with_the_functions_own_keywords(store, run):
     async def go():
-        queue = TaskQueue(backend)
+        queue = TaskQueue(store)
         mine = {"retries": -7, "timeout": "never", "name": "not a task name"}  # invalid as options
         plain = await queue.enqueue(taskfuncs.own_options, **mine)
         wrapped = await queue.enqueue(sitq.task(taskfuncs.own_options, name="shown", timeout=30), **mine)
-        await Worker(backend).drain()
+        await Worker(store).drain()
         return queue, [await queue.get_result(i, timeout=0) for i in (plain, wrapped)]
 
     queue, (plain, wrapped) = run(go())

@@ -10,12 +10,7 @@ import taskfuncs
 from conftest import worker_running
 
 import sitq
-from sitq import InvalidTaskError, SQLiteBackend, TaskCancelledError, TaskQueue, Worker
-
-
-@pytest.fixture
-def backend(db_path):
-    return SQLiteBackend(db_path)
+from sitq import InvalidTaskError, TaskCancelledError, TaskQueue, Worker
 
 
 @pytest.fixture
@@ -46,13 +41,13 @@ async def worker_turned(queue):
 # -- timeouts --------------------------------------------------------------------
 
 
-def test_a_coroutine_past_its_timeout_is_cancelled_and_fails(backend, run):
+def test_a_coroutine_past_its_timeout_is_cancelled_and_fails(store, run):
     name = uuid.uuid4().hex
     task = sitq.task(taskfuncs.async_wait_noting_cancel, timeout=0.2)
 
     async def go():
-        queue = TaskQueue(backend)
-        async with worker_running(backend):
+        queue = TaskQueue(store)
+        async with worker_running(store):
             return await queue.get_result(await queue.enqueue(task, name, 60), timeout=30)
 
     result = run(go())
@@ -63,13 +58,13 @@ def test_a_coroutine_past_its_timeout_is_cancelled_and_fails(backend, run):
     assert 0.2 <= result.duration < 30
 
 
-def test_a_thread_past_its_timeout_fails_and_its_late_value_is_discarded(backend, gate, run):
+def test_a_thread_past_its_timeout_fails_and_its_late_value_is_discarded(store, gate, run):
     name, opened, ended = gate
     task = sitq.task(taskfuncs.wait_at_gate, timeout=0.2)
 
     async def go():
-        queue = TaskQueue(backend)
-        async with worker_running(backend, max_concurrency=1):
+        queue = TaskQueue(store)
+        async with worker_running(store, max_concurrency=1):
             slow = await queue.enqueue(task, name, "too late")
             timed_out = await queue.get_result(slow, timeout=30)
             assert not ended.is_set()  # failed at its deadline, while the function still runs
@@ -87,22 +82,22 @@ def test_a_thread_past_its_timeout_fails_and_its_late_value_is_discarded(backend
     assert final == timed_out and final.value is None  # the late value changed nothing
 
 
-def test_a_timed_out_attempt_is_retried_like_any_failure(backend, run):
+def test_a_timed_out_attempt_is_retried_like_any_failure(store, run):
     task = sitq.task(taskfuncs.async_sleep_then, timeout=0.1, retries=1, retry_delay=0.01, jitter=False)
 
     async def go():
-        queue = TaskQueue(backend)
-        async with worker_running(backend):
+        queue = TaskQueue(store)
+        async with worker_running(store):
             return await queue.get_result(await queue.enqueue(task, 60), timeout=30)
 
     result = run(go())
     assert result.status == "failed" and result.attempts == 2 and result.error.startswith("TaskTimeoutError")
 
 
-def test_a_task_within_its_timeout_is_not_disturbed(backend, run):
+def test_a_task_within_its_timeout_is_not_disturbed(store, run):
     async def go():
-        queue = TaskQueue(backend)
-        async with worker_running(backend, max_concurrency=2):
+        queue = TaskQueue(store)
+        async with worker_running(store, max_concurrency=2):
             ids = [
                 await queue.enqueue(sitq.task(taskfuncs.sleep_then, timeout=30), 0.05, "thread"),
                 await queue.enqueue(sitq.task(taskfuncs.async_sleep_then, timeout=30), 0.05, "coroutine"),
@@ -116,15 +111,15 @@ def test_a_task_within_its_timeout_is_not_disturbed(backend, run):
 # -- cancellation ----------------------------------------------------------------
 
 
-def test_cancelling_a_pending_task_means_it_never_runs(backend, tmp_path, run):
+def test_cancelling_a_pending_task_means_it_never_runs(store, tmp_path, run):
     log = tmp_path / "ran.log"
 
     async def go():
-        queue = TaskQueue(backend)
+        queue = TaskQueue(store)
         doomed = await queue.enqueue(taskfuncs.record, str(log), "doomed")
         kept = await queue.enqueue(taskfuncs.record, str(log), "kept")
         answer = await queue.cancel(doomed)
-        await Worker(backend).drain()
+        await Worker(store).drain()
         return queue, answer, await queue.get_result(doomed, timeout=0), await queue.get_result(kept, timeout=0)
 
     queue, answer, doomed, kept = run(go())
@@ -137,12 +132,12 @@ def test_cancelling_a_pending_task_means_it_never_runs(backend, tmp_path, run):
         queue.deserialize_result(doomed)
 
 
-def test_cancelling_a_running_coroutine_stops_it(backend, run):
+def test_cancelling_a_running_coroutine_stops_it(store, run):
     name = uuid.uuid4().hex
 
     async def go():
-        queue = TaskQueue(backend)
-        async with worker_running(backend):
+        queue = TaskQueue(store)
+        async with worker_running(store):
             task_id = await queue.enqueue(taskfuncs.async_wait_noting_cancel, name, 60)
             await wait_for_status(queue, task_id, "running")
             answer = await queue.cancel(task_id)
@@ -157,12 +152,12 @@ def test_cancelling_a_running_coroutine_stops_it(backend, run):
     assert waited < 30  # promptly: the coroutine would have slept 60 s
 
 
-def test_cancelling_a_running_thread_discards_its_outcome(backend, gate, run):
+def test_cancelling_a_running_thread_discards_its_outcome(store, gate, run):
     name, opened, ended = gate
 
     async def go():
-        queue = TaskQueue(backend)
-        async with worker_running(backend, max_concurrency=1):
+        queue = TaskQueue(store)
+        async with worker_running(store, max_concurrency=1):
             task_id = await queue.enqueue(taskfuncs.wait_at_gate, name, "finished anyway")
             await wait_for_status(queue, task_id, "running")
             answer = await queue.cancel(task_id)
@@ -182,11 +177,11 @@ def test_cancelling_a_running_thread_discards_its_outcome(backend, gate, run):
 
 
 @pytest.mark.parametrize("func, args, status", [(taskfuncs.add, (1, 2), "success"), (taskfuncs.fail, (), "failed")])
-def test_cancelling_a_finished_task_changes_nothing(backend, func, args, status, run):
+def test_cancelling_a_finished_task_changes_nothing(store, func, args, status, run):
     async def go():
-        queue = TaskQueue(backend)
+        queue = TaskQueue(store)
         task_id = await queue.enqueue(func, *args)
-        await Worker(backend).drain()
+        await Worker(store).drain()
         before = await queue.get_result(task_id, timeout=0)
         answer = await queue.cancel(task_id)
         return before, answer, await queue.get_result(task_id, timeout=0)
@@ -196,18 +191,18 @@ def test_cancelling_a_finished_task_changes_nothing(backend, func, args, status,
     assert answer == "finished" and after == before
 
 
-def test_cancelling_twice_says_finished_the_second_time(backend, run):
+def test_cancelling_twice_says_finished_the_second_time(store, run):
     async def go():
-        queue = TaskQueue(backend)
+        queue = TaskQueue(store)
         task_id = await queue.enqueue(taskfuncs.add, 1, 2)
         return await queue.cancel(task_id), await queue.cancel(task_id)
 
     assert run(go()) == ("cancelled", "finished")
 
 
-def test_cancelling_an_unknown_task_says_so(backend, run):
+def test_cancelling_an_unknown_task_says_so(store, run):
     async def go():
-        queue = TaskQueue(backend)
+        queue = TaskQueue(store)
         await queue.enqueue(taskfuncs.add, 1, 2)
         answer = await queue.cancel("0" * 32)
         with pytest.raises(InvalidTaskError, match="task ids are strings"):
@@ -218,13 +213,13 @@ def test_cancelling_an_unknown_task_says_so(backend, run):
     assert answer is None and overview.counts["pending"] == 1 and overview.counts["cancelled"] == 0
 
 
-def test_cancelling_between_retries_stops_the_retries(backend, tmp_path, run):
+def test_cancelling_between_retries_stops_the_retries(store, tmp_path, run):
     calls = tmp_path / "calls"
     task = sitq.task(taskfuncs.flaky, retries=3, retry_delay=60, jitter=False)
 
     async def go():
-        queue = TaskQueue(backend)
-        async with worker_running(backend):
+        queue = TaskQueue(store)
+        async with worker_running(store):
             task_id = await queue.enqueue(task, str(calls), 10)
             deadline = asyncio.get_running_loop().time() + 30
             while (info := await queue.status(task_id)).attempts < 1 or info.status != "pending":
@@ -238,15 +233,15 @@ def test_cancelling_between_retries_stops_the_retries(backend, tmp_path, run):
     assert len(taskfuncs.call_times(calls)) == 1
 
 
-def test_a_cancel_requested_during_a_failing_attempt_stops_the_retries(backend, gate, tmp_path, run):
+def test_a_cancel_requested_during_a_failing_attempt_stops_the_retries(store, gate, tmp_path, run):
     name, opened, ended = gate
     calls = tmp_path / "calls"
     task = sitq.task(taskfuncs.fail_at_gate_once, retries=2, retry_delay=0.01, jitter=False)
 
     async def go():
-        queue = TaskQueue(backend)
+        queue = TaskQueue(store)
         # the worker looks for cancel requests only every 30 s: the attempt fails before it does
-        async with worker_running(backend, progress_interval=30, lease=90):
+        async with worker_running(store, progress_interval=30, lease=90):
             task_id = await queue.enqueue(task, name, str(calls))
             await wait_for_status(queue, task_id, "running")
             answer = await queue.cancel(task_id)
@@ -259,17 +254,17 @@ def test_a_cancel_requested_during_a_failing_attempt_stops_the_retries(backend, 
     assert len(taskfuncs.call_times(calls)) == 1
 
 
-def test_a_cancel_requested_for_a_dead_workers_task_is_honoured(backend, run):
+def test_a_cancel_requested_for_a_dead_workers_task_is_honoured(store, run):
     """The worker died before it saw the request: once the lease runs out, the task is cancelled, not rerun."""
 
     async def go():
-        queue = TaskQueue(backend)
+        queue = TaskQueue(store)
         task_id = await queue.enqueue(taskfuncs.add, 1, 2)
         now = time.time()
-        (claimed,) = await backend.claim("dead-worker", 1, now, now + 0.2)  # and then it died
+        (claimed,) = await store.claim("dead-worker", 1, now, now + 0.2)  # and then it died
         assert claimed.task_id == task_id
         answer = await queue.cancel(task_id)
-        async with worker_running(backend, lease=0.3):
+        async with worker_running(store, lease=0.3):
             result = await queue.get_result(task_id, timeout=30)
         return answer, result
 

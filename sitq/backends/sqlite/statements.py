@@ -136,9 +136,10 @@ WHERE status = 'pending' AND queue = :q{i} AND eta <= :now AND lost = 0 ORDER BY
 """
 
 # A task that lost its worker before runs alone: only a worker with nothing running claims it.
+# Suspects are few (the index holds only them), so sorting them in claim order costs little.
 SUSPECTS = """
 SELECT seq FROM sitq_tasks INDEXED BY sitq_tasks_suspects
-WHERE status = 'pending' AND lost > 0 AND eta <= :now {queues} ORDER BY eta, seq LIMIT 1
+WHERE status = 'pending' AND lost > 0 AND eta <= :now {queues} ORDER BY priority DESC, eta, seq LIMIT 1
 """
 
 IN_QUEUES = "AND queue IN (SELECT value FROM json_each(:queues))"
@@ -444,6 +445,8 @@ def count_pending(conn: sqlite3.Connection, tasks: Sequence[NewTask]) -> None:
 
 def insert(conn: sqlite3.Connection, tasks: Sequence[NewTask]) -> tuple[list[Enqueued], bool]:
     """The plain path, for a few tasks: one INSERT (a transaction only if there is more to write)."""
+    if not tasks:
+        return [], False  # nothing stored: waiters must not wake
     if len(tasks) == 1 and (t := tasks[0]).group_id is None:  # one enqueue: one statement, its own transaction
         conn.execute(INSERT_TASK, (t.task_id, t.name, t.func, t.args, t.signature, t.max_attempts, t.eta,
                                    t.enqueued_at, t.queue, t.priority, t.retention, t.group_id))

@@ -1,0 +1,148 @@
+"""The backends the contract suite, the model test and the queue and worker tests run on.
+
+Each entry of ``BACKENDS`` says how to make a fresh, empty store for one test and what the
+store can do; a new backend is one more line. Tests do not read this list themselves: they
+take the fixtures in ``conftest.py``, which are parameterised over it:
+
+- ``store``: a backend made by ``open_backend`` on a fresh store, for every backend here;
+- ``open_store``: ``open_backend`` on that same store again, for tests that need a second
+  connection (``store_kind.shared`` says whether there is one to have);
+- ``shared_target``: the target string of a fresh store that other processes can open
+  (``sitq worker TARGET``), for the backends marked ``shared`` only.
+
+A backend whose server cannot be reached is skipped, with the reason its ``unavailable``
+gives. A PostgreSQL entry would read, for example::
+
+    StoreKind("postgres", postgres_database, shared=True, unavailable=postgres_unreachable),
+
+with ``postgres_database`` a context manager that creates an empty database (or schema)
+for the test, yields its URL and drops it afterwards.
+
+``new_tasks`` and ``outcome`` build the records the backend contract takes, in one place,
+so that a field added to them is added here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from sitq.backends import Backend, MemoryBackend, SQLiteBackend
+from sitq.core import ClaimedTask, NewTask, NewTaskBatch, Outcome, OutcomeKind
+
+# -- how each store is made ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreKind:
+    """One backend the tests run on.
+
+    ``target`` makes a fresh, empty store under the test's ``tmp_path`` and returns its
+    target string, or a context manager that yields it (and removes the store afterwards).
+    ``shared``: every ``open_backend`` on the target, in this process or another, sees the
+    same store (a file, a server); ``memory://`` and ``:memory:`` are private to one object.
+    ``odd_values``: the store can hold values sitq never writes (SQLite keeps any value in
+    any column), so rows with, say, an eta that is not a time can be tested on it.
+    ``unavailable`` returns why the backend cannot be tested here (its server is not
+    reachable, its driver is missing), or None. ``hidden`` reads what each task holds that
+    no reader of the contract returns (see :func:`hidden_fields`), for the model test.
+    """
+
+    name: str
+    target: Callable[[Path], str | contextlib.AbstractContextManager[str]]
+    shared: bool
+    odd_values: bool = False
+    unavailable: Callable[[], str | None] = lambda: None
+    hidden: Callable[[Backend], dict[str, tuple[int, bool, float | None]]] | None = None
+
+    @contextlib.contextmanager
+    def fresh(self, folder: Path) -> Iterator[str]:
+        """The target of a fresh store for one test; it is removed (if it needs removing) after."""
+        made = self.target(folder)
+        if isinstance(made, str):
+            yield made
+        else:
+            with made as target:
+                yield target
+
+
+def _sqlite_hidden(backend: Backend) -> dict[str, tuple[int, bool, float | None]]:
+    assert isinstance(backend, SQLiteBackend)
+    with backend._lock:  # the backend's own connection: ':memory:' has no other
+        rows = backend._connection().execute("SELECT id, lost, cancel_requested, lease_until FROM sitq_tasks")
+        return {task_id: (lost, bool(requested), lease) for task_id, lost, requested, lease in rows}
+
+
+def _memory_hidden(backend: Backend) -> dict[str, tuple[int, bool, float | None]]:
+    assert isinstance(backend, MemoryBackend)
+    with backend._lock:
+        return {r.task_id: (r.lost, r.cancel_requested, r.lease_until) for r in backend._rows.values()}
+
+
+BACKENDS = [
+    StoreKind("sqlite-file", lambda folder: str(folder / "tasks.db"), shared=True, odd_values=True,
+              hidden=_sqlite_hidden),
+    StoreKind("sqlite-memory", lambda folder: ":memory:", shared=False, odd_values=True, hidden=_sqlite_hidden),
+    StoreKind("memory", lambda folder: "memory://", shared=False, hidden=_memory_hidden),
+]
+
+REFERENCE = "memory"  # the plain-Python backend the model test compares the others with
+
+
+def hidden_fields(kind: StoreKind, backend: Backend) -> dict[str, tuple[int, bool, float | None]]:
+    """``{task_id: (lost, cancel_requested, lease_until)}``: what the contract keeps per task
+    but returns from no reader (lost counts show only in claims). Empty if ``kind`` cannot say."""
+    return kind.hidden(backend) if kind.hidden is not None else {}
+
+
+# -- the records the contract takes --------------------------------------------------
+
+_ids = iter(range(1, 1 << 62))
+
+
+def new_id() -> str:
+    """A new task id, 32 hex digits as sitq makes them, in the order they were made."""
+    return f"{next(_ids):032x}"
+
+
+def new_tasks(count: int, now: float, *, eta: float | None = None, name: str = "f", **fields: Any) -> list[NewTask]:
+    """``count`` new tasks enqueued at ``now``, due at ``eta`` (default: now), each with its own args."""
+    return [
+        NewTask(new_id(), name, b"func", f"args{i}".encode(), now if eta is None else eta, now, **fields)
+        for i in range(count)
+    ]
+
+
+def new_batch(
+    count: int, now: float, *, eta: float | None = None, name: str = "f", **fields: Any
+) -> NewTaskBatch:
+    """``count`` new tasks as ``map`` makes them: one batch of columns."""
+    ids = [new_id() for _ in range(count)]
+    return NewTaskBatch(
+        name, b"func", now if eta is None else eta, now, 1, ids, [f"args{i}".encode() for i in range(count)],
+        [None] * count, **fields,
+    )
+
+
+def outcome(claimed: ClaimedTask, kind: OutcomeKind, at: float, **fields: Any) -> Outcome:
+    """The outcome of ``claimed``'s attempt, of ``kind``, finished at ``at``."""
+    return Outcome(claimed.task_id, claimed.handle, claimed.attempts, kind, at, **fields)
+
+
+OUTCOME_FIELDS = {
+    OutcomeKind.SUCCESS: {"value": b"value", "value_signature": b"signed", "output": "printed"},
+    OutcomeKind.FAILED: {"error": "ValueError: bad", "traceback": "Traceback ...", "output": "printed"},
+    OutcomeKind.CANCELLED: {"error": "TaskCancelledError: cancelled"},
+    OutcomeKind.RETRY: {"error": "ValueError: again", "traceback": "Traceback ...", "output": "printed"},
+}
+
+
+def typical_outcome(claimed: ClaimedTask, kind: OutcomeKind, at: float, *, retry_at: float | None = None) -> Outcome:
+    """An outcome of ``kind`` with the fields a worker fills in for it (a retry is due at ``retry_at``)."""
+    fields = dict(OUTCOME_FIELDS[kind])
+    if kind is OutcomeKind.RETRY:
+        fields["retry_at"] = at if retry_at is None else retry_at
+    return outcome(claimed, kind, at, **fields)
