@@ -20,8 +20,9 @@ A task is data whatever it does: anything it raises (``KeyboardInterrupt``
 and other ``BaseException`` subclasses included) and anything that goes wrong
 while sitq records its outcome (an exception whose ``str()`` raises, a value
 that cannot be pickled) ends the task as failed, and the thread or coroutine
-that ran it carries on; :class:`Recorder` turns what a call returned or raised
-into the outcome to store. A timeout or cancel stops a coroutine by cancelling
+that ran it carries on; :class:`Loader` unpickles a claimed task (a task
+that cannot be unpickled fails alone) and :class:`Recorder` turns what a call
+returned or raised into the outcome to store. A timeout or cancel stops a coroutine by cancelling
 it; one that ignores the cancel for ``cancel_grace`` seconds is abandoned: its
 outcome is recorded, its slot freed and whatever it does later discarded. A
 thread cannot be stopped, so the same happens to it at once; code that runs a
@@ -55,7 +56,7 @@ from sitq.worker.failures import describe_exception, describe_failure
 if TYPE_CHECKING:
     from sitq.worker.processes import ProcessPool
 
-__all__ = ["Recorder", "Runner"]
+__all__ = ["Loader", "Recorder", "Runner"]
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,58 @@ class _Run:
         return rest
 
 
+class Loader:
+    """Turns a claimed task into one ready to run: checks its signature, unpickles its call (or,
+    for a worker with processes, only its options: the child unpickles the call) and gives it
+    its context and captured output. A task that cannot be loaded gets a failed outcome."""
+
+    def __init__(self, serializer: Serializer, signer: Signer | None, recorder: Recorder, capture_output: bool,
+                 in_processes: bool) -> None:
+        self.serializer = serializer
+        self.signer = signer
+        self.recorder = recorder
+        self.capture_output = capture_output
+        self.in_processes = in_processes
+        self._options: dict[bytes, TaskOptions] = {}  # with processes: each function's options, by its bytes
+
+    def load(self, running: _Running) -> Outcome | None:
+        """Make ``running`` ready to run; or the failed outcome to settle it with instead."""
+        task = running.task
+        if task.problem is not None:  # a row sitq did not write: fail it alone, unpickle nothing
+            return self.recorder.outcome(running, OutcomeKind.FAILED, error=f"BackendError: {task.problem}")
+        try:
+            if self.signer is not None:
+                self.signer.verify_task(task.task_id, task.func, task.args, task.signature)
+            if self.in_processes:  # its process unpickles the call; only the options are needed here
+                running.options = self._options_of(task.func)
+                if self.capture_output:
+                    running.output = CapturedOutput()
+                return None
+            func, args, kwargs = self.serializer.loads_call(task.func, task.args)
+            if isinstance(func, Task):
+                running.options, func = func.task_options, func.func
+            running.is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+                getattr(func, "__call__", None)  # noqa: B004 - an object whose __call__ is async, not a callable check
+            )
+        except BaseException as exc:  # whatever unpickling a payload raises fails its task, not the worker
+            return self.recorder.record(running, exc, failed=True, skip_frames=0)
+        running.call = (func, args, kwargs)
+        if self.capture_output:
+            running.output = CapturedOutput()
+        running.context = task_context(running, running.output)
+        return None
+
+    def _options_of(self, func: bytes) -> TaskOptions:
+        options = self._options.get(func)
+        if options is None:
+            loaded = self.serializer.loads(func)
+            options = loaded.task_options if isinstance(loaded, Task) else DEFAULT_OPTIONS
+            if len(self._options) >= 64:
+                self._options.clear()
+            self._options[func] = options
+        return options
+
+
 class Runner:
     """Runs the tasks the worker claims, one run per slot, and reports each outcome once.
 
@@ -178,20 +231,17 @@ class Runner:
     ) -> None:
         self.worker_id = worker_id
         self.recorder = Recorder(serializer, signer, clock)
-        self.serializer = serializer
-        self.capture_output = capture_output
         self.progress: ProgressLog[_Running] = ProgressLog()
         self.active: dict[str, _Running] = {}
         self.busy_slots = 0
         self._coroutines = _Coroutines(worker_id, cancel_grace, self.recorder, self._settle, self._timed)
-        self._signer = signer
         self._on_settled = on_settled
         self._on_released = on_released
         self._loop: Any = None
         self._loop_runs: set[asyncio.Task[None]] = set()
         self._average_run: float | None = None  # moving average of task run times, in seconds
         self._threads: _Threads | None = None
-        self._options: dict[bytes, TaskOptions] = {}  # with processes: each function's options, by its bytes
+        self._loader = Loader(serializer, signer, self.recorder, capture_output, in_processes=bool(processes))
         self.pool: ProcessPool | None = None
         if processes:
             from sitq.worker.processes import ProcessPool  # loaded only by workers that use processes
@@ -240,42 +290,11 @@ class Runner:
     def _prepare(self, task: ClaimedTask) -> _Running | None:
         running = _Running(task, self.progress)
         self.active[task.task_id] = running
-        recorder = self.recorder
-        if task.problem is not None:  # a row sitq did not write: fail it alone, unpickle nothing
-            self._settle(running, recorder.outcome(running, OutcomeKind.FAILED, error=f"BackendError: {task.problem}"))
+        failed = self._loader.load(running)
+        if failed is not None:
+            self._settle(running, failed)
             return None
-        try:
-            if self._signer is not None:
-                self._signer.verify_task(task.task_id, task.func, task.args, task.signature)
-            if self.pool is not None:  # its process unpickles the call; only the options are needed here
-                running.options = self._options_of(task.func)
-                if self.capture_output:
-                    running.output = CapturedOutput()
-                return running
-            func, args, kwargs = self.serializer.loads_call(task.func, task.args)
-            if isinstance(func, Task):
-                running.options, func = func.task_options, func.func
-            running.is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
-                getattr(func, "__call__", None)  # noqa: B004 - an object whose __call__ is async, not a callable check
-            )
-        except BaseException as exc:  # whatever unpickling a payload raises fails its task, not the worker
-            self._settle(running, recorder.record(running, exc, failed=True, skip_frames=0))
-            return None
-        running.call = (func, args, kwargs)
-        if self.capture_output:
-            running.output = CapturedOutput()
-        running.context = task_context(running, running.output)
         return running
-
-    def _options_of(self, func: bytes) -> TaskOptions:
-        options = self._options.get(func)
-        if options is None:
-            loaded = self.serializer.loads(func)
-            options = loaded.task_options if isinstance(loaded, Task) else DEFAULT_OPTIONS
-            if len(self._options) >= 64:
-                self._options.clear()
-            self._options[func] = options
-        return options
 
     # -- what the process pool reports (sitq.worker.processes.Owner) -------------
 
