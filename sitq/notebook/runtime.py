@@ -50,7 +50,8 @@ DEFAULT_PATH = "sitq.db"
 # How long map() waits for its tasks to be stored before it returns the group still storing: a
 # map of a few thousand items is stored by then (and its errors raise in the cell); a bigger one
 # goes on in the background, so the kernel is never held for longer.
-MAP_WAIT = 0.01
+MAP_WAIT = 0.005
+EAGER_WIDGET = 1000  # a map of more items gets its widget before its tasks are stored (see Runtime.map)
 _runtime: Runtime | None = None
 _lock = threading.Lock()
 
@@ -184,15 +185,26 @@ class Runtime:
             name = func.task_options.name or describe_callable(func.func)
         else:
             name = describe_callable(func) if callable(func) else ""
+        widget = None
+        if expected > EAGER_WIDGET and widgets_enabled():
+            # Drawn before the tasks are stored: once storing runs on the loop thread, every step of
+            # making a widget's models here would wait its turn for the GIL.
+            from sitq.notebook.widgets import GroupWidget
+
+            widget = GroupWidget(group_id, name, expected)
         future = self.loop.submit(self.queue.map(func, *columns, eta=eta, group=group_id, key=key))
         try:
             ids: list[str] | None = future.result(MAP_WAIT)
         except (TimeoutError, concurrent.futures.TimeoutError):  # distinct types before 3.11
             ids = None
         if ids is not None:
-            return GroupHandle(self, group_id, name, task_ids=ids)
-        future.add_done_callback(self._stored)
-        return GroupHandle(self, group_id, name, stored=future, expected=expected)
+            handle = GroupHandle(self, group_id, name, task_ids=ids)
+        else:
+            future.add_done_callback(self._stored)
+            handle = GroupHandle(self, group_id, name, stored=future, expected=expected)
+        if widget is not None:
+            handle._adopt(widget)
+        return handle
 
     def _stored(self, future: concurrent.futures.Future[list[str]]) -> None:
         if not future.cancelled() and future.exception() is not None:
