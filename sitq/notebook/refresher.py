@@ -253,7 +253,7 @@ class Refresher:
         from sitq.notebook.widgets import GROUP_PREFIX
 
         task_id = board.widget.selected
-        if task_id.startswith(GROUP_PREFIX):
+        if task_id and task_id.startswith(GROUP_PREFIX):
             group_id = task_id[len(GROUP_PREFIX):]
             watch = GroupWatch(group_id, "")
             row = await watch.row(self.queue)
