@@ -100,12 +100,12 @@ def group_bar_html(row: GroupRow, width: str = "8em") -> str:
     total = row.total or 1
     ok = row.counts.get("success", 0) / total * 100
     bad = (row.failed + row.counts.get("cancelled", 0)) / total * 100
-    return (f'<span class="sitq-bar sitq-group-bar" title="{row.done:,}/{row.total:,}" style="display: inline-block;'
+    return (f'<span class="sitq-bar sitq-group-bar" title="{row.done:,}/{row.total:,}" style="display: inline-flex;'
             f' width: {width}; height: 0.7em; vertical-align: middle; background: var(--jp-layout-color3, #ddd);'
-            f' border-radius: 2px; overflow: hidden; white-space: nowrap;">'
-            f'<span style="display: inline-block; height: 100%; width: {ok:.1f}%;'
+            f' border-radius: 2px; overflow: hidden;">'
+            f'<span class="sitq-bar-ok" style="display: block; flex: none; height: 100%; width: {ok:.1f}%;'
             f' background: {STATE_COLOURS["success"]};"></span>'
-            f'<span style="display: inline-block; height: 100%; width: {bad:.1f}%;'
+            f'<span class="sitq-bar-bad" style="display: block; flex: none; height: 100%; width: {bad:.1f}%;'
             f' background: {STATE_COLOURS["failed"]};"></span></span>')
 
 
