@@ -240,7 +240,8 @@ def test_a_map_is_one_group_widget_and_comes_back_after_a_restart(tmp_path):
         "values = group.results(failures='return')\n"
         "print([v if not isinstance(v, Exception) else type(v).__name__ for v in values])",
         "print(len(group), group[4].result(), [f.error for f in group.failures()])",
-        "print('retried', group.retry_failed())\ngroup.wait(60)\nprint(group.counts['failed'], group[3].info().attempts)",
+        "print('retried', group.retry_failed())\ngroup.wait(60)\n"
+        "print(group.counts['failed'], group[3].info().attempts)",
         "later = sitq.notebook.map(work, range(20), [" + repr(gate) + "] * 20)\nlater",
         "wait_until(lambda: later.counts['running'] > 0)\nprint(later.cancel()['cancelled'] >= 18)\n"
         f"open({gate!r}, 'w').close()\nlater.wait(60)\nprint(later.counts['cancelled'] + later.counts['success'])",
