@@ -111,9 +111,11 @@ def test_a_big_map_returns_while_it_stores_and_its_methods_wait_for_it(rt, monke
     assert group._stored is not None and repr(group).endswith("2,999 tasks>")  # drawn without a read
     assert len(group.stored(30)) == 2999
     assert group.results(60)[:3] == [0, 1, 4]
-    bad = sn.map(square, [lambda: None] * 10)  # cannot be pickled: storing fails, and says why
-    with pytest.raises(sitq.SitqError):
+    bad = sn.map(square, [threading.Lock()] * 10)  # cannot be pickled: storing fails, and says why
+    with pytest.raises(sitq.SitqError, match="lock"):
         bad.results(30)
+    text = visible_text(bad._repr_mimebundle_()["text/html"])
+    assert "failed" in text and "its tasks could not be stored" in text
 
 
 def test_the_static_view_shows_counts_failures_and_tracebacks(rt):

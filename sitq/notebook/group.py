@@ -346,9 +346,7 @@ class GroupHandle:
         watch = self._watch()
         if watch.storing:  # no read while the map stores: the first picture is what is known
             row = GroupRow(self.group_id, self.name, {}, storing=True, expected=self._expected)
-        else:
-            if self._stored is not None and self._ids is None:
-                self.stored()  # raises the map's error, if storing failed
+        else:  # a map whose storing failed draws as failed, saying why
             row = runtime.run(watch.row(runtime.queue))
             self.name = self.name or row.name
         html = group_html(row, watch.shown_tracebacks())

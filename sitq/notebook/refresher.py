@@ -69,6 +69,11 @@ class GroupWatch:
     async def row(self, queue: TaskQueue) -> GroupRow:
         """The group as drawn now (its counts are the store's, kept as tasks move)."""
         storing = self.storing
+        stored = self.stored
+        if stored is not None and stored.done() and not stored.cancelled() and stored.exception() is not None:
+            error = stored.exception()
+            return GroupRow(self.group_id, self.name, {}, expected=self.expected,
+                            error=f"{type(error).__name__}: {error}")
         info = await queue.group(self.group_id)
         if info is None:
             return GroupRow(self.group_id, self.name, {}, storing=storing, expected=self.expected)

@@ -122,7 +122,8 @@ class GroupRow:
 
     ``rate`` is tasks finished per second lately (None until it can be told), ``storing`` is True
     while the map is still storing its tasks (``expected`` of them), and ``failures`` holds rows of
-    the first failed members, in input order.
+    the first failed members, in input order. ``error`` says why storing the tasks failed (then
+    nothing was stored).
     """
 
     group_id: str
@@ -132,6 +133,7 @@ class GroupRow:
     storing: bool = False
     expected: int | None = None
     failures: tuple[TaskRow, ...] = ()
+    error: str | None = None  # why the map could not store its tasks
 
     @property
     def total(self) -> int:
@@ -153,7 +155,7 @@ class GroupRow:
 
     @property
     def finished(self) -> bool:
-        return not self.storing and self.done == self.total
+        return self.error is not None or (not self.storing and self.done == self.total)
 
     @property
     def fraction(self) -> float:
@@ -163,6 +165,8 @@ class GroupRow:
     def status(self) -> str:
         """One state for the whole group, to colour it: running until every member has finished,
         then failed if one failed, cancelled if one was cancelled, else success."""
+        if self.error is not None:
+            return "failed"
         if not self.finished:
             return "running" if self.running or self.done else "pending"
         if self.failed:
@@ -177,6 +181,8 @@ class GroupRow:
 
     def summary(self) -> str:
         """``"73/100 done · 2 failed · 4 running · 310/s · 12s left"``."""
+        if self.error is not None:
+            return f"its tasks could not be stored: {self.error}"
         if self.storing and not self.counts:
             return f"storing {self.total:,} tasks"
         bits = [f"{self.done:,}/{self.total:,} done"]
