@@ -149,10 +149,11 @@ def test_processes_run_notebook_functions_side_by_side(tmp_path):
     assert nb.cells[4].outputs[0].data["text/plain"] == "'meet'"
 
 
-@pytest.mark.parametrize("mode", ["", "--processes 1"])
-def test_interrupting_a_cell_that_waits_leaves_the_tasks_and_the_worker_running(tmp_path, mode):
-    """Interrupt (as the frontend's stop button does) while a cell blocks in handle.result():
-    the cell ends at once with KeyboardInterrupt; the task goes on, and so does the worker."""
+@pytest.mark.parametrize("mode, wait", [("", "h.result()"), ("--processes 1", "h.result()"),
+                                        ("", "sitq.notebook.map(slow, [gate, gate]).results()")])
+def test_interrupting_a_cell_that_waits_leaves_the_tasks_and_the_worker_running(tmp_path, mode, wait):
+    """Interrupt (as the frontend's stop button does) while a cell blocks in handle.result() or in
+    group.results(): the cell ends at once with KeyboardInterrupt; the tasks go on, and so does the worker."""
     import time
 
     from jupyter_client.manager import start_new_kernel
@@ -166,8 +167,8 @@ def test_interrupting_a_cell_that_waits_leaves_the_tasks_and_the_worker_running(
         assert run(f"import os, sitq, time\n%load_ext sitq\n%sitq start {mode}\n"
                    "def slow(gate):\n    while not os.path.exists(gate):\n        time.sleep(0.01)\n"
                    "    return 'finished'\n"
-                   f"h = sitq.notebook.submit(slow, {str(tmp_path / 'gate')!r})")["status"] == "ok"
-        msg_id = kc.execute("h.result()")
+                   f"gate = {str(tmp_path / 'gate')!r}\nh = sitq.notebook.submit(slow, gate)")["status"] == "ok"
+        msg_id = kc.execute(wait)
         time.sleep(1.0)  # the cell is blocked in result() by now
         started = time.monotonic()
         km.interrupt_kernel()
