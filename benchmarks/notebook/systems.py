@@ -179,7 +179,7 @@ items = list(range(20))"""
 # Each workflow: the cells a student writes, by step. Only these count as lines of user code;
 # the runner adds the timing cells around them.
 WORKFLOWS = {
-    "sitq today (submit and board)": {
+    "sitq submit loop and board": {
         "start": "%load_ext sitq\n%sitq start work.db --processes 2",
         "map": "import sitq\nhandles = [sitq.notebook.submit(work, x) for x in items]",
         "watch": "sitq.notebook.board()",
