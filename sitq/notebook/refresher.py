@@ -240,8 +240,13 @@ class Refresher:
         for stale in set(watches) - {g.group_id for g in groups}:
             del watches[stale]
         groups.sort(key=lambda g: (g.finished, g.failed == 0))  # stable: newest first within each
-        others = await self.queue.list_tasks(list(OTHER_STATES), ungrouped=True, limit=limit + 1,
-                                             offset=page * limit)
+        # A state whose whole count the groups shown here account for has no task of no group: it is
+        # left out of the listing, which would otherwise pass over every grouped row in that state
+        # (a map of 100,000 just stored is 100,000 pending rows newer than any other).
+        states = [s for s in OTHER_STATES
+                  if overview.counts.get(s, 0) > sum(g.counts.get(s, 0) for g in overview.groups)]
+        others = await self.queue.list_tasks(states, ungrouped=True, limit=limit + 1,
+                                             offset=page * limit) if states else []
         older = len(others) > limit
         others = others[:limit]
         label = ""
