@@ -359,17 +359,26 @@ class TaskQueue:
         *,
         queue: str | None = None,
         group: str | None = None,
+        ungrouped: bool = False,
         limit: int = 100,
         offset: int = 0,
         newest_first: bool = True,
     ) -> list[TaskInfo]:
         """Tasks in ``status`` (one state or several), ``queue`` and ``group`` (None: any), newest
-        first unless ``newest_first`` is false, skipping ``offset``, at most ``limit``."""
+        first unless ``newest_first`` is false, skipping ``offset``, at most ``limit``. With
+        ``ungrouped``, only tasks that belong to no group (``queue`` and ``group`` must be None)."""
         statuses = _statuses(status)
         for label, number in (("limit", limit), ("offset", offset)):
             if isinstance(number, bool) or not isinstance(number, int) or number < 0:
                 raise InvalidTaskError(f"list_tasks({label}=...) takes a whole number >= 0, not {number!r}")
         backend = await self._ready()
+        if ungrouped:
+            if queue is not None or group is not None:
+                raise InvalidTaskError("list_tasks(ungrouped=True) lists the tasks of no group in any queue; "
+                                       "leave queue and group out")
+            return await backend.find_ungrouped(
+                statuses=statuses, limit=limit, offset=offset, newest_first=newest_first
+            )
         return await backend.find_tasks(
             statuses=statuses, queue=queue, group_id=group, limit=limit, offset=offset, newest_first=newest_first
         )
@@ -380,6 +389,35 @@ class TaskQueue:
         _check_task_id(group_id)
         backend = await self._ready()
         return await backend.group(group_id)
+
+    async def cancel_group(self, group_id: str) -> dict[str, int]:
+        """Cancel every task of the group that has not finished, at once: ``{"cancelled": n}`` for the
+        waiting and pending ones, which never run, and ``{"requested": m}`` for the running ones, whose
+        workers stop them (see :meth:`cancel`). Finished tasks stay as they are."""
+        _check_task_id(group_id)
+        backend = await self._ready()
+        done = await backend.cancel_group(group_id, self.clock())
+        return {str(outcome): n for outcome, n in done.items()}
+
+    async def resolve_group(self, fragment: str) -> str:
+        """The full id of the one group whose id is ``fragment``, or begins or ends with it (as
+        :meth:`resolve` for tasks). Raises :class:`TaskNotFoundError` if none matches and
+        :class:`InvalidTaskError` if several do."""
+        _check_task_id(fragment)
+        if not fragment:
+            raise InvalidTaskError("an empty group id matches every group; give at least a few characters")
+        backend = await self._ready()
+        try:
+            found = await backend.match_group_ids(fragment, limit=2)
+        except NotImplementedError:  # a backend that finds group ids only whole
+            found = [fragment] if await backend.group(fragment) is not None else []
+        if not found:
+            raise TaskNotFoundError(f"no group id is, begins or ends with {fragment!r} in {backend!r}")
+        if len(found) > 1:
+            raise InvalidTaskError(
+                f"{fragment!r} matches several groups ({found[0]}, {found[1]}, ...); give more characters of the id"
+            )
+        return found[0]
 
     async def resolve(self, fragment: str) -> str:
         """The full id of the one task whose id is ``fragment``, or begins or ends with it, as git takes

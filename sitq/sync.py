@@ -219,14 +219,25 @@ class SyncTaskQueue:
         *,
         queue: str | None = None,
         group: str | None = None,
+        ungrouped: bool = False,
         limit: int = 100,
         offset: int = 0,
         newest_first: bool = True,
     ) -> list[TaskInfo]:
         """Tasks by state, queue and group, newest first; see :meth:`TaskQueue.list_tasks`."""
         return self._loop.run(self.queue.list_tasks(
-            status, queue=queue, group=group, limit=limit, offset=offset, newest_first=newest_first
+            status, queue=queue, group=group, ungrouped=ungrouped, limit=limit, offset=offset,
+            newest_first=newest_first,
         ))
+
+    def cancel_group(self, group_id: str) -> dict[str, int]:
+        """Cancel every unfinished task of a group at once; see :meth:`TaskQueue.cancel_group`."""
+        return self._loop.run(self.queue.cancel_group(group_id))
+
+    def resolve_group(self, fragment: str) -> str:
+        """The full id of the one group whose id is, begins or ends with ``fragment``; see
+        :meth:`TaskQueue.resolve_group`."""
+        return self._loop.run(self.queue.resolve_group(fragment))
 
     def group(self, group_id: str) -> GroupInfo | None:
         """A group's name and counts per state; see :meth:`TaskQueue.group`."""

@@ -16,6 +16,7 @@ import pytest
 from backends import OUTCOME_FIELDS, new_batch, new_id, new_tasks, outcome, typical_outcome
 from conftest import worker_env
 
+from sitq.backends.base import Backend
 from sitq.backends.rules import (
     LOST_WORKER_LIMIT,
     CancelOutcome,
@@ -1039,5 +1040,70 @@ def test_a_write_in_another_process_wakes_a_waiter(open_shared_store, shared_tar
         _, err = await writer.communicate()
         assert writer.returncode == 0, err.decode()
         await asyncio.wait_for(watching, 60)
+
+    run(go())
+
+
+# -- groups as one piece of work -------------------------------------------------------------
+
+# Each backend's own methods, and the base's, which work through the rest of the contract.
+GROUP_WAYS = {
+    "backend": lambda store, name: getattr(store, name),
+    "base": lambda store, name: getattr(Backend, name).__get__(store),
+}
+
+
+@pytest.mark.parametrize("way", list(GROUP_WAYS))
+def test_cancelling_a_group_cancels_what_waits_and_asks_what_runs(store, way, run):
+    async def go():
+        group = new_tasks(5, NOW, group_id="g", group_name="work")
+        other = new_tasks(1, NOW)
+        await store.enqueue(group + other)
+        claimed = await store.claim("w", 2, NOW, NOW + LEASE)  # the first two members run
+        assert [c.task_id for c in claimed] == [t.task_id for t in group[:2]]
+        await store.finish("w", [typical_outcome(claimed[0], OutcomeKind.SUCCESS, NOW + 1)])
+        (after,) = new_tasks(1, NOW, after=(group[4].task_id,))  # waits for a member
+        await store.enqueue([after])
+        token = Token(store)
+        done = await GROUP_WAYS[way](store, "cancel_group")("g", NOW + 2)
+        assert done == {CancelOutcome.CANCELLED: 3, CancelOutcome.REQUESTED: 1} and token.moved
+        counts = (await store.group("g")).counts
+        assert (counts["success"], counts["running"], counts["cancelled"], counts["pending"]) == (1, 1, 3, 0)
+        assert await store.cancel_requests("w") == [group[1].task_id]
+        assert (await store.fetch_result(after.task_id)).status == "cancelled"  # as after a cancel()
+        assert (await store.fetch_result(other[0].task_id)).status == "pending"  # not a member
+        token = Token(store)
+        assert await GROUP_WAYS[way](store, "cancel_group")("nope", NOW + 3) == {
+            CancelOutcome.CANCELLED: 0, CancelOutcome.REQUESTED: 0}
+        assert not token.moved
+
+    run(go())
+
+
+@pytest.mark.parametrize("way", list(GROUP_WAYS))
+def test_ungrouped_tasks_are_listed_without_the_groups(store, way, run):
+    async def go():
+        loose = new_tasks(3, NOW)
+        await store.enqueue(loose[:1] + new_tasks(700, NOW, group_id="g") + loose[1:])
+        find = GROUP_WAYS[way](store, "find_ungrouped")
+        assert [i.task_id for i in await find()] == [t.task_id for t in reversed(loose)]
+        assert [i.task_id for i in await find(newest_first=False, offset=1, limit=1)] == [loose[1].task_id]
+        (claimed,) = await store.claim("w", 1, NOW, NOW + LEASE)  # the oldest: loose[0]
+        assert claimed.task_id == loose[0].task_id
+        assert [i.task_id for i in await find(statuses=["running"])] == [loose[0].task_id]
+        assert all(i.group_id is None for i in await find(statuses=["pending"]))
+        assert await find(limit=0) == []
+
+    run(go())
+
+
+def test_group_ids_are_found_by_their_beginning_or_end(store, run):
+    async def go():
+        await store.enqueue(new_tasks(1, NOW, group_id="abc-123") + new_tasks(1, NOW, group_id="abd-999"))
+        assert await store.match_group_ids("abc-123") == ["abc-123"]
+        assert await store.match_group_ids("123") == ["abc-123"]
+        assert await store.match_group_ids("ab") == ["abc-123", "abd-999"]
+        assert await store.match_group_ids("ab", limit=1) == ["abc-123"]
+        assert await store.match_group_ids("zzz") == []
 
     run(go())

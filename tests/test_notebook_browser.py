@@ -228,3 +228,76 @@ def test_output_streams_tracebacks_name_cells_and_dollars_stay_dollars(frontend,
         if shots and name == "lab-dark":
             page.locator(".sitq-board").first.screenshot(path=os.path.join(shots, "notebook-board-dark.png"))
     print(f"\nscreenshot: {tmp_path / f'{name}.png'}")
+
+
+# -- a map as one group: its widget fills up and shows its failure; the board has one row for it ----------
+
+GROUPS = [
+    "import os, sitq, time\n%load_ext sitq\n%sitq start groups.db --concurrency 2",
+    "def work(x):\n"
+    "    time.sleep(0.15)\n"
+    "    if x == 5:\n"
+    "        raise ValueError(f'unlucky {x}')\n"
+    "    return x * x",
+    "group = sitq.notebook.map(work, range(24))\ngroup",
+    "%sitq status",
+    "group.wait(120)",  # the kernel is busy here while the widgets fill up
+]
+GROUP_BAR = ".sitq-group-widget .widget-hprogress .progress-bar"
+
+
+def test_a_group_widget_fills_up_shows_its_failure_and_is_one_row_on_the_board(frontend, tmp_path):
+    import nbformat
+
+    name, app, base, token, root = frontend
+    nbformat.write(new_notebook(*GROUPS), root / "groups.ipynb")
+    shots = os.environ.get("SITQ_SCREENSHOTS")
+    bar_width = f"() => {{ const b = document.querySelector({json.dumps(GROUP_BAR)}); " \
+                "return b ? parseFloat(b.style.width) : -1; }"
+    with chromium_page(width=1100, height=1200) as page:
+        open_notebook(page, base, token, "groups.ipynb", app=app)
+        run_all(page)
+
+        # one widget for the 24 tasks, whose aggregate bar fills up while the kernel is busy
+        page.wait_for_function(f"() => ({bar_width})() > 0", timeout=60_000)
+        first = page.evaluate(bar_width)
+        page.wait_for_function(f"(w) => ({bar_width})() > w", arg=first, timeout=30_000)
+        widget = page.locator(".sitq-group-widget").first
+        header = widget.locator(".sitq-group-header").inner_text()
+        assert "work" in header and "/24 done" in header
+        if shots and name == "lab-light":
+            widget.screenshot(path=os.path.join(shots, "notebook-group-running.png"))
+
+        # the failure is listed under the bar; a click opens its traceback, which names the cell
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.sitq-group-widget .sitq-failure summary')]"
+            ".some(e => e.innerText.includes('unlucky 5'))", timeout=60_000)
+        page.wait_for_function(
+            "() => document.querySelector('.sitq-group-widget .sitq-group-header').innerText"
+            ".includes('24/24 done · 1 failed')", timeout=60_000)
+        assert page.evaluate(bar_width) == 100.0
+        failure = widget.locator(".sitq-failure").first
+        assert not failure.locator("pre.sitq-traceback").is_visible()
+        failure.locator("summary").click()
+        traceback = failure.locator("pre.sitq-traceback")
+        traceback.wait_for(state="visible", timeout=10_000)
+        assert "Cell In[2], line 4, in work" in traceback.inner_text()
+        assert widget.locator(".sitq-group-cancel button, button.sitq-group-cancel").first.is_disabled()
+
+        # the board: the group is one row with its own bar, and no pending rows are listed
+        page.wait_for_function(
+            "() => { const t = document.querySelector('.sitq-board-table');"
+            " return t && t.innerText.includes('24/24 done'); }", timeout=60_000)
+        table = page.locator(".sitq-board-table")
+        assert table.locator("tr.sitq-group-row").count() == 1
+        assert table.locator("tr.sitq-row[data-state=pending]").count() == 0
+        assert table.locator("tr.sitq-group-row .sitq-group-bar").count() == 1
+        ok = table.locator("tr.sitq-group-row .sitq-bar-ok").bounding_box()
+        bad = table.locator("tr.sitq-group-row .sitq-bar-bad").bounding_box()
+        assert ok["height"] > 0 and 0 < bad["width"] < ok["width"]  # 23 succeeded, 1 failed, side by side
+        page.screenshot(path=str(tmp_path / f"groups-{name}.png"), full_page=True)
+        if shots and name == "lab-light":
+            widget.screenshot(path=os.path.join(shots, "notebook-group.png"))
+        if shots and name == "lab-dark":
+            page.locator(".sitq-board").first.screenshot(path=os.path.join(shots, "notebook-board-group-dark.png"))
+    print(f"\nscreenshot: {tmp_path / f'groups-{name}.png'}")

@@ -149,10 +149,11 @@ def test_processes_run_notebook_functions_side_by_side(tmp_path):
     assert nb.cells[4].outputs[0].data["text/plain"] == "'meet'"
 
 
-@pytest.mark.parametrize("mode", ["", "--processes 1"])
-def test_interrupting_a_cell_that_waits_leaves_the_tasks_and_the_worker_running(tmp_path, mode):
-    """Interrupt (as the frontend's stop button does) while a cell blocks in handle.result():
-    the cell ends at once with KeyboardInterrupt; the task goes on, and so does the worker."""
+@pytest.mark.parametrize("mode, wait", [("", "h.result()"), ("--processes 1", "h.result()"),
+                                        ("", "sitq.notebook.map(slow, [gate, gate]).results()")])
+def test_interrupting_a_cell_that_waits_leaves_the_tasks_and_the_worker_running(tmp_path, mode, wait):
+    """Interrupt (as the frontend's stop button does) while a cell blocks in handle.result() or in
+    group.results(): the cell ends at once with KeyboardInterrupt; the tasks go on, and so does the worker."""
     import time
 
     from jupyter_client.manager import start_new_kernel
@@ -166,8 +167,8 @@ def test_interrupting_a_cell_that_waits_leaves_the_tasks_and_the_worker_running(
         assert run(f"import os, sitq, time\n%load_ext sitq\n%sitq start {mode}\n"
                    "def slow(gate):\n    while not os.path.exists(gate):\n        time.sleep(0.01)\n"
                    "    return 'finished'\n"
-                   f"h = sitq.notebook.submit(slow, {str(tmp_path / 'gate')!r})")["status"] == "ok"
-        msg_id = kc.execute("h.result()")
+                   f"gate = {str(tmp_path / 'gate')!r}\nh = sitq.notebook.submit(slow, gate)")["status"] == "ok"
+        msg_id = kc.execute(wait)
         time.sleep(1.0)  # the cell is blocked in result() by now
         started = time.monotonic()
         km.interrupt_kernel()
@@ -215,3 +216,74 @@ def test_tracebacks_point_at_cells_and_output_streams_in_a_kernel(tmp_path):
     shown = outputs_text(cells[3])
     assert "Cell In[2], line 3, in check" in shown and "ValueError: 5 is too big" in shown
     assert outputs_text(cells[5]).startswith("running True")
+
+
+GROUP_WORK = """
+import os, sitq, time
+def work(x, gate=None):
+    if gate:
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+    time.sleep(0.01)
+    if x == 3:
+        raise ValueError(f"unlucky {x}")
+    return x * x
+"""
+
+
+def test_a_map_is_one_group_widget_and_comes_back_after_a_restart(tmp_path):
+    gate = str(tmp_path / "gate")
+    first = execute(new_notebook(
+        "%load_ext sitq\n%sitq start groups.db --concurrency 2",
+        GROUP_WORK + WAIT_UNTIL,
+        "group = sitq.notebook.map(work, range(10), key='squares')\ngroup",
+        "try:\n    group.results(60)\nexcept sitq.TaskFailedError as e:\n    print('raised:', e.error)",
+        "values = group.results(failures='return')\n"
+        "print([v if not isinstance(v, Exception) else type(v).__name__ for v in values])",
+        "print(len(group), group[4].result(), [f.error for f in group.failures()])",
+        "print('retried', group.retry_failed())\ngroup.wait(60)\n"
+        "print(group.counts['failed'], group[3].info().attempts)",
+        "later = sitq.notebook.map(work, range(20), [" + repr(gate) + "] * 20)\nlater",
+        "wait_until(lambda: later.counts['running'] > 0)\nlater._widget.cancel.click()  # its cancel-all button\n"
+        "wait_until(lambda: later.counts['cancelled'] >= 18)\nprint(later.cancel()['cancelled'] == 0)\n"
+        f"open({gate!r}, 'w').close()\nlater.wait(60)\nprint(later.counts['cancelled'] + later.counts['success'])",
+        "wait_until(lambda: 'sitq-group-done' in group._widget.box._dom_classes"
+        " and 'sitq-group-done' in later._widget.box._dom_classes)\n"
+        "print(group.group_id, await sitq.notebook.map(work, [1, 2]))",
+        "%sitq stop",
+    ), tmp_path)
+    cells = first.cells
+    assert "application/vnd.jupyter.widget-view+json" in cells[2].outputs[0].data
+    assert outputs_text(cells[3]) == "raised: ValueError: unlucky 3\n"
+    assert outputs_text(cells[4]) == "[0, 1, 4, 'TaskFailedError', 16, 25, 36, 49, 64, 81]\n"
+    assert outputs_text(cells[5]) == "10 16 ['ValueError: unlucky 3']\n"
+    assert outputs_text(cells[6]) == "retried 1\n1 2\n"
+    assert outputs_text(cells[8]).splitlines() == ["True", "20"]
+    group_id, awaited = outputs_text(cells[9]).split(maxsplit=1)
+    assert awaited == "[1, 4]\n"
+    bars = models(first, "FloatProgressModel")
+    assert {"value": 1.0, "bar_style": "danger"}.items() <= bars[0].items()  # the keyed map: 10/10, one failed
+    html = [visible_text(s["value"]) for s in models(first, "HTMLModel")]
+    assert any("10/10 done · 1 failed" in h and f"group {group_id[-8:]}" in h for h in html)
+    failures = next(h for h in html if "click one for its traceback" in h)
+    assert "ValueError: unlucky 3" in failures and 'raise ValueError(f"unlucky {x}")' in failures
+    buttons = [s for s in models(first, "ButtonModel") if s.get("description") == "cancel all"]
+    assert len(buttons) == 2 and all(b["disabled"] for b in buttons)  # both groups have ended
+
+    # A new kernel: the group is found by the end of its id, and the keyed cell run again re-attaches.
+    second = execute(new_notebook(
+        "%load_ext sitq\n%sitq start groups.db",
+        GROUP_WORK,
+        f"%sitq result {group_id[-8:]}",
+        f"again = sitq.notebook.group({group_id[-8:]!r})\nprint(again.group_id, again.results(failures='return')[:3])",
+        "rerun = sitq.notebook.map(work, range(10), key='squares')\n"
+        "print(rerun.group_id == again.group_id, rerun.task_ids == again.task_ids)",
+        "rerun.wait(60)\nprint(rerun.info().total, [h.info().attempts for h in rerun][:3])",
+    ), tmp_path)
+    cells = second.cells
+    shown = cells[2].outputs[0].data
+    assert "10/10 done · 1 failed" in visible_text(shown["text/html"])
+    assert outputs_text(cells[3]) == f"{group_id} [0, 1, 4]\n"
+    assert outputs_text(cells[4]) == "True True\n"
+    # nothing ran again but the failure, which a keyed map replaces (TaskOptions.replace_failed)
+    assert outputs_text(cells[5]) == "10 [1, 1, 1]\n"

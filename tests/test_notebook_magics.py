@@ -123,7 +123,7 @@ def test_failed_task_shows_its_highlighted_remote_traceback(ip):
 @pytest.mark.parametrize("line, message", [
     ("%sitq", "needs a command"),
     ("%sitq frobnicate", "unknown command 'frobnicate'"),
-    ("%sitq result", "required: TASK_ID"),
+    ("%sitq result", "required: ID"),
     ("%sitq start --concurrency many", "invalid int value"),
     ("%sitq start --processes 0", "must be 1 or more"),
     ("%sitq status", "no sitq worker runs in this kernel"),
@@ -140,7 +140,7 @@ def test_misuse_is_a_one_line_usage_error(ip, line, message):
 
 def test_unknown_task_and_syntax_errors_are_usage_errors(ip):
     ip.run_line_magic("sitq", "start")
-    with pytest.raises(UsageError, match="no task with id 'nope'"):
+    with pytest.raises(UsageError, match="no task id and no group id is, begins or ends with 'nope'"):
         ip.run_line_magic("sitq", "result nope")
     with pytest.raises(UsageError, match="does not parse"):
         ip.run_cell_magic("sitq", "", "1 +")
@@ -191,7 +191,7 @@ def test_cancel_a_delayed_task_from_the_magic(ip):
     with pytest.raises(sitq.TaskCancelledError):
         handle.result(timeout=5)
     assert 'data-state="cancelled"' in display_of(handle)["text/html"]
-    with pytest.raises(UsageError, match="no task with id 'nope'"):
+    with pytest.raises(UsageError, match="no task id and no group id is, begins or ends with 'nope'"):
         ip.run_line_magic("sitq", "cancel nope")
 
 
@@ -338,3 +338,19 @@ def test_what_a_task_prints_reaches_its_widget_while_it_runs(ip, tmp_path, mode)
     wait_until(lambda: widget.finished)
     assert widget.output.value == "" and "after the gate" in visible_text(widget.body.value)
     assert handle.output() == "line 0\nline 1\nline 2\nto stderr\nafter the gate\n"  # all of it, stored
+
+
+def test_result_and_cancel_take_a_group_or_a_short_id(ip):
+    ip.run_line_magic("sitq", "start")
+    done = sitq.notebook.map(divmod, [7, 9], [2, 4])
+    assert done.results(30) == [(3, 1), (2, 1)]
+    shown = ip.run_line_magic("sitq", f"result {done.group_id[-8:]}")  # the id as the widget shows it
+    assert shown.group_id == done.group_id and "2/2 done" in visible_text(display_of(shown)["text/html"])
+    task = ip.run_line_magic("sitq", f"result {done.task_ids[1][-8:]}")
+    assert task.task_id == done.task_ids[1] and task.result() == (2, 1)
+    later = sitq.notebook.map(pow, [2, 3], [2, 2], eta=dt.timedelta(hours=1))
+    with capture_output() as cap:
+        ip.run_line_magic("sitq", f"cancel {later.group_id[-8:]}")
+    assert cap.stdout == (f"sitq: group {later.group_id[-8:]} (pow): 2 tasks cancelled before they started, "
+                          "0 running asked to stop\n")
+    assert later.counts["cancelled"] == 2

@@ -255,8 +255,8 @@ def test_public_names_of_the_notebook_layer():
     import sitq.notebook
 
     assert sitq.notebook.__all__ == [
-        "Runtime", "TaskHandle", "board", "current", "load_ipython_extension", "start_worker",
-        "stop_worker", "submit", "task", "unload_ipython_extension"]
+        "GroupHandle", "Runtime", "TaskHandle", "board", "current", "group", "load_ipython_extension",
+        "lookup", "map", "start_worker", "stop_worker", "submit", "task", "unload_ipython_extension"]
 
 
 def test_long_output_keeps_its_end_and_long_tracebacks_both_ends():

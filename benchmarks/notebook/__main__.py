@@ -21,13 +21,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.notebook.systems import LIFECYCLE, STEPS, SYSTEMS, WORKFLOWS, cells, lines_of, workflow_cells
+from benchmarks.notebook.systems import BIG_MAP, LIFECYCLE, STEPS, SYSTEMS, WORKFLOWS, cells, lines_of, workflow_cells
 
-NOTES = """What the sitq rows measure: *sitq threads* and *sitq --processes 2* submit the 2,000 tasks with
-the queue's `map` (one transaction) through the kernel's runtime and read every value back
-(`benchmarks/notebook/systems.py`, `SITQ_COLLECT`; it switches to `sitq.notebook.map` once that exists);
-the *submit loop* rows do what a notebook user can write today, one `sitq.notebook.submit` and one
-`.result()` per task. The lifecycle rows start a fresh `--processes 2` worker and submit at once (the first
+NOTES = """What the sitq rows measure: *sitq threads* and *sitq --processes 2* map the 2,000 tasks with
+`sitq.notebook.map(noop, range(n)).results()` (one transaction, one group; the values are read back in
+chunks of 2,000; `benchmarks/notebook/systems.py`, `SITQ_COLLECT`); the *submit loop* rows do what a
+notebook user could write before the group API, one `sitq.notebook.submit` and one `.result()` per task.
+*sitq big map* is one map of 100,000 no-ops in a cell that awaits, with a 1 ms ticker on the kernel's own
+event loop: `map` and displaying its widget run as the cell's own code, so the kernel is held for that
+long (the first two rows); then the tasks are stored on the runtime's loop thread while the cell awaits,
+and the ticker's longest wait in that time is the fourth row (the fifth is the ticker alone, in the same
+kernel, before the map). A redraw reads the group's counts and at most 3 failed members, whatever its
+size. A new kernel's worker holds the kernel's loop once for about 0.15 s in its first second (seen with
+the same ticker, threads mode; not yet explained), which the big map's cell waits out before measuring.
+The lifecycle rows start a fresh `--processes 2` worker and submit at once (the first
 result waits for the processes to start, in the background) and again a second later. *kernel shutdown*
 is the time Jupyter's `shutdown_kernel` takes: in the first table after each system's own teardown cell
 (`%sitq stop`, `client.close()`, ...), in the lifecycle table with the worker still running; *child
@@ -41,7 +48,14 @@ BEGIN, END = "<!-- notebook benchmark: begin -->", "<!-- notebook benchmark: end
 LABELS = {"per_task_ms": "ms per task ↓", "tasks_s": "tasks/s ↑", "one_ms": "submit to value, ms ↓",
           "start_cell_ms": "`%sitq start` cell, ms ↓", "first_result_ms": "first result after start, ms ↓",
           "later_result_ms": "one task 1 s after start, ms ↓", "shutdown_ms": "kernel shutdown, ms ↓",
-          "orphans": "child processes left ↓"}
+          "orphans": "child processes left ↓",
+          "map_call_ms": "`sitq.notebook.map` of 100,000 returns, ms ↓",
+          "first_paint_ms": "… and its widget is displayed (the kernel is held until then), ms ↓ (target ≤ 20)",
+          "stored_ms": "… and all 100,000 tasks are stored, in the background, ms ↓",
+          "kernel_stall_ms": "longest wait of the kernel's event loop while they are stored, ms ↓ (target ≤ 20)",
+          "kernel_idle_stall_ms": "longest wait of the kernel's event loop with nothing running (noise), ms",
+          "redraw_1k_ms": "one redraw of a group's widget, 1,000 tasks, ms ↓",
+          "redraw_100k_ms": "one redraw of a group's widget, 100,000 tasks, ms ↓"}
 
 
 def run_kernel(sources, cwd, timeout=600):
@@ -95,22 +109,22 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--tasks", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=200)
-    p.add_argument("--systems", default=",".join([*SYSTEMS, "sitq lifecycle"]), help="comma-separated")
+    p.add_argument("--systems", default=",".join([*SYSTEMS, "sitq lifecycle", "sitq big map"]),
+                   help="comma-separated")
     p.add_argument("--workflows", default=",".join(WORKFLOWS), help="comma-separated; 'none' for none")
     p.add_argument("--markdown", type=Path)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     systems = [s.strip() for s in args.systems.split(",") if s.strip() and s.strip() != "none"]
     workflows = [w.strip() for w in args.workflows.split(",") if w.strip() and w.strip() != "none"]
-    if "sitq (group API)" in workflows and not _has_group_api():
-        workflows.remove("sitq (group API)")
     runs = {s: [] for s in systems}
     flows = {w: [] for w in workflows}
     started = time.monotonic()
     for rep in range(args.repeat):
         for system in systems:
             with tempfile.TemporaryDirectory(prefix="sitq-nbbench-") as cwd:
-                sources = LIFECYCLE if system == "sitq lifecycle" else cells(system, args.tasks, args.rounds)
+                sources = {"sitq lifecycle": LIFECYCLE, "sitq big map": BIG_MAP}.get(system) or cells(
+                    system, args.tasks, args.rounds)
                 try:
                     figures = run_kernel(sources, cwd)
                 except Exception as exc:
@@ -161,12 +175,6 @@ def _fmt(value):
     return f"{value:.3g}"
 
 
-def _has_group_api():
-    import sitq.notebook
-
-    return hasattr(sitq.notebook, "map")
-
-
 def markdown(table, args, wall, flows=None):
     versions = ", ".join(f"{name} {_version(name)}" for name in ("sitq", "ipykernel", "distributed", "ipyparallel"))
     lines = [
@@ -187,7 +195,7 @@ def markdown(table, args, wall, flows=None):
         "|---|---|---|---|---|",
     ]
     for system, figures in table.items():
-        if system == "sitq lifecycle":
+        if system in ("sitq lifecycle", "sitq big map"):
             continue
         row = [system] + [_cell(figures, k) for k in ("per_task_ms", "tasks_s", "one_ms", "shutdown_ms")]
         lines.append("| " + " | ".join(row) + " |")
@@ -195,6 +203,14 @@ def markdown(table, args, wall, flows=None):
         figures = table["sitq lifecycle"]
         lines += ["", "A fresh `%sitq start --processes 2`:", "", "| figure | median (min–max) |", "|---|---|"]
         for key in ("start_cell_ms", "first_result_ms", "later_result_ms", "shutdown_ms", "orphans"):
+            lines.append(f"| {LABELS[key]} | {_cell(figures, key)} |")
+    if "sitq big map" in table:
+        figures = table["sitq big map"]
+        lines += ["", "A map of 100,000 no-ops in a kernel (`--concurrency 2`), with a 1 ms ticker on the kernel's "
+                  "own event loop:", "", "| figure | median (min–max) |", "|---|---|"]
+        for key in ("map_call_ms", "first_paint_ms", "stored_ms", "kernel_stall_ms", "kernel_idle_stall_ms",
+                    "redraw_1k_ms",
+                    "redraw_100k_ms"):
             lines.append(f"| {LABELS[key]} | {_cell(figures, key)} |")
     if flows:
         lines += ["", "The teaching workflow: map a function over 20 items (0.05 s each, one raises), watch it, "

@@ -254,6 +254,73 @@ class Backend:
         """The group's name and counts per state (kept as its tasks move), or None if unknown."""
         raise NotImplementedError
 
+    async def match_group_ids(self, fragment: str, limit: int = 2) -> list[str]:
+        """Group ids equal to ``fragment``, or that begin or end with it, at most ``limit``, as
+        :meth:`match_ids` finds task ids (views show a group by the end of its id)."""
+        raise NotImplementedError
+
+    async def find_ungrouped(
+        self,
+        *,
+        statuses: Sequence[TaskStatus | str] | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        newest_first: bool = True,
+    ) -> list[TaskInfo]:
+        """Tasks in ``statuses`` (None: any) that belong to no group, as :meth:`find_tasks` lists them:
+        a board shows each group as one row and lists the other tasks beside it.
+
+        This base reads :meth:`find_tasks` a page at a time and skips the grouped tasks, so its cost
+        grows with the grouped tasks it passes; a backend overrides it with one query.
+        """
+        found: list[TaskInfo] = []
+        skip, start, page = offset, 0, max(limit, 500)
+        while len(found) < limit:
+            batch = await self.find_tasks(statuses=statuses, limit=page, offset=start, newest_first=newest_first)
+            for info in batch:
+                if info.group_id is None:
+                    if skip:
+                        skip -= 1
+                    elif len(found) < limit:
+                        found.append(info)
+            if len(batch) < page:
+                break
+            start += page
+        return found
+
+    async def cancel_group(self, group_id: str, now: float) -> dict[CancelOutcome, int]:
+        """Cancel every unfinished task of the group as :meth:`cancel` cancels one: waiting and pending
+        ones are cancelled (and the tasks waiting for them), running ones are asked to stop. Returns how
+        many were ``CANCELLED`` and how many ``REQUESTED``; finished tasks and unknown groups count 0.
+
+        This base cancels the members one by one through :meth:`find_tasks` and :meth:`cancel`, in as
+        many transactions, passing again over what a worker moved meanwhile; a backend overrides it
+        with one statement per state in one transaction.
+        """
+        done = {CancelOutcome.CANCELLED: 0, CancelOutcome.REQUESTED: 0}
+        asked: set[str] = set()
+        unfinished = [TaskStatus.WAITING, TaskStatus.PENDING, TaskStatus.RUNNING]
+        while True:
+            ids: list[str] = []
+            while True:  # every unfinished member now, a page at a time
+                page = await self.find_tasks(statuses=unfinished, group_id=group_id, limit=500, offset=len(ids))
+                ids += [info.task_id for info in page]
+                if len(page) < 500:
+                    break
+            cancelled = 0
+            for task_id in dict.fromkeys(ids):
+                if task_id in asked:
+                    continue
+                outcome = await self.cancel(task_id, now)
+                if outcome is CancelOutcome.CANCELLED:
+                    cancelled += 1
+                    done[outcome] += 1
+                elif outcome is CancelOutcome.REQUESTED:
+                    asked.add(task_id)
+                    done[outcome] += 1
+            if not cancelled:
+                return done
+
     # -- retention ---------------------------------------------------------
 
     async def prune(self, now: float, limit: int) -> PurgeReport:

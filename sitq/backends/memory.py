@@ -497,6 +497,46 @@ class MemoryBackend(Backend):
 
         return self._read(step)
 
+    async def match_group_ids(self, fragment: str, limit: int = 2) -> list[str]:
+        def step() -> list[str]:
+            if fragment in self._groups:
+                return [fragment]
+            return sorted(g for g in self._groups if g.startswith(fragment) or g.endswith(fragment))[:limit]
+
+        return self._read(step)
+
+    async def find_ungrouped(
+        self,
+        *,
+        statuses: Sequence[TaskStatus | str] | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        newest_first: bool = True,
+    ) -> list[TaskInfo]:
+        def step() -> list[TaskInfo]:
+            rows = sorted(self._by_seq.values(), key=lambda r: -r.seq if newest_first else r.seq)
+            chosen = [r for r in rows if r.group_id is None and (statuses is None or r.status in statuses)]
+            return [_info(r) for r in chosen[offset : offset + limit]]
+
+        return self._read(step)
+
+    async def cancel_group(self, group_id: str, now: float) -> dict[CancelOutcome, int]:
+        def step() -> tuple[dict[CancelOutcome, int], bool]:
+            done = {CancelOutcome.CANCELLED: 0, CancelOutcome.REQUESTED: 0}
+            for row in sorted(self._by_seq.values(), key=lambda r: r.seq):
+                if row.group_id != group_id:
+                    continue
+                outcome = cancel(row.status)
+                if outcome is CancelOutcome.CANCELLED:
+                    self._finished(row, CANCELLED, now)
+                elif outcome is CancelOutcome.REQUESTED:
+                    row.cancel_requested = True
+                if outcome in done:
+                    done[outcome] += 1
+            return done, any(done.values())
+
+        return self._write(step)
+
     def _group_info(self, group_id: str, group: _Group) -> GroupInfo:
         members = (r for r in self._by_seq.values() if r.group_id == group_id)
         return GroupInfo(group_id, group.name, to_datetime(group.created_at), _counts(members))

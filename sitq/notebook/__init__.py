@@ -4,6 +4,7 @@
     sn.start_worker()                 # or: %load_ext sitq, then %sitq start
     handle = sn.submit(crunch, 42)    # shows a live widget when displayed
     handle.result(timeout=60)         # or: await handle
+    group = sn.map(crunch, range(100))  # one group, one widget; group.results() in input order
     sn.board()                        # counts, recent tasks, tracebacks
 
 Importing this package needs neither IPython nor ipywidgets; they are
@@ -18,19 +19,35 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from sitq.notebook.cells import cell_label, running_shell
+from sitq.notebook.group import GroupHandle
 from sitq.notebook.handle import TaskHandle
-from sitq.notebook.runtime import Runtime, board, current, start_worker, stop_worker, submit, task
+from sitq.notebook.runtime import (
+    Runtime,
+    board,
+    current,
+    group,
+    lookup,
+    map,
+    start_worker,
+    stop_worker,
+    submit,
+    task,
+)
 from sitq.serialization import set_code_labeller
 
 if TYPE_CHECKING:  # IPython loads with the magics, not with this package
     from IPython.core.interactiveshell import InteractiveShell
 
 __all__ = [
+    "GroupHandle",
     "Runtime",
     "TaskHandle",
     "board",
     "current",
+    "group",
     "load_ipython_extension",
+    "lookup",
+    "map",
     "start_worker",
     "stop_worker",
     "submit",

@@ -15,6 +15,7 @@ from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_ar
 from sitq.errors import SitqError
 from sitq.notebook import runtime
 from sitq.notebook.cells import CellTask, cell_label, names_read
+from sitq.notebook.group import GroupHandle
 from sitq.notebook.handle import TaskHandle
 
 __all__ = ["SitqMagics"]
@@ -46,15 +47,15 @@ def _status(args: argparse.Namespace) -> None:
 
 
 @magic_arguments(name="%sitq result")
-@argument("task_id", metavar="TASK_ID")
+@argument("task_id", metavar="ID", help="a task's or a group's id, or a unique beginning or end of it")
 def _result(args: argparse.Namespace) -> None:
-    """Show a task's result (or live state), also one from before a kernel restart."""
+    """Show a task's result (or live state), or a group's, also one from before a kernel restart."""
 
 
 @magic_arguments(name="%sitq cancel")
-@argument("task_id", metavar="TASK_ID")
+@argument("task_id", metavar="ID", help="a task's or a group's id, or a unique beginning or end of it")
 def _cancel(args: argparse.Namespace) -> None:
-    """Cancel a pending or running task."""
+    """Cancel a pending or running task, or every unfinished task of a group."""
 
 
 @magic_arguments(name="%%sitq")
@@ -102,17 +103,23 @@ class SitqMagics(Magics):
     def _status(self, args: argparse.Namespace) -> object:  # the board: a widget, or a table to draw
         return runtime.board(args.limit)
 
-    def _result(self, args: argparse.Namespace) -> TaskHandle:
-        return runtime.task(args.task_id)
+    def _result(self, args: argparse.Namespace) -> TaskHandle | GroupHandle:
+        return runtime.lookup(args.task_id)
 
     def _cancel(self, args: argparse.Namespace) -> None:
         rt = runtime.current()
         if not rt.can_cancel():
             raise UsageError("%sitq cancel: this version of sitq cannot cancel tasks yet")
-        outcome = rt.cancel(args.task_id)
+        found = rt.lookup(args.task_id)
+        if isinstance(found, GroupHandle):
+            done = found.cancel()
+            print(f"sitq: group {found.group_id[-8:]} ({found.name}): {done.get('cancelled', 0):,} tasks cancelled "
+                  f"before they started, {done.get('requested', 0):,} running asked to stop")
+            return
+        outcome = rt.cancel(found.task_id)
         if outcome is None:
             raise UsageError(f"%sitq cancel: no task with id {args.task_id!r} in {rt.path}")
-        print(f"sitq: task {args.task_id} {_CANCELLED.get(outcome, outcome)}")
+        print(f"sitq: task {found.task_id} {_CANCELLED.get(outcome, outcome)}")
 
     def _run_cell(self, args: argparse.Namespace, body: str, line: str = "") -> TaskHandle:
         if not body.strip():

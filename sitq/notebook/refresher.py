@@ -1,4 +1,5 @@
-"""Keeps live views current: task widgets until their task ends, and boards.
+"""Keeps live views current: task widgets until their task ends, group widgets until their
+group ends, and boards.
 
 The refresher runs on the runtime's loop thread, fetches rows from the queue
 and hands them to the widgets, which only draw. Widgets are added from the
@@ -8,26 +9,32 @@ kernel's main thread; only the loop thread touches the lists of views.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sitq.core import TaskStatus
-from sitq.notebook.render import result_html, task_html
-from sitq.notebook.rows import task_row
+from sitq.core import GroupInfo, TaskStatus
+from sitq.notebook.render import group_html, result_html, task_html
+from sitq.notebook.rows import GroupRow, TaskRow, group_row, task_row
 from sitq.queue import TaskQueue
 from sitq.sync import LoopThread
 
 if TYPE_CHECKING:  # the widgets (and ipywidgets) load when a view is first shown
-    from sitq.notebook.widgets import BoardWidget, TaskWidget
+    from sitq.notebook.widgets import BoardWidget, GroupWidget, TaskWidget
 
-__all__ = ["Refresher", "REFRESH_INTERVAL"]
+__all__ = ["Refresher", "GroupWatch", "REFRESH_INTERVAL", "FIRST_FAILURES"]
 
 log = logging.getLogger(__name__)
 
 REFRESH_INTERVAL = 0.25  # live views redraw at least this often
 COALESCE = 0.05  # after a change, wait this long so a burst of changes is one redraw
+FIRST_FAILURES = 3  # how many of a group's failures its view lists, with their tracebacks
+RATE_WINDOW = 10.0  # seconds of history a group's rate is taken over
+OTHER_STATES = ("waiting", "pending", "success", "cancelled")  # the board's paged part: tasks of no group
 
 
 @dataclass(eq=False)
@@ -35,6 +42,68 @@ class _Board:
     widget: BoardWidget
     limit: int
     detail_of: tuple[str, TaskStatus | str] | None = field(default=None)  # (task id, state) the detail shows
+    page: int = 0  # which page of the other tasks of no group it shows
+    watches: dict[str, GroupWatch] = field(default_factory=dict)  # groups picked for the detail
+
+
+class GroupWatch:
+    """What a group's views need beyond its counts, kept between redraws: the rate (from the
+    finished count over the last ``RATE_WINDOW`` seconds) and the first failures with their
+    tracebacks (read again only when the failed count moves). Each redraw reads a fixed number
+    of rows, whatever the group's size: the counts from ``group()``, at most ``FIRST_FAILURES``
+    failed members, and the tracebacks of those not read before."""
+
+    def __init__(self, group_id: str, name: str, expected: int | None = None,
+                 stored: concurrent.futures.Future[Any] | None = None) -> None:
+        self.group_id, self.name, self.expected, self.stored = group_id, name, expected, stored
+        self.samples: deque[tuple[float, int]] = deque()
+        self.failures: tuple[TaskRow, ...] = ()
+        self.tracebacks: dict[str, str | None] = {}
+        self._failed_seen = -1
+
+    @property
+    def storing(self) -> bool:
+        """Whether the map is still storing the group's tasks."""
+        return self.stored is not None and not self.stored.done()
+
+    async def row(self, queue: TaskQueue) -> GroupRow:
+        """The group as drawn now (its counts are the store's, kept as tasks move)."""
+        storing = self.storing
+        stored = self.stored
+        if stored is not None and stored.done() and not stored.cancelled() and stored.exception() is not None:
+            error = stored.exception()
+            return GroupRow(self.group_id, self.name, {}, expected=self.expected,
+                            error=f"{type(error).__name__}: {error}")
+        info = await queue.group(self.group_id)
+        if info is None:
+            return GroupRow(self.group_id, self.name, {}, storing=storing, expected=self.expected)
+        failed = info.counts.get(TaskStatus.FAILED, 0)
+        if failed != self._failed_seen:
+            first = await queue.list_tasks("failed", group=self.group_id, limit=FIRST_FAILURES, newest_first=False)
+            self.failures = tuple(task_row(i) for i in first)
+            unread = [r.task_id for r in self.failures if r.task_id not in self.tracebacks]
+            if unread:
+                results = await queue.get_results(unread)
+                self.tracebacks.update({i: results[i].traceback if i in results else None for i in unread})
+            self._failed_seen = failed
+        return group_row(info, self.rate(info), self.failures, storing, self.expected)
+
+    def shown_tracebacks(self) -> dict[str, str | None]:
+        return {r.task_id: self.tracebacks.get(r.task_id) for r in self.failures}
+
+    def rate(self, info: GroupInfo) -> float | None:
+        """Members finished per second over the last ``RATE_WINDOW`` seconds of calls (None at first)."""
+        now, done = time.monotonic(), info.finished
+        samples = self.samples
+        if samples and done < samples[-1][1]:  # tasks retried: they are unfinished again
+            samples.clear()
+        samples.append((now, done))
+        while len(samples) > 2 and now - samples[1][0] >= RATE_WINDOW:
+            samples.popleft()
+        first_at, first_done = samples[0]
+        if now - first_at < 0.5 or done == first_done:
+            return None
+        return (done - first_done) / (now - first_at)
 
 
 class Refresher:
@@ -54,6 +123,7 @@ class Refresher:
         self.queue = queue
         self._output_of = output_of
         self.tasks: dict[str, list[TaskWidget]] = {}
+        self.groups: dict[str, tuple[GroupWatch, list[GroupWidget]]] = {}
         self.boards: list[_Board] = []
         self._loop = loop
         self._wake = asyncio.Event()  # binds to the loop thread's loop on first use
@@ -63,6 +133,15 @@ class Refresher:
 
     def add_board(self, widget: BoardWidget, limit: int) -> None:
         self._call_soon(self._add_board, widget, limit)
+
+    def add_group(self, widget: GroupWidget, watch: GroupWatch) -> None:
+        """Keep ``widget`` drawing the group ``watch`` follows until every member has finished
+        (add it again after a retry)."""
+        self._call_soon(self._add_group, widget, watch)
+
+    def page(self, widget: BoardWidget, step: int) -> None:
+        """Show the next (``step`` 1) or previous (-1) page of the board's other tasks."""
+        self._call_soon(self._page, widget, step)
 
     def wake(self) -> None:
         self._call_soon(self._wake.set)
@@ -79,10 +158,24 @@ class Refresher:
         self.boards.append(_Board(widget, limit))
         self._wake.set()
 
+    def _add_group(self, widget: GroupWidget, watch: GroupWatch) -> None:
+        known = self.groups.get(watch.group_id)
+        if known is None:
+            self.groups[watch.group_id] = (watch, [widget])
+        elif widget not in known[1]:
+            known[1].append(widget)
+        self._wake.set()
+
+    def _page(self, widget: BoardWidget, step: int) -> None:
+        for board in self.boards:
+            if board.widget is widget:
+                board.page = max(0, board.page + step)
+        self._wake.set()
+
     async def run(self) -> None:
         backend = self.queue.backend
         while True:
-            if not self.tasks and not self.boards:
+            if not self.tasks and not self.groups and not self.boards:
                 await self._wake.wait()
             self._wake.clear()
             token = backend.change_token
@@ -118,14 +211,65 @@ class Refresher:
                     for widget in widgets:
                         widget.finish(result, self.queue.deserialize_result)
                     del self.tasks[task_id]
+        for group_id, (watch, group_widgets) in list(self.groups.items()):
+            drawn = await watch.row(self.queue)
+            tracebacks = watch.shown_tracebacks()
+            for group_widget in group_widgets:
+                group_widget.show(drawn, tracebacks)
+            if drawn.finished:
+                del self.groups[group_id]
         for board in self.boards:
-            overview = await self.queue.overview(board.limit)
-            board.widget.show(overview.counts, [task_row(info) for info in overview.recent])
+            counts, rows, page, newer, older = await self.board_rows(board.limit, board.page, board.watches)
+            board.widget.show(counts, rows, page, newer, older)
             await self._refresh_detail(board)
 
+    async def board_rows(
+        self, limit: int, page: int = 0, watches: dict[str, GroupWatch] | None = None
+    ) -> tuple[dict[str, int], list[TaskRow | GroupRow], str, bool, bool]:
+        """What a board shows: the counts; then the running and failed tasks of no group; then the
+        newest groups, one row each (unfinished ones first); then a page of ``limit`` of the other
+        tasks of no group, newest first. Also the page's label and whether newer and older pages exist."""
+        watches = {} if watches is None else watches
+        overview = await self.queue.overview(limit)
+        running = [task_row(i) for i in overview.running if i.group_id is None]
+        failed = [task_row(i) for i in await self.queue.list_tasks("failed", ungrouped=True, limit=limit)]
+        groups = []
+        for info in overview.groups:
+            watch = watches.setdefault(info.group_id, GroupWatch(info.group_id, info.name))
+            groups.append(group_row(info, watch.rate(info)))  # the board lists no failure rows
+        for stale in set(watches) - {g.group_id for g in groups}:
+            del watches[stale]
+        groups.sort(key=lambda g: (g.finished, g.failed == 0))  # stable: newest first within each
+        # A state whose whole count the groups shown here account for has no task of no group: it is
+        # left out of the listing, which would otherwise pass over every grouped row in that state
+        # (a map of 100,000 just stored is 100,000 pending rows newer than any other).
+        states = [s for s in OTHER_STATES
+                  if overview.counts.get(s, 0) > sum(g.counts.get(s, 0) for g in overview.groups)]
+        others = await self.queue.list_tasks(states, ungrouped=True, limit=limit + 1,
+                                             offset=page * limit) if states else []
+        older = len(others) > limit
+        others = others[:limit]
+        label = ""
+        if page or older:
+            first = page * limit + 1
+            label = (f"other tasks {first:,}–{first + len(others) - 1:,}, newest first" if others
+                     else "no more tasks")
+        rows: list[TaskRow | GroupRow] = [*running, *failed, *groups, *(task_row(i) for i in others)]
+        return overview.counts, rows, label, page > 0, older
+
     async def _refresh_detail(self, board: _Board) -> None:
-        """The picked task: live while it runs, its result (or traceback) once it ends."""
+        """The picked task: live while it runs, its result (or traceback) once it ends;
+        a picked group: its counts and first failures."""
+        from sitq.notebook.widgets import GROUP_PREFIX
+
         task_id = board.widget.selected
+        if task_id and task_id.startswith(GROUP_PREFIX):
+            group_id = task_id[len(GROUP_PREFIX):]
+            watch = GroupWatch(group_id, "")
+            row = await watch.row(self.queue)
+            board.widget.show_detail(group_html(row, watch.shown_tracebacks()), cancellable=not row.finished)
+            board.detail_of = None
+            return
         info = await self.queue.status(task_id) if task_id else None
         if info is None:
             board.detail_of = None

@@ -22,13 +22,17 @@ if TYPE_CHECKING:
     from rich.style import Style
     from rich.syntax import SyntaxTheme
 
-from sitq.notebook.rows import TaskRow, format_seconds, load_value, short_repr, task_row
+from sitq.notebook.rows import GroupRow, TaskRow, format_seconds, load_value, short_id, short_repr, task_row
 
 __all__ = [
     "STATE_COLOURS",
     "state_badge",
     "progress_html",
     "task_html",
+    "group_header_html",
+    "group_html",
+    "group_bar_html",
+    "failures_html",
     "board_html",
     "table_html",
     "counts_html",
@@ -91,6 +95,56 @@ def task_html(row: TaskRow) -> str:
     return f'<span class="sitq-task {NO_MATH}" style="{_FONT}">{" ".join(bits)}</span>'
 
 
+def group_bar_html(row: GroupRow, width: str = "8em") -> str:
+    """A static bar of a group: succeeded and failed (or cancelled) parts side by side."""
+    total = row.total or 1
+    ok = row.counts.get("success", 0) / total * 100
+    bad = (row.failed + row.counts.get("cancelled", 0)) / total * 100
+    return (f'<span class="sitq-bar sitq-group-bar" title="{row.done:,}/{row.total:,}" style="display: inline-flex;'
+            f' width: {width}; height: 0.7em; vertical-align: middle; background: var(--jp-layout-color3, #ddd);'
+            f' border-radius: 2px; overflow: hidden;">'
+            f'<span class="sitq-bar-ok" style="display: block; flex: none; height: 100%; width: {ok:.1f}%;'
+            f' background: {STATE_COLOURS["success"]};"></span>'
+            f'<span class="sitq-bar-bad" style="display: block; flex: none; height: 100%; width: {bad:.1f}%;'
+            f' background: {STATE_COLOURS["failed"]};"></span></span>')
+
+
+def group_header_html(row: GroupRow) -> str:
+    """One line: the group's state, name, short id and summary (done/total, failed, running, rate, time left)."""
+    return (f'<span class="sitq-group-header {NO_MATH}" style="{_FONT}">{state_badge(row.status)} '
+            f'<b>{e(row.name)}</b> <code class="sitq-id" title="{e(row.group_id)}" style="{_MUTED}">'
+            f'group {e(short_id(row.group_id))}</code> '
+            f'<span class="sitq-group-summary" style="{_MUTED}">{e(row.summary())}</span></span>')
+
+
+def failures_html(row: GroupRow, tracebacks: Mapping[str, str | None] | None = None, shown: int = 3) -> str:
+    """The group's first failures, each a line that opens onto its traceback (a ``<details>``:
+    a click in any frontend, no round trip to the kernel)."""
+    if not row.failures:
+        return ""
+    items = []
+    for failure in row.failures[:shown]:
+        traceback = (tracebacks or {}).get(failure.task_id)
+        body = traceback_html(traceback) if traceback else (
+            f'<pre class="sitq-error" style="{_PRE.format(colour=STATE_COLOURS["failed"])}">'
+            f"{e(failure.error or 'failed')}</pre>")
+        items.append(f'<details class="sitq-failure" data-task-id="{e(failure.task_id)}">'
+                     f'<summary style="cursor: pointer;">{state_badge("failed")} '
+                     f'<code class="sitq-id">{e(short_id(failure.task_id))}</code> '
+                     f"{e(failure.error or '')}</summary>{body}</details>")
+    more = row.failed - min(len(row.failures), shown)
+    label = "first failures" if row.failed > 1 else "failure"
+    tail = f'<div style="{_MUTED}">and {more:,} more: group.failures() has them all</div>' if more > 0 else ""
+    return (f'<div class="sitq-failures {NO_MATH}" style="{_FONT}"><div style="{_MUTED}">{label} '
+            f"(click one for its traceback)</div>{''.join(items)}{tail}</div>")
+
+
+def group_html(row: GroupRow, tracebacks: Mapping[str, str | None] | None = None) -> str:
+    """A still picture of a group: its header, a bar, and its first failures."""
+    return (f'<div class="sitq-group-view {NO_MATH}" data-state="{e(row.status)}">{group_header_html(row)}'
+            f'<div>{group_bar_html(row, "24em")}</div>{failures_html(row, tracebacks)}</div>')
+
+
 def counts_html(counts: Mapping[str, int]) -> str:
     pills = []
     for status in STATE_COLOURS:
@@ -100,13 +154,21 @@ def counts_html(counts: Mapping[str, int]) -> str:
     return f'<div class="sitq-counts {NO_MATH}" style="{_FONT} margin: 2px 0 6px 0;">{" ".join(pills)}</div>'
 
 
-def table_html(rows: Iterable[TaskRow]) -> str:
-    """A table of tasks: id, name, state, attempts, time and progress."""
+def table_html(rows: Iterable[TaskRow | GroupRow], page: str = "") -> str:
+    """A table of tasks (id, name, state, attempts, time, progress); a group is one row, with its
+    bar. ``page`` says which part of a longer list the last rows are (the board's pager)."""
     cell = f'style="padding: 2px 8px; text-align: left; border-bottom: 1px solid {_BORDER};"'
     head = "".join(f"<th {cell}>{h}</th>" for h in
                    ("task", "name", "state", "attempts", "time", "progress"))
     body = []
     for row in rows:
+        if isinstance(row, GroupRow):
+            body.append(
+                f'<tr class="sitq-row sitq-group-row" data-group-id="{e(row.group_id)}" data-state="{e(row.status)}">'
+                f'<td {cell}><code title="{e(row.group_id)}">group {e(short_id(row.group_id))}</code></td>'
+                f"<td {cell}>{e(row.name)}</td><td {cell}>{state_badge(row.status)}</td><td {cell}></td>"
+                f"<td {cell}>{e(row.summary())}</td><td {cell}>{group_bar_html(row)}</td></tr>")
+            continue
         body.append(
             f'<tr class="sitq-row" data-task-id="{e(row.task_id)}" data-state="{e(row.status)}">'
             f'<td {cell}><code>{e(row.task_id)}</code></td><td {cell}>{e(row.name)}</td>'
@@ -114,6 +176,8 @@ def table_html(rows: Iterable[TaskRow]) -> str:
             f"<td {cell}>{e(row.timing_text)}</td><td {cell}>{_progress_cell(row)}</td></tr>")
     if not body:
         body.append(f'<tr><td colspan="6" {cell}><i style="{_MUTED}">no tasks yet</i></td></tr>')
+    if page:
+        body.append(f'<tr class="sitq-page"><td colspan="6" {cell}><i style="{_MUTED}">{e(page)}</i></td></tr>')
     return (f'<table class="sitq-table {NO_MATH}" style="{_FONT} border-collapse: collapse;">'
             f'<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
 
@@ -125,9 +189,9 @@ def _progress_cell(row: TaskRow) -> str:
     return "" if row.status == "success" else e(row.progress_text)
 
 
-def board_html(counts: Mapping[str, int], rows: Iterable[TaskRow]) -> str:
-    """A still picture of the board: counts per state and recent tasks."""
-    return f'<div class="sitq-board-view {NO_MATH}">{counts_html(counts)}{table_html(rows)}</div>'
+def board_html(counts: Mapping[str, int], rows: Iterable[TaskRow | GroupRow], page: str = "") -> str:
+    """A still picture of the board: counts per state, then groups and tasks (see ``table_html``)."""
+    return f'<div class="sitq-board-view {NO_MATH}">{counts_html(counts)}{table_html(rows, page)}</div>'
 
 
 def result_html(result: Any, deserialize: Callable[[Any], Any] | None = None) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import reprlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from sitq.queue import deserialize_value
 from sitq.serialization import CloudpickleSerializer
 from sitq.signing import signer_from
 
-__all__ = ["TaskRow", "task_row", "short_repr", "load_value", "format_seconds"]
+__all__ = ["TaskRow", "task_row", "GroupRow", "group_row", "short_id", "short_repr", "load_value", "format_seconds"]
 
 _short = reprlib.Repr()
 _short.maxstring = 80
@@ -114,6 +114,105 @@ def task_row(record: Any, now: dt.datetime | None = None) -> TaskRow:
         progress_message=_optional_text(getattr(record, "progress_message", None)),
         error=_optional_text(getattr(record, "error", None)),
     )
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    """A group of tasks (``sitq.notebook.map``), as drawn: its counts per state, and how fast it goes.
+
+    ``rate`` is tasks finished per second lately (None until it can be told), ``storing`` is True
+    while the map is still storing its tasks (``expected`` of them), and ``failures`` holds rows of
+    the first failed members, in input order. ``error`` says why storing the tasks failed (then
+    nothing was stored).
+    """
+
+    group_id: str
+    name: str
+    counts: dict[str, int]
+    rate: float | None = None
+    storing: bool = False
+    expected: int | None = None
+    failures: tuple[TaskRow, ...] = ()
+    error: str | None = None  # why the map could not store its tasks
+
+    @property
+    def total(self) -> int:
+        stored = sum(self.counts.values())
+        return max(stored, self.expected or 0) if self.storing else stored
+
+    @property
+    def done(self) -> int:
+        """Finished members: succeeded, failed or cancelled."""
+        return sum(self.counts.get(s, 0) for s in ("success", "failed", "cancelled"))
+
+    @property
+    def failed(self) -> int:
+        return self.counts.get("failed", 0)
+
+    @property
+    def running(self) -> int:
+        return self.counts.get("running", 0)
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or (not self.storing and self.done == self.total)
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else (0.0 if self.storing else 1.0)
+
+    @property
+    def status(self) -> str:
+        """One state for the whole group, to colour it: running until every member has finished,
+        then failed if one failed, cancelled if one was cancelled, else success."""
+        if self.error is not None:
+            return "failed"
+        if not self.finished:
+            return "running" if self.running or self.done else "pending"
+        if self.failed:
+            return "failed"
+        return "cancelled" if self.counts.get("cancelled", 0) else "success"
+
+    @property
+    def remaining_seconds(self) -> float | None:
+        if self.finished or not self.rate:
+            return None
+        return (self.total - self.done) / self.rate
+
+    def summary(self) -> str:
+        """``"73/100 done · 2 failed · 4 running · 310/s · 12s left"``."""
+        if self.error is not None:
+            return f"its tasks could not be stored: {self.error}"
+        if self.storing and not self.counts:
+            return f"storing {self.total:,} tasks"
+        bits = [f"{self.done:,}/{self.total:,} done"]
+        if self.failed:
+            bits.append(f"{self.failed:,} failed")
+        cancelled = self.counts.get("cancelled", 0)
+        if cancelled:
+            bits.append(f"{cancelled:,} cancelled")
+        if self.running:
+            bits.append(f"{self.running:,} running")
+        if self.rate and not self.finished:
+            bits.append(f"{self.rate:,.3g}/s" if self.rate < 100 else f"{self.rate:,.0f}/s")
+        left = self.remaining_seconds
+        if left is not None:
+            bits.append(f"{format_seconds(left)} left")
+        if self.storing:
+            bits.append("storing")
+        return " · ".join(bits)
+
+
+def group_row(info: Any, rate: float | None = None, failures: Iterable[TaskRow] = (),
+              storing: bool = False, expected: int | None = None) -> GroupRow:
+    """A row from a ``GroupInfo``: its counts, with the rate and first failures the caller knows."""
+    counts = {str(k): v for k, v in info.counts.items() if type(v) is int and v}
+    return GroupRow(_text(info.group_id), _text(info.name), counts, rate, storing, expected, tuple(failures))
+
+
+def short_id(task_id: str) -> str:
+    """The last 8 characters of an id: what views show (every lookup takes a unique end of an id)."""
+    return task_id[-8:]
 
 
 def _moment(value: Any) -> dt.datetime | None:

@@ -20,14 +20,18 @@ import contextvars
 import logging
 import os
 import threading
-from collections.abc import Callable, Coroutine
+import time
+from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from sitq.backends import describe_target, open_backend
-from sitq.errors import SitqError, TaskNotFoundError
+from sitq.backends.rules import key_group_id
+from sitq.errors import InvalidTaskError, SitqError, TaskNotFoundError
+from sitq.notebook.group import GroupHandle
 from sitq.notebook.handle import TaskHandle, widgets_enabled
 from sitq.notebook.refresher import Refresher
-from sitq.queue import TaskQueue
+from sitq.options import Task
+from sitq.queue import TaskQueue, new_task_id
 from sitq.serialization import describe_callable
 from sitq.sync import LoopThread
 from sitq.worker import Worker
@@ -35,14 +39,19 @@ from sitq.worker import Worker
 if TYPE_CHECKING:  # loads when a board is first asked for
     from sitq.notebook.widgets import BoardWidget
 
-__all__ = ["Runtime", "start_worker", "stop_worker", "current", "submit", "task", "board",
-           "DEFAULT_PATH"]
+__all__ = ["Runtime", "start_worker", "stop_worker", "current", "submit", "map", "task", "group", "lookup",
+           "board", "DEFAULT_PATH", "MAP_WAIT"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 DEFAULT_PATH = "sitq.db"
+# How long map() waits for its tasks to be stored before it returns the group still storing: a
+# map of a few thousand items is stored by then (and its errors raise in the cell); a bigger one
+# goes on in the background, so the kernel is never held for longer.
+MAP_WAIT = 0.005
+EAGER_WIDGET = 1000  # a map of more items gets its widget before its tasks are stored (see Runtime.map)
 _runtime: Runtime | None = None
 _lock = threading.Lock()
 
@@ -150,11 +159,83 @@ class Runtime:
         return TaskHandle(self, task_id, describe_callable(func))
 
     def handle(self, task_id: str) -> TaskHandle:
-        """A handle for a task that is already stored (from any session)."""
+        """A handle for a task that is already stored (from any session); ``task_id`` may be a
+        unique beginning or end of the id, as the views show it."""
         info = self.run(self.queue.status(task_id))
         if info is None:
-            raise TaskNotFoundError(f"no task with id {task_id!r} in {self.path}")
+            task_id = self.run(self.queue.resolve(task_id))
+            info = self.run(self.queue.status(task_id))
+            if info is None:
+                raise TaskNotFoundError(f"no task with id {task_id!r} in {self.path}")
         return TaskHandle(self, task_id, info.name)
+
+    def map(self, func: Callable[..., Any], /, *iterables: Iterable[Any], eta: Any = None,
+            key: str | None = None) -> GroupHandle:
+        """Store ``func(*items)`` for each item of ``zip(*iterables)`` as one group, in one transaction,
+        and return its :class:`GroupHandle`; see :func:`sitq.notebook.map`."""
+        columns = [list(items) for items in iterables]  # read here, in the cell's thread, not the loop's
+        expected = min((len(c) for c in columns), default=0)
+        if isinstance(key, str) and key:
+            group_id = key_group_id(key)
+        elif key is None:
+            group_id = new_task_id(time.time())
+        else:
+            raise InvalidTaskError(f"key takes a non-empty string, not {key!r}")
+        if isinstance(func, Task):
+            name = func.task_options.name or describe_callable(func.func)
+        else:
+            name = describe_callable(func) if callable(func) else ""
+        widget = None
+        if expected > EAGER_WIDGET and widgets_enabled():
+            # Drawn before the tasks are stored: once storing runs on the loop thread, every step of
+            # making a widget's models here would wait its turn for the GIL.
+            from sitq.notebook.widgets import GroupWidget
+
+            widget = GroupWidget(group_id, name, expected)
+        future = self.loop.submit(self.queue.map(func, *columns, eta=eta, group=group_id, key=key))
+        try:
+            ids: list[str] | None = future.result(MAP_WAIT)
+        except (TimeoutError, concurrent.futures.TimeoutError):  # distinct types before 3.11
+            ids = None
+        if ids is not None:
+            handle = GroupHandle(self, group_id, name, task_ids=ids)
+        else:
+            future.add_done_callback(self._stored)
+            handle = GroupHandle(self, group_id, name, stored=future, expected=expected)
+        if widget is not None:
+            handle._adopt(widget)
+        return handle
+
+    def _stored(self, future: concurrent.futures.Future[list[str]]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            log.error("sitq: storing the tasks of a map failed: %s", future.exception())
+        self.refresher.wake()
+
+    def group_handle(self, group_id: str) -> GroupHandle:
+        """A handle for a group that is already stored (from any session); ``group_id`` may be a
+        unique beginning or end of the id."""
+        info = self.run(self.queue.group(group_id))
+        if info is None:
+            group_id = self.run(self.queue.resolve_group(group_id))
+            info = self.run(self.queue.group(group_id))
+            if info is None:
+                raise TaskNotFoundError(f"no group with id {group_id!r} in {self.path}")
+        return GroupHandle(self, group_id, info.name)
+
+    def lookup(self, fragment: str) -> TaskHandle | GroupHandle:
+        """The task or the group whose id is, begins or ends with ``fragment``."""
+        # A group's id is made as a task's is (time first), so a short beginning can match tasks
+        # of the same moment too: a unique group match wins over a task lookup that failed.
+        try:
+            return self.handle(fragment)
+        except (TaskNotFoundError, InvalidTaskError) as task_error:
+            try:
+                return self.group_handle(fragment)
+            except TaskNotFoundError:
+                if isinstance(task_error, InvalidTaskError):
+                    raise task_error from None
+                raise TaskNotFoundError(f"no task id and no group id is, begins or ends with {fragment!r} "
+                                        f"in {self.path}") from None
 
     def can_cancel(self) -> bool:
         """Whether tasks can be cancelled through this runtime's queue."""
@@ -174,15 +255,24 @@ class Runtime:
             self.refresher.wake()
 
         def cancel(task_id: str) -> None:
+            from sitq.notebook.widgets import GROUP_PREFIX
+
             def report(f: concurrent.futures.Future[Any]) -> None:
                 if not f.cancelled() and f.exception() is not None:
                     log.warning("sitq: cancel %s failed: %s", task_id, f.exception())
 
-            future = self.loop.submit(self.queue.cancel(task_id))
+            if task_id.startswith(GROUP_PREFIX):
+                future: concurrent.futures.Future[Any] = self.loop.submit(
+                    self.queue.cancel_group(task_id[len(GROUP_PREFIX):]))
+            else:
+                future = self.loop.submit(self.queue.cancel(task_id))
             future.add_done_callback(report)
             self.refresher.wake()
 
-        widget = BoardWidget(select, cancel if self.can_cancel() else None)
+        def page(step: int) -> None:
+            self.refresher.page(widget, step)
+
+        widget = BoardWidget(select, cancel if self.can_cancel() else None, page)
         self.refresher.add_board(widget, limit)
         return widget
 
@@ -247,9 +337,35 @@ def submit(func: Callable[..., Any], /, *args: Any, eta: Any = None, **kwargs: A
     return current().enqueue(func, *args, eta=eta, **kwargs)
 
 
+def map(func: Callable[..., Any], /, *iterables: Iterable[Any], eta: Any = None,  # noqa: A001
+        key: str | None = None) -> GroupHandle:
+    """Enqueue ``func(*items)`` for each item of ``zip(*iterables)`` on the kernel's queue, as one
+    group, in one transaction; returns a :class:`GroupHandle` that shows itself in a cell as one
+    live widget (aggregate bar, first failures, cancel-all) and whose ``results()`` are in input order.
+
+    With ``key``, running the cell again re-attaches to the same group instead of enqueueing again:
+    item ``i`` has the dedupe key ``f"{key}/{i}"`` (see ``TaskQueue.map``), so its task is the one
+    stored, whatever state it is in. A map whose tasks take longer than a moment to store (many
+    thousands) returns at once and goes on storing in the background; the widget says so.
+    """
+    return current().map(func, *iterables, eta=eta, key=key)
+
+
 def task(task_id: str) -> TaskHandle:
-    """A handle for a stored task, e.g. one submitted before a kernel restart."""
+    """A handle for a stored task, e.g. one submitted before a kernel restart (a unique beginning
+    or end of its id will do)."""
     return current().handle(task_id)
+
+
+def group(group_id: str) -> GroupHandle:
+    """A handle for a stored group, e.g. one mapped before a kernel restart (a unique beginning or
+    end of its id will do, as the widget shows it)."""
+    return current().group_handle(group_id)
+
+
+def lookup(fragment: str) -> TaskHandle | GroupHandle:
+    """The task or group whose id is, begins or ends with ``fragment`` (what ``%sitq result`` shows)."""
+    return current().lookup(fragment)
 
 
 def board(limit: int = 20) -> BoardWidget | _StaticBoard:
@@ -272,10 +388,9 @@ class _StaticBoard:
 
     def _repr_html_(self) -> str:
         from sitq.notebook.render import board_html
-        from sitq.notebook.rows import task_row
 
-        overview = self._runtime.run(self._runtime.queue.overview(self._limit))
-        return board_html(overview.counts, [task_row(info) for info in overview.recent])
+        counts, rows, page, _newer, _older = self._runtime.run(self._runtime.refresher.board_rows(self._limit))
+        return board_html(counts, rows, page)
 
 
 _exit_hook_registered = False

@@ -573,6 +573,28 @@ class SQLiteBackend(Backend):
     async def group(self, group_id: str) -> GroupInfo | None:
         return await self._run(sql.group, group_id)
 
+    async def match_group_ids(self, fragment: str, limit: int = 2) -> list[str]:
+        return await self._run(sql.match_group_ids, fragment, limit)  # few groups: the scan is short
+
+    async def find_ungrouped(
+        self,
+        *,
+        statuses: Sequence[TaskStatus | str] | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        newest_first: bool = True,
+    ) -> list[TaskInfo]:
+        wanted = None if statuses is None else [str(s) for s in statuses]
+        return await self._read_off_loop(sql.find_tasks, wanted, None, None, limit, offset, newest_first, True)
+
+    async def cancel_group(self, group_id: str, now: float) -> dict[CancelOutcome, int]:
+        # A group may hold a million pending tasks: cancel them off the loop.
+        def job(conn: sqlite3.Connection, stopped: threading.Event) -> dict[CancelOutcome, int]:
+            return cast("dict[CancelOutcome, int]",
+                        self._call_here(conn, sql.cancel_group, (group_id, now), stopped, write=True))
+
+        return await self._offload(job)
+
     async def _read_off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(conn, *args)`` on the helper thread: a read whose cost may grow with the store."""
 

@@ -224,6 +224,16 @@ REQUEST_CANCEL = """
 UPDATE sitq_tasks SET cancel_requested = 1 WHERE id = ? AND status = 'running'
 """
 
+# A whole group at once (Backend.cancel_group): the members of each state found in sitq_members.
+CANCEL_GROUP_PENDING = """
+UPDATE sitq_tasks SET status = 'cancelled', finished_at = ?, expires_at = ? + retention
+WHERE group_id = ? AND status IN ('pending', 'waiting')
+"""
+
+REQUEST_GROUP_CANCEL = """
+UPDATE sitq_tasks SET cancel_requested = 1 WHERE group_id = ? AND status = 'running'
+"""
+
 SELECT_CANCEL_REQUESTS = """
 SELECT id FROM sitq_tasks WHERE worker_id = ? AND status = 'running' AND cancel_requested = 1
 """
@@ -311,6 +321,12 @@ SELECT_GROUP = "SELECT id, name, created_at FROM sitq_groups WHERE id = ?"
 NEWEST_GROUPS = "SELECT id, name, created_at FROM sitq_groups ORDER BY created_at DESC LIMIT ?"
 
 GROUP_COUNTS = "SELECT status, n FROM sitq_group_counts WHERE group_id = ?"
+
+SELECT_GROUP_ID = "SELECT id FROM sitq_groups WHERE id = ?"
+
+GROUP_IDS_STARTING = "SELECT id FROM sitq_groups WHERE id >= ? AND id < ? ORDER BY id LIMIT ?"
+
+GROUP_IDS_ENDING = "SELECT id FROM sitq_groups WHERE substr(id, -?) = ? LIMIT ?"
 
 SELECT_ID = "SELECT id FROM sitq_tasks WHERE id = ?"
 
@@ -740,6 +756,24 @@ def cancel(conn: sqlite3.Connection, task_id: str, now: float) -> tuple[CancelOu
     return state, state in (CancelOutcome.CANCELLED, CancelOutcome.REQUESTED)
 
 
+def cancel_group(conn: sqlite3.Connection, group_id: str, now: float) -> tuple[dict[CancelOutcome, int], bool]:
+    conn.execute("BEGIN IMMEDIATE")
+    cancelled = conn.execute(CANCEL_GROUP_PENDING, (now, now, group_id)).rowcount
+    requested = conn.execute(REQUEST_GROUP_CANCEL, (group_id,)).rowcount
+    if cancelled:
+        settle(conn)
+    conn.execute("COMMIT")
+    return {CancelOutcome.CANCELLED: cancelled, CancelOutcome.REQUESTED: requested}, bool(cancelled or requested)
+
+
+def match_group_ids(conn: sqlite3.Connection, fragment: str, limit: int) -> list[str]:
+    if conn.execute(SELECT_GROUP_ID, (fragment,)).fetchone() is not None:
+        return [fragment]
+    found = [row[0] for row in conn.execute(GROUP_IDS_STARTING, (fragment, fragment + "\U0010ffff", limit))]
+    found += [row[0] for row in conn.execute(GROUP_IDS_ENDING, (len(fragment), fragment, limit))]
+    return sorted(set(found))[:limit]
+
+
 def retry_by_hand(
     conn: sqlite3.Connection, task_ids: Sequence[str], now: float
 ) -> tuple[dict[str, RetryOutcome], bool]:
@@ -792,10 +826,12 @@ def group(conn: sqlite3.Connection, group_id: str) -> GroupInfo | None:
 
 def find_tasks(
     conn: sqlite3.Connection, statuses: Sequence[str] | None, queue: str | None, group_id: str | None, limit: int,
-    offset: int, newest_first: bool,
+    offset: int, newest_first: bool, ungrouped: bool = False,
 ) -> list[TaskInfo]:
+    """The rows of ``Backend.find_tasks``; with ``ungrouped``, of ``Backend.find_ungrouped``."""
     order = "DESC" if newest_first else "ASC"
-    where, params = [], []
+    where: list[str] = ["group_id IS NULL"] if ungrouped else []
+    params: list[Any] = []
     if queue is not None:
         where.append("queue = ?")
         params.append(queue)
