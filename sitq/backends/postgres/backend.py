@@ -465,8 +465,11 @@ class PostgresBackend(Backend):
         tasks = size = 0
         while tasks < limit:
             batch = min(PRUNE_BATCH, limit - tasks)
-            removed, nbytes = await self._call(lambda db, r: sql.prune_batch(db, self.schema, now, batch))
+            removed, nbytes = await self._call(lambda db, r: sql.prune_batch(db, self.schema, now, batch),
+                                               changed=False)
             tasks, size = tasks + removed, size + nbytes
+            if removed:
+                self.changes.notify()
             if removed < batch:
                 break
         return PurgeReport(tasks, size)
@@ -483,8 +486,11 @@ class PostgresBackend(Backend):
         while True:
             after = last
             removed, nbytes, last = await self._call(
-                lambda db, r: sql.purge_batch(db, self.schema, wanted, finished_before, after, PRUNE_BATCH))
+                lambda db, r: sql.purge_batch(db, self.schema, wanted, finished_before, after, PRUNE_BATCH),
+                changed=False)
             tasks, size = tasks + removed, size + nbytes
+            if removed:
+                self.changes.notify()
             if removed < PRUNE_BATCH:
                 break
         return PurgeReport(tasks, size)
