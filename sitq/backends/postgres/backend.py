@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 import urllib.parse
@@ -99,9 +100,10 @@ class PostgresBackend(Backend):
         self.check_interval = check_interval
         self.channel = _channel(schema_name)
         try:
-            self._conninfo = driver.conninfo(libpq_dsn, "sitq")
+            driver.conninfo(libpq_dsn, "sitq")
         except ValueError as exc:
             raise ValueError(f"{self.target}: {self._scrub(str(exc), libpq_dsn)}") from None
+        self._dsn = libpq_dsn
         self._password = _password(libpq_dsn)
         self._session: AsyncSession | None = None
         self._ever_connected = False
@@ -142,6 +144,11 @@ class PostgresBackend(Backend):
     async def ensure_same_store(self) -> None:
         """A server has no file to be replaced: nothing to check."""
 
+    def _conninfo(self) -> str:
+        """The DSN for libpq, naming this process in ``pg_stat_activity`` (application_name ``sitq PID``)
+        unless the DSN names an application itself."""
+        return driver.conninfo(self._dsn, f"sitq {os.getpid()}")
+
     def _loop_lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()
         lock = self._loop_locks.get(loop)
@@ -150,7 +157,7 @@ class PostgresBackend(Backend):
         return lock
 
     async def _open(self) -> AsyncSession:
-        session = await AsyncSession.connect(self._conninfo, self.read_only)
+        session = await AsyncSession.connect(self._conninfo(), self.read_only)
         try:
             await schema.ensure_schema(session, self.schema, self.read_only, self.target)
         except BaseException:
@@ -645,7 +652,7 @@ class SideThread(threading.Thread):
         while not self._stopped.is_set():
             try:
                 if session is None:
-                    session = SideSession.connect(backend._conninfo, 10.0)
+                    session = SideSession.connect(backend._conninfo(), 10.0)
                     session.listen(backend.channel)
                     backend.changes.notify()  # a change may have gone by unheard: waiters look again
                     if failing:
