@@ -4,6 +4,7 @@ methods) and its side thread, which listens for other processes' notices and ren
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -472,7 +473,7 @@ class PostgresBackend(Backend):
         tasks = size = 0
         while tasks < limit:
             batch = min(PRUNE_BATCH, limit - tasks)
-            removed, nbytes = await self._call(lambda db, r: sql.prune_batch(db, self.schema, now, batch),
+            removed, nbytes = await self._call(functools.partial(_prune, now=now, limit=batch, schema=self.schema),
                                                changed=False)
             tasks, size = tasks + removed, size + nbytes
             if removed:
@@ -493,7 +494,7 @@ class PostgresBackend(Backend):
         while True:
             after = last
             removed, nbytes, last = await self._call(
-                lambda db, r: sql.purge_batch(db, self.schema, wanted, finished_before, after, PRUNE_BATCH),
+                functools.partial(_purge, schema=self.schema, statuses=wanted, before=finished_before, after=after),
                 changed=False)
             tasks, size = tasks + removed, size + nbytes
             if removed:
@@ -557,6 +558,16 @@ class PostgresBackend(Backend):
         """A notice on the queue's channel, on the side thread: another process changed the store."""
         if pid not in self._own_pids:  # this process's own writes woke its waiters already
             self.changes.notify()
+
+
+async def _prune(db: AsyncSession, retrying: bool, *, schema: str, now: float, limit: int) -> tuple[int, int]:
+    return await sql.prune_batch(db, schema, now, limit)
+
+
+async def _purge(
+    db: AsyncSession, retrying: bool, *, schema: str, statuses: list[str], before: float | None, after: int
+) -> tuple[int, int, int]:
+    return await sql.purge_batch(db, schema, statuses, before, after, PRUNE_BATCH)
 
 
 async def _nothing() -> None:

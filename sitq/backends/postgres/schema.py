@@ -190,7 +190,8 @@ BEGIN
             ELSE
                 UPDATE {s}.tasks SET status = 'cancelled', finished_at = coalesce(done.finished_at, 0),
                     expires_at = coalesce(done.finished_at, 0) + retention,
-                    error = format(CASE done.status WHEN 'failed' THEN {failed} ELSE {cancelled} END, done.id, done.name)
+                    error = format(CASE done.status WHEN 'failed' THEN {failed} ELSE {cancelled} END,
+                                   done.id, done.name)
                 WHERE seq IN (SELECT task FROM {s}.deps WHERE dep = done.seq) AND status = 'waiting';
             END IF;
             DELETE FROM {s}.deps WHERE dep = done.seq;
