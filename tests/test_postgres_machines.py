@@ -46,8 +46,9 @@ class Machines:
 
     def start(self, *options):
         err = self.folder / f"worker-{len(self.procs)}.err"
-        proc = subprocess.Popen(sitq_command("worker", self.target, *options), env=worker_env(),
-                                stdout=subprocess.DEVNULL, stderr=err.open("w"))
+        with err.open("w") as stderr:  # the child has its own copy
+            proc = subprocess.Popen(sitq_command("worker", self.target, *options), env=worker_env(),
+                                    stdout=subprocess.DEVNULL, stderr=stderr)
         proc.err_path = err
         self.procs.append(proc)
         return proc
@@ -152,8 +153,7 @@ def test_a_machine_killed_mid_run_costs_only_its_own_tasks_a_second_run(machines
     seen = runs(log)
     for x, task_id in enumerate(ids):
         events, result = seen[x], results[task_id]
-        assert ("end", victim.pid) not in events or task_id not in caught
-        if task_id in caught:  # claimed by the victim when it died: run again elsewhere, to its end
+        if task_id in caught:  # the victim held it (it may have run it, but not stored it): run again elsewhere
             assert result.attempts == 2 and len([e for e in events if e[0] == "start"]) <= 2, (x, events)
             assert any(e == "end" and pid != victim.pid for e, pid in events), (x, events)
         else:  # never held by a dead worker: exactly once
