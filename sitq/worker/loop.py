@@ -365,8 +365,10 @@ class _SideTasks:
                         if fired:
                             log.info("enqueued %d scheduled task(s)", fired)
                     if now >= next_prune:
-                        next_prune = now + worker.prune_interval
                         pruned = await backend.prune(worker.clock(), PRUNE_LIMIT)
+                        # A full prune left more behind: take the next slice on the next round
+                        # instead of a whole interval later, so pruning keeps up with any rate.
+                        next_prune = now + (0.0 if pruned.tasks >= PRUNE_LIMIT else worker.prune_interval)
                         if pruned.tasks:
                             log.info("deleted %d finished task(s) past their retention (%d bytes)",
                                      pruned.tasks, pruned.bytes)
