@@ -38,6 +38,8 @@ def test_a_password_in_a_url_is_never_shown():
     assert describe_target("postgresql://ann:s3cret@db.example/q") == "postgresql://ann:***@db.example/q"
     assert describe_target("postgresql://ann@db.example/q") == "postgresql://ann@db.example/q"
     assert describe_target("tasks.db") == "tasks.db"
+    assert describe_target("postgresql://ann@db/q?sslmode=require&password=s3cret") == (
+        "postgresql://ann@db/q?sslmode=require&password=***")
 
 
 def test_queue_worker_and_blocking_face_take_a_path(db_path, run):
