@@ -117,6 +117,7 @@ class PostgresBackend(Backend):
         self._side_lock = threading.Lock()
         self._last_notice = 0.0
         self._trailing: asyncio.TimerHandle | None = None
+        self._trailing_loop: asyncio.AbstractEventLoop | None = None
         self._trailing_tasks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
@@ -133,12 +134,18 @@ class PostgresBackend(Backend):
         side, self._side = self._side, None
         if side is not None:
             side.stop()
+        owed = self._trailing is not None or bool(self._trailing_tasks)
         if self._trailing is not None:
             self._trailing.cancel()
             self._trailing = None
         for task in list(self._trailing_tasks):
             task.cancel()
         session, self._session = self._session, None
+        if owed and session is not None and session.usable:  # the notice held back is sent before leaving
+            try:
+                await session.fetch(sql.q(sql.NOTIFY, self.schema), (self.channel, "e"))
+            except (driver.Lost, driver.DriverError):
+                pass
         if session is not None:
             await session.close()
 
@@ -250,8 +257,10 @@ class PostgresBackend(Backend):
         if wait <= 0:
             self._last_notice = now
             return self.channel
+        if self._trailing is not None and self._trailing_loop is not None and self._trailing_loop.is_closed():
+            self._trailing = None  # its loop ended before it fired: the next one takes its place
         if self._trailing is None:
-            self._trailing = loop.call_later(wait, self._send_trailing)
+            self._trailing, self._trailing_loop = loop.call_later(wait, self._send_trailing), loop
         return None
 
     def _send_trailing(self) -> None:
