@@ -24,6 +24,7 @@ from psycopg import conninfo as libpq_conninfo
 __all__ = ["AsyncSession", "SideSession", "Lost", "Conflict", "DriverError", "conninfo", "translate"]
 
 DriverError = psycopg.Error
+IDLE_IN_TRANSACTION = "60s"
 
 # SQLSTATEs that mean the server went away under a connection (shut down, restarted, starting up).
 _LOST_STATES = ("57P01", "57P02", "57P03")
@@ -79,6 +80,9 @@ class AsyncSession:
     async def connect(cls, info: str, read_only: bool) -> AsyncSession:
         try:
             conn = await psycopg.AsyncConnection.connect(info, autocommit=True)
+            # A process stopped (SIGSTOP, a debugger) in the middle of a transaction must not hold its
+            # locks for ever: the server ends such a session, and sitq connects again.
+            await conn.execute(f"SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION}'")
             if read_only:
                 await conn.execute("SET default_transaction_read_only = on")
         except psycopg.Error as exc:

@@ -187,11 +187,14 @@ WHERE status = 'running' AND worker_id = %s AND started_at = %s
 """
 
 RELEASE = """
-UPDATE {s}.tasks SET status = 'pending', worker_id = NULL, lease_until = NULL, started_at = NULL,
-    attempts = attempts - 1
-WHERE seq = ANY(%s) AND status = 'running' AND worker_id = %s
-    AND (seq, attempts) IN (SELECT * FROM unnest(%s::bigint[], %s::integer[]))
-RETURNING seq
+WITH released AS (
+    UPDATE {s}.tasks SET status = 'pending', worker_id = NULL, lease_until = NULL, started_at = NULL,
+        attempts = attempts - 1
+    WHERE seq = ANY(%(seqs)s) AND status = 'running' AND worker_id = %(worker)s
+        AND (seq, attempts) IN (SELECT * FROM unnest(%(seqs)s::bigint[], %(attempts)s::integer[]))
+    RETURNING seq
+)
+SELECT seq, (SELECT pg_notify(%(chan)s::text, 'e') FROM released HAVING count(*) > 0) FROM released
 """
 
 SUSPECTS_WAITING = """
@@ -218,26 +221,32 @@ RENEW = "UPDATE {s}.tasks SET lease_until = %s WHERE worker_id = %s AND status =
 
 # -- leases, cancel and retry ------------------------------------------------------------
 
-# One sweeper at a time: whoever takes this try-lock; the others find it taken and move on.
-SWEEP_LOCK = "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))"
-
 # Tasks whose worker stopped renewing the lease (rules.expired_lease): cancelled if that was asked
-# for, failed on their LOST_WORKER_LIMIT-th lost worker, else claimable again as suspects.
-EXPIRED_CANCELLED = """
-UPDATE {s}.tasks SET status = 'cancelled', finished_at = %(now)s, expires_at = %(now)s + retention,
-    lease_until = NULL
-WHERE status = 'running' AND lease_until < %(now)s AND cancel_requested
-"""
-
-EXPIRED_TOO_OFTEN = """
-UPDATE {s}.tasks SET status = 'failed', finished_at = %(now)s, expires_at = %(now)s + retention,
-    lease_until = NULL, error = %(error)s, traceback = NULL
-WHERE status = 'running' AND lease_until < %(now)s AND lost + 1 >= %(limit)s
-"""
-
-EXPIRED_REQUEUED = """
-UPDATE {s}.tasks SET status = 'pending', worker_id = NULL, lease_until = NULL, lost = lost + 1
-WHERE status = 'running' AND lease_until < %(now)s
+# for, failed on their LOST_WORKER_LIMIT-th lost worker, else claimable again as suspects. One
+# sweeper at a time, whoever takes the try-lock; the others find it taken and move on. One
+# statement, so that no process can be stopped between its parts with the lock held.
+SWEEP = """
+WITH sweeper AS (SELECT pg_try_advisory_xact_lock(hashtextextended(%(key)s, 0)) AS taken),
+cancelled AS (
+    UPDATE {s}.tasks SET status = 'cancelled', finished_at = %(now)s, expires_at = %(now)s + retention,
+        lease_until = NULL
+    WHERE status = 'running' AND lease_until < %(now)s AND cancel_requested AND (SELECT taken FROM sweeper)
+    RETURNING 1
+), failed AS (
+    UPDATE {s}.tasks SET status = 'failed', finished_at = %(now)s, expires_at = %(now)s + retention,
+        lease_until = NULL, error = %(error)s, traceback = NULL
+    WHERE status = 'running' AND lease_until < %(now)s AND NOT cancel_requested AND lost + 1 >= %(limit)s
+        AND (SELECT taken FROM sweeper)
+    RETURNING 1
+), requeued AS (
+    UPDATE {s}.tasks SET status = 'pending', worker_id = NULL, lease_until = NULL, lost = lost + 1
+    WHERE status = 'running' AND lease_until < %(now)s AND NOT cancel_requested AND lost + 1 < %(limit)s
+        AND (SELECT taken FROM sweeper)
+    RETURNING 1
+), swept AS (
+    SELECT (SELECT count(*) FROM cancelled) + (SELECT count(*) FROM failed) + (SELECT count(*) FROM requeued) AS n
+)
+SELECT n, (SELECT pg_notify(%(chan)s::text, 'e') WHERE n > 0) FROM swept
 """
 
 # rules.cancel: pending or waiting -> cancelled now; running -> a request for its worker.
@@ -270,10 +279,15 @@ SELECT id, status FROM found
 """
 
 SET_PROGRESS = """
-UPDATE {s}.tasks t SET progress_done = v.done, progress_total = v.total, progress_message = v.message
-FROM unnest(%s::bigint[], %s::integer[], %s::float8[], %s::float8[], %s::text[]) AS v(seq, attempts, done, total,
-                                                                                      message)
-WHERE t.seq = v.seq AND t.attempts = v.attempts AND t.status = 'running' AND t.worker_id = %s
+WITH stored AS (
+    UPDATE {s}.tasks t SET progress_done = v.done, progress_total = v.total, progress_message = v.message
+    FROM unnest(%(seqs)s::bigint[], %(attempts)s::integer[], %(done)s::float8[], %(total)s::float8[],
+                %(messages)s::text[]) AS v(seq, attempts, done, total, message)
+    WHERE t.seq = v.seq AND t.attempts = v.attempts AND t.status = 'running' AND t.worker_id = %(worker)s
+    RETURNING 1
+)
+SELECT count(*), (SELECT pg_notify(%(chan)s::text, 'p') WHERE %(chan)s::text IS NOT NULL) FROM stored
+HAVING count(*) > 0
 """
 
 # -- readers -----------------------------------------------------------------------
@@ -557,10 +571,8 @@ async def stored_before(db: AsyncSession, s: str, worker_id: str, outcomes: Sequ
 async def release(db: AsyncSession, s: str, worker_id: str, claims: Sequence[tuple[Any, int]],
                   chan: str | None) -> list[bool]:
     seqs = [handle for handle, _ in claims]
-    async with db.transaction():
-        rows = await db.fetch(q(RELEASE, s), (seqs, worker_id, seqs, [attempts for _, attempts in claims]))
-        if rows and chan is not None:
-            await db.fetch(q(NOTIFY, s), (chan, "e"))
+    rows = await db.fetch(q(RELEASE, s), {"seqs": seqs, "worker": worker_id, "chan": chan,
+                                          "attempts": [attempts for _, attempts in claims]})
     released = {row[0] for row in rows}
     return [handle in released for handle, _ in claims]
 
@@ -580,17 +592,10 @@ async def suspects_waiting(db: AsyncSession, s: str, now: float, queues: Sequenc
 
 
 async def requeue_expired(db: AsyncSession, s: str, now: float, chan: str) -> int:
-    params = {"now": now, "error": lost_worker_error(LOST_WORKER_LIMIT), "limit": LOST_WORKER_LIMIT}
-    async with db.transaction():
-        taken = await db.fetchone(q(SWEEP_LOCK, s), (f"sitq sweep {s}",))
-        if not (taken and taken[0]):
-            return 0  # another process is sweeping right now
-        count = await db.execute(q(EXPIRED_CANCELLED, s), params)
-        count += await db.execute(q(EXPIRED_TOO_OFTEN, s), params)
-        count += await db.execute(q(EXPIRED_REQUEUED, s), params)
-        if count:
-            await db.fetch(q(NOTIFY, s), (chan, "e"))
-    return count
+    params = {"now": now, "error": lost_worker_error(LOST_WORKER_LIMIT), "limit": LOST_WORKER_LIMIT,
+              "key": f"sitq sweep {s}", "chan": chan}
+    row = await db.fetchone(q(SWEEP, s), params)
+    return int(row[0]) if row else 0
 
 
 async def cancel(db: AsyncSession, s: str, task_id: str, now: float, chan: str) -> CancelOutcome | None:
@@ -631,12 +636,10 @@ async def set_progress(
     db: AsyncSession, s: str, worker_id: str,
     progress: Sequence[tuple[Any, int, float | None, float | None, str | None]], chan: str | None,
 ) -> bool:
-    columns = list(zip(*progress, strict=True))
-    async with db.transaction():
-        changed = await db.execute(q(SET_PROGRESS, s), (*[list(c) for c in columns], worker_id))
-        if changed and chan is not None:
-            await db.fetch(q(NOTIFY, s), (chan, "p"))
-    return changed > 0
+    seqs, attempts, done, total, messages = (list(column) for column in zip(*progress, strict=True))
+    row = await db.fetchone(q(SET_PROGRESS, s), {"seqs": seqs, "attempts": attempts, "done": done, "total": total,
+                                                 "messages": messages, "worker": worker_id, "chan": chan})
+    return row is not None
 
 
 # -- readers -----------------------------------------------------------------------
