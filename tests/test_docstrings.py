@@ -9,7 +9,7 @@ import pytest
 PUBLIC_MODULES = [
     "sitq", "sitq.core", "sitq.queue", "sitq.sync", "sitq.worker", "sitq.options", "sitq.errors", "sitq.backends",
     "sitq.backends.base", "sitq.backends.rules", "sitq.backends.notify", "sitq.backends.memory",
-    "sitq.backends.sqlite", "sitq.serialization", "sitq.signing", "sitq.notebook",
+    "sitq.backends.sqlite", "sitq.backends.postgres", "sitq.serialization", "sitq.signing", "sitq.notebook",
 ]
 
 

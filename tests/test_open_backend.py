@@ -25,6 +25,7 @@ def test_paths_and_sqlite_urls_open_sqlite(tmp_path):
 def test_postgres_urls_name_the_extra_they_need_when_it_is_missing():
     try:
         import psycopg  # noqa: F401
+
         import sitq.backends.postgres  # noqa: F401
     except ImportError:
         with pytest.raises(BackendError, match=r"pip install 'sitq\[postgres\]'"):
@@ -37,6 +38,8 @@ def test_a_password_in_a_url_is_never_shown():
     assert describe_target("postgresql://ann:s3cret@db.example/q") == "postgresql://ann:***@db.example/q"
     assert describe_target("postgresql://ann@db.example/q") == "postgresql://ann@db.example/q"
     assert describe_target("tasks.db") == "tasks.db"
+    assert describe_target("postgresql://ann@db/q?sslmode=require&password=s3cret") == (
+        "postgresql://ann@db/q?sslmode=require&password=***")
 
 
 def test_queue_worker_and_blocking_face_take_a_path(db_path, run):

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(180)
 def test_there_is_a_notebook_for_every_topic():
     names = " ".join(path.stem for path in NOTEBOOKS)
     for topic in ("quickstart", "background", "failures", "processes", "delayed", "board",
-                  "restart", "run-after-run-once", "map"):
+                  "restart", "scaling-out-on-postgresql", "run-after-run-once", "map"):
         assert topic in names
 
 

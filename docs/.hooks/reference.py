@@ -85,6 +85,7 @@ def configuration() -> str:
         _signature_table("SyncTaskQueue", sitq.SyncTaskQueue.__init__),
         _signature_table("Worker", sitq.Worker.__init__),
         _signature_table("SQLiteBackend", SQLiteBackend.__init__),
+        *_postgres_table(),
         _signature_table("sitq.notebook.start_worker (and %sitq start)", start_worker),
     ]
     fields = ["| option | default |", "| --- | --- |"]
@@ -92,6 +93,14 @@ def configuration() -> str:
         fields.append(f"| `{field.name}` | {_default(field.default)} |")
     parts.append("## Task options (sitq.task, .options)\n\n" + "\n".join(fields))
     return "\n\n".join(parts)
+
+
+def _postgres_table() -> list[str]:
+    try:
+        from sitq.backends.postgres import PostgresBackend
+    except ImportError:  # the postgres extra is not installed where the site is built
+        return []
+    return [_signature_table("PostgresBackend (postgresql:// stores)", PostgresBackend.__init__)]
 
 
 def exports() -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from collections.abc import Callable
 from typing import Any, Union
 
@@ -82,7 +83,10 @@ def describe_target(target: Any) -> str:
     'tasks.db'
     """
     text = os.fspath(target) if isinstance(target, os.PathLike) else str(target)
-    if "://" not in text or "@" not in text:
+    if "://" not in text:
+        return text
+    text = _QUERY_PASSWORD.sub(r"\1***", text)
+    if "@" not in text:
         return text
     scheme, rest = text.split("://", 1)
     credentials, at, location = rest.rpartition("@")
@@ -90,3 +94,6 @@ def describe_target(target: Any) -> str:
         user = credentials.split(":", 1)[0]
         credentials = f"{user}:***"
     return f"{scheme}://{credentials}{at}{location}"
+
+
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)

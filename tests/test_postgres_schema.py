@@ -1,0 +1,98 @@
+"""A PostgreSQL queue's schema: created on first use, one per queue in a shared database, refused
+when a newer sitq wrote it or when it holds tables that are not sitq's; addresses read with care."""
+
+import asyncio
+
+import pytest
+from backends import POSTGRES_DSN, new_tasks, postgres_schema, postgres_unavailable, postgres_url
+
+from sitq import open_backend
+from sitq.backends.postgres import SCHEMA_VERSION, PostgresBackend
+from sitq.errors import BackendError, SchemaVersionError
+
+NOW = 1_700_000_000.0
+
+
+@pytest.fixture
+def target():
+    reason = postgres_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with postgres_schema() as url:
+        yield url
+
+
+def sql(statement, params=()):
+    import psycopg
+
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+        cur = conn.execute(statement, params)
+        return cur.fetchall() if cur.description else None
+
+
+async def opened(target, **options):
+    backend = open_backend(target, **options)
+    try:
+        await backend.connect()
+        return await backend.overview(0)
+    finally:
+        await backend.close()
+
+
+def test_the_schema_is_created_on_first_use_with_its_version(target):
+    backend = open_backend(target)
+    assert isinstance(backend, PostgresBackend)
+    asyncio.run(opened(target))
+    assert sql(f'SELECT value FROM "{backend.schema}".meta WHERE key = %s', ("schema_version",)) == [
+        (str(SCHEMA_VERSION),)]
+
+
+def test_two_queues_in_one_database_keep_to_their_own_schema(target):
+    with postgres_schema() as other:
+        async def go():
+            one, two = open_backend(target), open_backend(other)
+            await one.enqueue(new_tasks(3, NOW))
+            await two.enqueue(new_tasks(1, NOW))
+            counts = (await one.overview(0)).total, (await two.overview(0)).total
+            await one.close()
+            await two.close()
+            return counts
+
+        assert asyncio.run(go()) == (3, 1)
+
+
+def test_a_queue_written_by_a_newer_sitq_is_refused(target):
+    schema = open_backend(target).schema
+    asyncio.run(opened(target))
+    sql(f'UPDATE "{schema}".meta SET value = %s WHERE key = %s', (str(SCHEMA_VERSION + 1), "schema_version"))
+    with pytest.raises(SchemaVersionError, match=r"newer sitq .*upgrade sitq"):
+        asyncio.run(opened(target))
+
+
+def test_a_schema_with_tables_that_are_not_sitqs_is_left_alone(target):
+    schema = open_backend(target).schema
+    sql(f'CREATE SCHEMA "{schema}"')
+    sql(f'CREATE TABLE "{schema}".tasks (id int)')
+    with pytest.raises(BackendError, match="sitq did not create; give sitq a schema of its own"):
+        asyncio.run(opened(target))
+    assert sql("SELECT count(*) FROM pg_tables WHERE schemaname = %s", (schema,)) == [(1,)]
+
+
+def test_a_read_only_look_at_a_queue_that_is_not_there_creates_nothing(target):
+    schema = open_backend(target).schema
+    with pytest.raises(BackendError, match="no sitq queue in schema"):
+        asyncio.run(opened(target, read_only=True))
+    assert sql("SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)) == [(0,)]
+
+
+def test_bad_addresses_and_schema_names_are_refused_with_a_reason():
+    with pytest.raises(ValueError, match="schema name"):
+        PostgresBackend("postgresql://postgres@127.0.0.1/test", schema="Robert'); DROP TABLE x; --")
+    with pytest.raises(ValueError, match="two schemas given"):
+        PostgresBackend(postgres_url("one"), schema="two")
+    with pytest.raises(ValueError, match="cannot read this PostgreSQL address"):
+        PostgresBackend("postgresql://postgres:pw@127.0.0.1/test?bogus=1")
+    try:
+        PostgresBackend("postgresql://postgres:pw-hidden@127.0.0.1/test?bogus=1")
+    except ValueError as exc:
+        assert "pw-hidden" not in str(exc)
