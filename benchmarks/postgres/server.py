@@ -49,8 +49,11 @@ def reachable(dsn, timeout=3):
 
 @contextlib.contextmanager
 def fresh_database(dsn, system):
-    """Create an empty database for one cell on `dsn`'s server, yield its DSN, drop it after."""
-    name = f"sitq_bench_{system}_{uuid.uuid4().hex[:12]}"
+    """Create an empty database for one cell on `dsn`'s server, yield its DSN, drop it after.
+
+    Its name starts with ``sitq_bench_<pid of the benchmark run>_`` (the cell's parent process).
+    """
+    name = f"sitq_bench_{os.getppid()}_{system}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(dsn, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     try:
