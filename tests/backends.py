@@ -11,12 +11,10 @@ take the fixtures in ``conftest.py``, which are parameterised over it:
   (``sitq worker TARGET``), for the backends marked ``shared`` only.
 
 A backend whose server cannot be reached is skipped, with the reason its ``unavailable``
-gives. A PostgreSQL entry would read, for example::
-
-    StoreKind("postgres", postgres_database, shared=True, unavailable=postgres_unreachable),
-
-with ``postgres_database`` a context manager that creates an empty database (or schema)
-for the test, yields its URL and drops it afterwards.
+gives. The PostgreSQL entry makes a schema of its own for each test in the database
+``SITQ_TEST_POSTGRES`` names (default ``postgresql://postgres@127.0.0.1:5432/test``), yields
+its URL (``...?schema=t_...``) and drops it afterwards; with ``SITQ_REQUIRE_POSTGRES=1`` (CI)
+a server that cannot be reached fails the tests instead of skipping them.
 
 ``new_tasks`` and ``outcome`` build the records the backend contract takes, in one place,
 so that a field added to them is added here once.
@@ -26,6 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -82,11 +83,65 @@ def _memory_hidden(backend: Backend) -> dict[str, tuple[int, bool, float | None]
         return {r.task_id: (r.lost, r.cancel_requested, r.lease_until) for r in backend._rows.values()}
 
 
+POSTGRES_DSN = os.environ.get("SITQ_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def postgres_url(schema: str, dsn: str = POSTGRES_DSN) -> str:
+    """The URL of the queue in ``schema`` of the test database."""
+    return f"{dsn}{'&' if '?' in dsn else '?'}schema={schema}"
+
+
+@functools.lru_cache(maxsize=1)
+def _postgres_problem() -> str | None:
+    try:
+        import psycopg
+    except ImportError as exc:
+        return f"psycopg is not installed ({exc}); pip install 'sitq[postgres]'"
+    try:
+        psycopg.connect(POSTGRES_DSN, connect_timeout=5).close()
+    except psycopg.Error as exc:
+        from sitq.backends import describe_target
+
+        return f"no PostgreSQL server at {describe_target(POSTGRES_DSN)} (SITQ_TEST_POSTGRES): {str(exc).strip()}"
+    return None
+
+
+def postgres_unavailable() -> str | None:
+    """Why PostgreSQL cannot be tested here, or None; with SITQ_REQUIRE_POSTGRES=1 that is an error."""
+    problem = _postgres_problem()
+    if problem and os.environ.get("SITQ_REQUIRE_POSTGRES") == "1":
+        raise RuntimeError(f"SITQ_REQUIRE_POSTGRES=1, but {problem}")
+    return problem
+
+
+@contextlib.contextmanager
+def postgres_schema(folder: Path | None = None) -> Iterator[str]:
+    """The URL of a fresh queue in a schema of its own, dropped (with everything in it) afterwards."""
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    try:
+        yield postgres_url(name)
+    finally:
+        with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+def _postgres_hidden(backend: Backend) -> dict[str, tuple[int, bool, float | None]]:
+    import psycopg
+
+    schema = backend.schema  # type: ignore[attr-defined]
+    with psycopg.connect(POSTGRES_DSN) as conn:
+        rows = conn.execute(f'SELECT id, lost, cancel_requested, lease_until FROM "{schema}".tasks').fetchall()
+    return {task_id: (lost, bool(requested), lease) for task_id, lost, requested, lease in rows}
+
+
 BACKENDS = [
     StoreKind("sqlite-file", lambda folder: str(folder / "tasks.db"), shared=True, odd_values=True,
               hidden=_sqlite_hidden),
     StoreKind("sqlite-memory", lambda folder: ":memory:", shared=False, odd_values=True, hidden=_sqlite_hidden),
     StoreKind("memory", lambda folder: "memory://", shared=False, hidden=_memory_hidden),
+    StoreKind("postgres", postgres_schema, shared=True, unavailable=postgres_unavailable, hidden=_postgres_hidden),
 ]
 
 REFERENCE = "memory"  # the plain-Python backend the model test compares the others with

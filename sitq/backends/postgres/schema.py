@@ -1,0 +1,301 @@
+"""The tables of a PostgreSQL queue, created on first use, and the check of their version.
+
+A queue lives in one schema of a database (``sitq`` unless told otherwise), so several queues
+can share a database, each in a schema of its own. The schema is created inside one
+transaction, under an advisory lock, so two processes starting on an empty database at the
+same moment create it once; its version is recorded in the ``meta`` table. A database whose
+queue was written by a newer sitq is refused with :class:`sitq.errors.SchemaVersionError`.
+
+Counts per queue and state (``overview``) and per group and state (``group``) are kept by
+statement triggers in the transaction of every statement that inserts, moves or deletes tasks,
+one aggregated row change per statement, never by counting rows. They are spread over
+``COUNT_SHARDS`` rows per (queue, state), chosen by the writing connection's server process, so
+that many workers finishing tasks at once do not queue up behind one counter row; readers add
+the shards up.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sitq.backends.postgres.driver import AsyncSession
+from sitq.backends.rules import dependency_error
+from sitq.core import CANCELLED, FAILED, TaskStatus
+from sitq.errors import BackendError, SchemaVersionError
+
+__all__ = ["SCHEMA_VERSION", "DEFAULT_SCHEMA", "COUNT_SHARDS", "check_schema_name", "channel", "ensure_schema"]
+
+SCHEMA_VERSION = 1
+DEFAULT_SCHEMA = "sitq"
+COUNT_SHARDS = 16
+
+_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+# Every statement's {s} is the schema's quoted name.
+TABLES = """
+CREATE SCHEMA IF NOT EXISTS {s};
+CREATE TABLE {s}.tasks (
+    seq              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id               text COLLATE "C" NOT NULL UNIQUE,
+    name             text NOT NULL,
+    status           text NOT NULL,
+    func             bytea NOT NULL,
+    args             bytea NOT NULL,
+    signature        bytea,
+    max_attempts     integer NOT NULL DEFAULT 1,
+    cancel_requested boolean NOT NULL DEFAULT false,
+    eta              double precision NOT NULL,
+    enqueued_at      double precision NOT NULL,
+    started_at       double precision,
+    finished_at      double precision,
+    attempts         integer NOT NULL DEFAULT 0,
+    worker_id        text,
+    lease_until      double precision,
+    value            bytea,
+    error            text,
+    traceback        text,
+    output           text,
+    progress_done    double precision,
+    progress_total   double precision,
+    progress_message text,
+    lost             integer NOT NULL DEFAULT 0,
+    value_signature  bytea,
+    queue            text NOT NULL DEFAULT 'default',
+    priority         integer NOT NULL DEFAULT 0,
+    key              text,
+    group_id         text,
+    retention        double precision,
+    expires_at       double precision,
+    waiting          integer NOT NULL DEFAULT 0,  -- tasks it runs after that have not succeeded yet
+    dependents       integer NOT NULL DEFAULT 0   -- more than 0: tasks run after it, to settle once it finishes
+);
+-- An insert touches the table, the id index and tasks_ready only; the other indexes are partial,
+-- on rows few writes touch (running, waiting, failed, suspect, grouped, expiring rows).
+-- The claim, in claim order: highest priority first, then oldest eta, then enqueue order.
+CREATE INDEX tasks_ready ON {s}.tasks (priority DESC, eta, seq) WHERE status = 'pending' AND lost = 0;
+CREATE INDEX tasks_suspects ON {s}.tasks (priority DESC, eta, seq) WHERE status = 'pending' AND lost > 0;
+CREATE INDEX tasks_running ON {s}.tasks (worker_id, seq) WHERE status = 'running';
+CREATE INDEX tasks_waiting ON {s}.tasks (seq) WHERE status = 'waiting';
+CREATE INDEX tasks_failed ON {s}.tasks (seq) WHERE status = 'failed';
+CREATE INDEX tasks_cancelled ON {s}.tasks (seq) WHERE status = 'cancelled';
+CREATE INDEX tasks_members ON {s}.tasks (group_id, seq) WHERE group_id IS NOT NULL;
+CREATE INDEX tasks_expiry ON {s}.tasks (expires_at) WHERE expires_at IS NOT NULL;
+CREATE INDEX tasks_unsettled ON {s}.tasks (seq)
+    WHERE dependents > 0 AND status IN ('success', 'failed', 'cancelled');
+-- A task (task) runs after another (dep): one row per edge, until the dependency settles it.
+CREATE TABLE {s}.deps (
+    dep  bigint NOT NULL,
+    task bigint NOT NULL,
+    PRIMARY KEY (dep, task)
+);
+CREATE INDEX deps_task ON {s}.deps (task);
+CREATE TABLE {s}.groups (
+    id         text PRIMARY KEY,
+    name       text NOT NULL,
+    created_at double precision NOT NULL
+);
+CREATE INDEX groups_newest ON {s}.groups (created_at);
+CREATE TABLE {s}.counts (
+    queue  text NOT NULL,
+    status text NOT NULL,
+    shard  integer NOT NULL,
+    n      bigint NOT NULL,
+    PRIMARY KEY (queue, status, shard)
+);
+CREATE TABLE {s}.group_counts (
+    group_id text NOT NULL,
+    status   text NOT NULL,
+    shard    integer NOT NULL,
+    n        bigint NOT NULL,
+    PRIMARY KEY (group_id, status, shard)
+);
+CREATE TABLE {s}.schedules (
+    name         text PRIMARY KEY,
+    task_name    text NOT NULL,
+    func         bytea NOT NULL,
+    args         bytea NOT NULL,
+    signature    bytea,
+    every        double precision,
+    cron         text,
+    tz           text NOT NULL,
+    next_run     double precision NOT NULL,
+    last_run     double precision,
+    queue        text NOT NULL,
+    priority     integer NOT NULL,
+    max_attempts integer NOT NULL,
+    retention    double precision
+);
+-- The counts: what a statement added (+1 a row) and took away (-1 a row), per queue and state, and
+-- per group and state. A group goes with the last of its tasks.
+CREATE FUNCTION {s}.count_tasks() RETURNS trigger LANGUAGE plpgsql AS $body$
+DECLARE
+    done record;
+    my_shard integer := mod(pg_backend_pid(), {shards});
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO {s}.counts AS c (queue, status, shard, n)
+            SELECT queue, status, my_shard, count(*) FROM new_rows GROUP BY queue, status
+            ON CONFLICT (queue, status, shard) DO UPDATE SET n = c.n + excluded.n;
+        INSERT INTO {s}.group_counts AS c (group_id, status, shard, n)
+            SELECT group_id, status, my_shard, count(*) FROM new_rows WHERE group_id IS NOT NULL
+            GROUP BY group_id, status
+            ON CONFLICT (group_id, status, shard) DO UPDATE SET n = c.n + excluded.n;
+    ELSIF TG_OP = 'UPDATE' THEN
+        INSERT INTO {s}.counts AS c (queue, status, shard, n)
+            SELECT queue, status, my_shard, sum(d) FROM (
+                SELECT n.queue, n.status, 1 AS d FROM new_rows n JOIN old_rows o USING (seq)
+                    WHERE n.status IS DISTINCT FROM o.status OR n.queue IS DISTINCT FROM o.queue
+                UNION ALL
+                SELECT o.queue, o.status, -1 FROM new_rows n JOIN old_rows o USING (seq)
+                    WHERE n.status IS DISTINCT FROM o.status OR n.queue IS DISTINCT FROM o.queue
+            ) moved GROUP BY queue, status
+            ON CONFLICT (queue, status, shard) DO UPDATE SET n = c.n + excluded.n;
+        INSERT INTO {s}.group_counts AS c (group_id, status, shard, n)
+            SELECT group_id, status, my_shard, sum(d) FROM (
+                SELECT n.group_id, n.status, 1 AS d FROM new_rows n JOIN old_rows o USING (seq)
+                    WHERE n.group_id IS NOT NULL AND (n.status IS DISTINCT FROM o.status
+                                                      OR n.group_id IS DISTINCT FROM o.group_id)
+                UNION ALL
+                SELECT o.group_id, o.status, -1 FROM new_rows n JOIN old_rows o USING (seq)
+                    WHERE o.group_id IS NOT NULL AND (n.status IS DISTINCT FROM o.status
+                                                      OR n.group_id IS DISTINCT FROM o.group_id)
+            ) moved GROUP BY group_id, status
+            ON CONFLICT (group_id, status, shard) DO UPDATE SET n = c.n + excluded.n;
+    ELSE
+        INSERT INTO {s}.counts AS c (queue, status, shard, n)
+            SELECT queue, status, my_shard, -count(*) FROM old_rows GROUP BY queue, status
+            ON CONFLICT (queue, status, shard) DO UPDATE SET n = c.n + excluded.n;
+        INSERT INTO {s}.group_counts AS c (group_id, status, shard, n)
+            SELECT group_id, status, my_shard, -count(*) FROM old_rows WHERE group_id IS NOT NULL
+            GROUP BY group_id, status
+            ON CONFLICT (group_id, status, shard) DO UPDATE SET n = c.n + excluded.n;
+        DELETE FROM {s}.groups g WHERE g.id IN (SELECT DISTINCT group_id FROM old_rows WHERE group_id IS NOT NULL)
+            AND NOT EXISTS (SELECT 1 FROM {s}.tasks t WHERE t.group_id = g.id);
+        DELETE FROM {s}.group_counts gc
+            WHERE gc.group_id IN (SELECT DISTINCT group_id FROM old_rows WHERE group_id IS NOT NULL)
+            AND NOT EXISTS (SELECT 1 FROM {s}.groups g WHERE g.id = gc.group_id);
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        -- rules.dependency_finished, on every path that finishes a task (an outcome, a cancel, an
+        -- expired lease), in the transaction that finishes it: a task that succeeded releases the
+        -- tasks waiting for it; one that failed or was cancelled cancels them, which in turn (this
+        -- trigger again) settles the tasks waiting for those.
+        FOR done IN SELECT seq, id, name, status, finished_at FROM new_rows
+                    WHERE dependents > 0 AND status IN ('success', 'failed', 'cancelled') LOOP
+            IF done.status = 'success' THEN
+                UPDATE {s}.tasks SET waiting = waiting - 1,
+                    status = CASE WHEN waiting <= 1 THEN 'pending' ELSE 'waiting' END
+                WHERE seq IN (SELECT task FROM {s}.deps WHERE dep = done.seq) AND status = 'waiting';
+                PERFORM pg_notify('{channel}', 'e');
+            ELSE
+                UPDATE {s}.tasks SET status = 'cancelled', finished_at = coalesce(done.finished_at, 0),
+                    expires_at = coalesce(done.finished_at, 0) + retention,
+                    error = format(CASE done.status WHEN 'failed' THEN {failed} ELSE {cancelled} END, done.id, done.name)
+                WHERE seq IN (SELECT task FROM {s}.deps WHERE dep = done.seq) AND status = 'waiting';
+            END IF;
+            DELETE FROM {s}.deps WHERE dep = done.seq;
+            UPDATE {s}.tasks SET dependents = 0 WHERE seq = done.seq;
+        END LOOP;
+    END IF;
+    RETURN NULL;
+END
+$body$;
+CREATE TRIGGER tasks_count_insert AFTER INSERT ON {s}.tasks
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_tasks();
+CREATE TRIGGER tasks_count_update AFTER UPDATE ON {s}.tasks
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_tasks();
+CREATE TRIGGER tasks_count_delete AFTER DELETE ON {s}.tasks
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_tasks();
+-- Facts about the store: its schema version, whether its payloads are signed.
+CREATE TABLE {s}.meta (
+    key   text PRIMARY KEY,
+    value text NOT NULL
+);
+"""
+
+# Each step takes a schema from the version before it to the next one, in one transaction.
+MIGRATIONS: dict[int, str] = {}
+
+
+def check_schema_name(schema: str) -> str:
+    if not isinstance(schema, str) or not _NAME.fullmatch(schema):
+        raise ValueError(
+            f"a sitq schema name is 1 to 63 lowercase letters, digits and underscores, starting with a letter "
+            f"or underscore (as PostgreSQL folds unquoted names); {schema!r} is not one"
+        )
+    return schema
+
+
+def channel(schema: str) -> str:
+    """The LISTEN/NOTIFY channel of the queue in ``schema``."""
+    return f"sitq_{schema}"[:63]
+
+
+def tables(schema: str) -> str:
+    return (TABLES.replace("{s}", f'"{schema}"').replace("{shards}", str(COUNT_SHARDS))
+            .replace("{channel}", channel(schema))
+            .replace("{failed}", _error_format(FAILED)).replace("{cancelled}", _error_format(CANCELLED)))
+
+
+def _error_format(status: TaskStatus) -> str:
+    """``rules.dependency_error`` as a SQL literal for ``format(literal, id, name)``: the rule's words
+    stay in one place."""
+    text = dependency_error("\x00id\x00", "\x00name\x00", status).replace("%", "%%")
+    text = text.replace("\x00id\x00", "%1$s").replace("\x00name\x00", "%2$s")
+    return "'" + text.replace("'", "''") + "'"
+
+
+async def ensure_schema(session: AsyncSession, schema: str, read_only: bool, where: str) -> None:
+    """Create the queue's tables in ``schema`` if they are not there, or check their version.
+
+    ``where`` names the store in messages (its address, password masked).
+    """
+    version = await _version(session, schema, where)
+    if version == SCHEMA_VERSION:
+        return
+    if read_only:
+        raise BackendError(
+            f"there is no sitq queue in schema {schema!r} of {where} yet; start a worker or a queue on it first"
+        )
+    async with session.transaction():
+        # One process creates it; another that comes at the same moment waits here, then finds it.
+        await session.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"sitq schema {schema}",))
+        version = await _version(session, schema, where)
+        if version == 0:
+            await session.execute(tables(schema))
+            await session.execute(f'INSERT INTO "{schema}".meta VALUES (%s, %s)',
+                                  ("schema_version", str(SCHEMA_VERSION)))
+        else:
+            for step in range(version, SCHEMA_VERSION):
+                await session.execute(MIGRATIONS[step].replace("{s}", f'"{schema}"'))
+            await session.execute(f'UPDATE "{schema}".meta SET value = %s WHERE key = %s',
+                                  (str(SCHEMA_VERSION), "schema_version"))
+
+
+async def _version(session: AsyncSession, schema: str, where: str) -> int:
+    """The sitq schema version in ``schema``, 0 if there are no sitq tables there; raises if the schema
+    holds a newer version, or tables that are not sitq's."""
+    row = await session.fetchone("SELECT to_regclass(%s), to_regclass(%s)",
+                                 (f'"{schema}".meta', f'"{schema}".tasks'))
+    assert row is not None
+    meta, tasks = row
+    if meta is None:
+        if tasks is not None:
+            raise BackendError(
+                f"schema {schema!r} of {where} holds a table 'tasks' that sitq did not create; give sitq "
+                "a schema of its own (schema=... or ?schema=... in the URL)"
+            )
+        return 0
+    found = await session.fetchone(f'SELECT value FROM "{schema}".meta WHERE key = %s', ("schema_version",))
+    version = int(found[0]) if found is not None and str(found[0]).isdigit() else 0
+    if version == 0:
+        raise BackendError(
+            f"schema {schema!r} of {where} has a table 'meta' with no sitq schema version; give sitq "
+            "a schema of its own (schema=... or ?schema=... in the URL)"
+        )
+    if version > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"the sitq queue in schema {schema!r} of {where} was written by a newer sitq (schema version "
+            f"{version}; this sitq reads up to {SCHEMA_VERSION}); upgrade sitq (pip install -U 'sitq[postgres]')"
+        )
+    return version
