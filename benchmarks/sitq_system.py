@@ -229,3 +229,102 @@ def stall_refresh(db, n):
                 refresher._add_task(view)
             return await _timed_calls(n, refresher.refresh)
     return asyncio.run(main())
+
+
+# -- batching fairness and retention (sitq only) --------------------------------------------------
+
+
+def _workers(db, count, *options):
+    """Start `count` ``sitq worker`` processes on `db` with default settings plus `options`."""
+    return [subprocess.Popen([sys.executable, "-m", "sitq", "worker", str(db), *options],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(count)]
+
+
+def _stop(procs):
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait()
+
+
+def fairness(db, n, tiny):
+    """F: two ``sitq worker`` processes; `tiny` no-ops, then `n` tasks of 50 ms, submitted at once.
+
+    The time from submitting the slow tasks to the first of their values, and to the last:
+    batching of the tiny tasks must not hold results back or leave a worker idle. F0 (tiny=0)
+    is the same run without the tiny tasks, the reference.
+    """
+    from benchmarks.tasks import nap
+
+    async def main():
+        procs = _workers(db, 2)
+        try:
+            async with TaskQueue(backend=SQLiteBackend(db)) as queue:
+                for i in range(4):  # both workers up (they start in well under a second)
+                    await queue.get_result(await queue.enqueue(f, i), timeout=60)
+                await asyncio.sleep(1.0)
+                start = time.perf_counter()
+                if tiny:
+                    await queue.map(f, range(tiny))
+                ids = await queue.map(nap, range(n))
+                waits = [asyncio.ensure_future(queue.get_result(i, timeout=120)) for i in ids]
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                first = time.perf_counter() - start
+                results = await asyncio.gather(*waits)
+                total = time.perf_counter() - start
+                values = [queue.deserialize_result(r) for r in results]
+                return {"first_s": first, "total_s": total, "stored": check_stored(
+                    sum(v == i for i, v in enumerate(values)), n, "sitq")}
+        finally:
+            _stop(procs)
+    return asyncio.run(main())
+
+
+def _store_mb(db):
+    """The store's size on disk: the file and its write-ahead log."""
+    import os
+
+    return sum(os.path.getsize(p) for p in (str(db), f"{db}-wal") if os.path.exists(p)) / 2**20
+
+
+def retention(db, n):
+    """R: `n` tasks through one ``sitq worker`` with a 1 s retention and pruning every second.
+
+    The producer keeps at most two chunks queued. Throughput of the first and the last tenth
+    of the run (their ratio shows whether it stays flat as tasks expire and are deleted), the
+    largest and the final store size, and how many tasks are left at the end.
+    """
+    import datetime as dt
+
+    chunk = max(1, min(20_000, n // 20))
+
+    async def main():
+        procs = _workers(db, 1, "--prune-interval", "1")
+        sizes, marks = [], []
+        try:
+            async with TaskQueue(backend=SQLiteBackend(db), retention=dt.timedelta(seconds=1)) as queue:
+                start = time.perf_counter()
+                last_ids = []
+                for first in range(0, n, chunk):
+                    ids = await queue.map(f, range(first, min(first + chunk, n)))
+                    if last_ids:  # wait for the chunk before this one: at most two are queued
+                        await queue.get_result(last_ids[-1], timeout=300)
+                        marks.append((first, time.perf_counter()))
+                    sizes.append(_store_mb(db))
+                    last_ids = ids
+                await queue.get_result(last_ids[-1], timeout=300)
+                marks.append((n, time.perf_counter()))
+                wall = time.perf_counter() - start
+                await asyncio.sleep(2.5)  # a retention and a prune later
+                left = (await queue.overview(0)).total
+        finally:
+            _stop(procs)
+        tenth = max(1, len(marks) // 10)
+
+        def rate(part):
+            (n0, t0), (n1, t1) = part[0], part[-1]
+            return (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")
+
+        return {"tasks_s": n / wall, "first_tasks_s": rate(marks[:tenth + 1]), "last_tasks_s": rate(marks[-tenth - 1:]),
+                "max_mb": max(sizes), "final_mb": _store_mb(db), "left": left}
+    return asyncio.run(main())

@@ -53,6 +53,11 @@ class TaskStatus(str, enum.Enum):
     ``pending``: waiting for its eta or a worker. ``running``: claimed by a worker. The
     finished states, which never change again (unless it is retried by hand):
     ``success``, ``failed``, ``cancelled``.
+
+    >>> TaskStatus("success") == "success", TaskStatus.FAILED.finished
+    (True, True)
+    >>> f"{TaskStatus.PENDING}"
+    'pending'
     """
 
     WAITING = "waiting"

@@ -182,6 +182,15 @@ def task(func: Callable[..., Any] | None = None, **options: Any) -> Task | Calla
     :class:`Task` is called like the function, and enqueued with these options; its
     ``options(**changes)`` gives a copy with some changed, for one call. An unknown or
     invalid option raises :class:`InvalidTaskError` here, not when the task runs.
+
+    >>> import sitq
+    >>> fetch = sitq.task(len, retries=3, timeout=60)
+    >>> fetch("abc"), fetch.task_options.retries, fetch.options(retries=0).task_options.retries
+    (3, 3, 0)
+    >>> sitq.task(len, retries=-1)
+    Traceback (most recent call last):
+    ...
+    sitq.errors.InvalidTaskError: ...
     """
     settings = _with_options(TaskOptions(), options)
     if func is None:

@@ -19,8 +19,8 @@ value), so a payload or value copied into another row, or a value passed off
 as a payload, does not verify. A store that has been used with a key records
 the key's fingerprint (an HMAC of a fixed label, never the key), so a worker
 or queue without the key, or with another key, refuses it at once instead of
-running or reading what it cannot check. ``docs/reliability.md`` has the
-trust model: what this protects and what it does not.
+running or reading what it cannot check. ``docs/explanation/trust-model.md``
+says what this protects and what it does not.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -125,6 +126,25 @@ def postgres_schema(folder: Path | None = None) -> Iterator[str]:
     finally:
         with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+def wait_until_server_forgets(target: str, pid: int, timeout: float = 30.0) -> None:
+    """Return once no connection of the (killed) process ``pid`` is left on the store's server.
+
+    A file store stops taking a process's writes the moment it dies; a server may still commit
+    the statement that the process sent last, after it died. A test that reads what the dead
+    process held must wait for that first. sitq names its connections ``sitq PID``.
+    """
+    if not target.startswith(("postgresql://", "postgres://")):
+        return
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+        while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                           (f"sitq {pid}",)).fetchone()[0]:
+            assert time.monotonic() < deadline, f"the server kept the connections of process {pid}"
+            time.sleep(0.01)
 
 
 def _postgres_hidden(backend: Backend) -> dict[str, tuple[int, bool, float | None]]:

@@ -28,12 +28,18 @@ def test_quick_benchmark_run(tmp_path):
         for row in ("W1 enqueue", "W2 drain c=1", "W2 drain c=8", "W3 round trip in-process",
                     "W3 round trip cross-process", "W4 mixed 8 producers", "W5 bulk")} | {
         ("sitq", row) for row in ("S0 idle loop (noise)", "S1 map", "S2 drain c=1", "S2 drain c=8", "S3 overview",
-                                  "S4 statuses", "S5 notebook refresh")}
+                                  "S4 statuses", "S5 notebook refresh", "F0 100 × 50 ms, 2 workers",
+                                  "F1 the same after 200 no-ops", "R1 retention 1 s")}
     for c in cells:
         assert "error" not in c, c
-        assert c["figures"] and all(v > 0 or (k == "stall_ms" and v == 0) for k, v in c["figures"].items()), c
-        if c["workload"] in ("drain", "stall_drain"):
+        assert c["figures"] and all(v > 0 or (k in ("stall_ms", "left") and v == 0)
+                                    for k, v in c["figures"].items()), c
+        if c["workload"] in ("drain", "stall_drain", "fairness"):
             assert c["figures"]["stored"] == c["n"], c
+        if c["workload"] == "fairness":
+            assert c["figures"]["first_s"] <= c["figures"]["total_s"], c
+        if c["workload"] == "retention":  # the expired tasks were deleted and the file shrank
+            assert c["figures"]["left"] < c["n"] and c["figures"]["final_mb"] < c["figures"]["max_mb"], c
 
 
 def test_quick_notebook_benchmark_run(tmp_path):

@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 
 import pytest
 import taskfuncs
+from backends import wait_until_server_forgets
 from conftest import sitq_command, worker_env
 
 import sitq
@@ -109,6 +110,7 @@ def test_killed_workers_tasks_are_rerun_and_only_those(workers, tmp_path):
         wait_until(victim_busy, "the victim is running tasks")
         victim.kill()  # SIGKILL, mid-task
         victim.wait(timeout=30)
+        wait_until_server_forgets(workers.target, victim.pid)  # a server may commit its last claim yet
         killed.add(victim.pid)
         caught = held_by(queue, victim.pid)  # its lease has not run out yet: these were in flight
         in_flight.update(caught)
@@ -227,6 +229,7 @@ def test_a_task_that_keeps_losing_its_worker_fails_in_the_end(store, run):
 PRODUCER = """
 import sys
 import taskfuncs
+from backends import wait_until_server_forgets
 from sitq import SyncTaskQueue
 
 target, producer, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

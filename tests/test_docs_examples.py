@@ -1,8 +1,11 @@
-"""Every Python block in docs/ (and in the spec page, when present) runs against a live worker.
+"""Every Python block in docs/ (and in the spec page, when present) runs against a live worker,
+unless the line before it marks it as illustrative and says why:
+
+    <!-- illustrative: runs in a Jupyter kernel (tests/test_notebook_kernel.py runs it there) -->
 
 Blocks of one page run in order in one namespace, as cells of a notebook
 would, with top-level ``await`` allowed. A worker runs on ``tasks.db`` in a
-fresh folder for each page.
+fresh folder for each page. The generated reference pages hold no blocks.
 """
 
 import ast
@@ -21,11 +24,19 @@ from sitq.sync import LoopThread
 
 DOCS = PROJECT / "docs"
 SPEC = Path(os.environ.get("SITQ_SPEC_DIR", PROJECT.parent / "shared" / "spec")) / "get-results.md"
-BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+BLOCK = re.compile(r"^(?:<!-- illustrative:(?P<reason>[^\n]*?)-->\n)?```python\n(?P<source>.*?)^```", re.S | re.M)
+PAGES = sorted(str(page.relative_to(DOCS)) for page in DOCS.rglob("*.md"))
 
 
 def python_blocks(page: Path) -> list:
-    return BLOCK.findall(page.read_text())
+    """The page's Python blocks that run (the illustrative ones left out)."""
+    return [m["source"] for m in BLOCK.finditer(page.read_text()) if m["reason"] is None]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_illustrative_blocks_say_why(page):
+    reasons = [m["reason"] for m in BLOCK.finditer((DOCS / page).read_text()) if m["reason"] is not None]
+    assert all(len(reason.strip()) > 10 for reason in reasons), f"{page}: an illustrative block needs a reason"
 
 
 def my_function(*args):
@@ -66,7 +77,7 @@ def run_page(blocks: list, folder: Path, namespace: dict) -> list:
         os.chdir(old)
 
 
-@pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")))
+@pytest.mark.parametrize("page", PAGES)
 def test_docs_page_runs(page, tmp_path):
     blocks = python_blocks(DOCS / page)
     if not blocks:
@@ -77,21 +88,39 @@ def test_docs_page_runs(page, tmp_path):
 
 
 def test_docs_pages_say_what_their_blocks_print(tmp_path):
-    quick = run_page(python_blocks(DOCS / "quickstart.md"), tmp_path, {"__name__": "__main__"})
+    quick = run_page(python_blocks(DOCS / "tutorials" / "quickstart.md"), tmp_path, {"__name__": "__main__"})
     assert quick[0] == "success 144\n"
     assert quick[1] == str([i * i for i in range(10)]) + "\n"
     assert quick[2] == "pending\nHello, Ada!\n"
     error = "ValueError: invalid literal for int() with base 10: 'forty-two'"
     assert quick[3].splitlines() == ["failed", error, error]  # status, error, last traceback line
     assert quick[5] == "49\nfailed: ValueError: invalid literal for int() with base 10: 'seven'\n"
-    (tmp_path / "ops").mkdir()
-    ops = run_page(python_blocks(DOCS / "operations.md"), tmp_path / "ops", {"__name__": "__main__"})
-    assert ops[2] == "285\n"  # the reduce after the map
-    assert ops[3].startswith("cancelled DependencyError: it runs after task ") and "(invert)" in ops[3]
-    assert ops[4] == ops[5] == "True\n"  # a key, and a keyed map, enqueue once
-    assert ops[6] == "100\n"
-    assert ops[7] == "hourly-heartbeat every 3600s\n['hourly-heartbeat']\n"
-    assert ops[9] == "retried\n"
+    (tmp_path / "teaching").mkdir()
+    teaching = run_page(python_blocks(DOCS / "tutorials" / "teaching.md"), tmp_path / "teaching",
+                        {"__name__": "__main__"})
+    assert teaching[1] == "True 111\n"  # a key: the cell run twice is one task
+    assert teaching[2] == "failed TypeError: not all arguments converted during string formatting\n"
+
+
+def test_how_to_pages_say_what_their_blocks_print(tmp_path):
+    def page(name):
+        folder = tmp_path / name.replace("/", "-")
+        folder.mkdir()
+        return run_page(python_blocks(DOCS / "how-to" / name), folder, {"__name__": "__main__"})
+
+    deps = page("dependencies-and-priorities.md")
+    assert deps[2] == "285\n"  # the reduce after the map
+    assert deps[3].startswith("cancelled DependencyError: it runs after task ") and "(invert)" in deps[3]
+    once = page("enqueue-once.md")
+    assert once[1] == once[2] == "True\n"  # a key, and a keyed map, enqueue once
+    assert once[3] == "100\n"
+    assert page("schedules.md")[1] == "hourly-heartbeat every 3600s\n['hourly-heartbeat']\n"
+    retries = page("retries-timeouts-cancellation.md")
+    assert retries[1] == "success 3 None https://example.org: 200 OK\n"
+    assert retries[4] == "cancelled\nrequested\ncancelled\nfinished\nNone\n"
+    assert retries[5] == "retried\n"
+    signing = page("signing.md")
+    assert signing[1].startswith("1024\nthe store ") and "pass secret_key=" in signing[1]
 
 
 @pytest.fixture

@@ -49,3 +49,17 @@ def test_every_public_module_has_a_reference_page():
 
     pages = {p.stem for p in (PROJECT / "docs" / "reference" / "api").glob("*.md")}
     assert pages == set(PUBLIC_MODULES)
+
+
+DOCTESTED = ["sitq.core", "sitq.options", "sitq.backends", "sitq.backends.rules"]
+
+
+@pytest.mark.parametrize("module_name", DOCTESTED)
+def test_reference_examples_run_as_shown(module_name):
+    """The examples in the reference (``>>>`` lines in docstrings) print what they show."""
+    import doctest
+
+    module = importlib.import_module(module_name)
+    results = doctest.testmod(module, optionflags=doctest.ELLIPSIS, verbose=False)
+    assert results.attempted > 0, f"{module_name} has no examples to run"
+    assert results.failed == 0

@@ -25,6 +25,7 @@ def test_paths_and_sqlite_urls_open_sqlite(tmp_path):
 def test_postgres_urls_name_the_extra_they_need_when_it_is_missing():
     try:
         import psycopg  # noqa: F401
+
         import sitq.backends.postgres  # noqa: F401
     except ImportError:
         with pytest.raises(BackendError, match=r"pip install 'sitq\[postgres\]'"):

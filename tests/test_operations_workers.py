@@ -170,6 +170,23 @@ def test_a_running_worker_deletes_tasks_past_their_retention_and_the_file_gives_
     assert os.path.getsize(db_path) < size_full / 4  # incremental vacuum gave the pages back
 
 
+def test_pruning_keeps_up_with_a_backlog_bigger_than_one_prune(db_path):
+    """A worker deletes at most PRUNE_LIMIT expired tasks per prune; with more expired, it takes
+    the next slice at once rather than a whole prune interval later (an hour here)."""
+    from sitq.worker.loop import PRUNE_LIMIT
+
+    backlog = 2 * PRUNE_LIMIT + 100
+    with SyncTaskQueue(db_path, retention=0) as queue:
+        queue.map(taskfuncs.echo, range(backlog))
+    drain(db_path, "-c", "8", "--prune-interval", "3600")  # runs them; its one prune may take a slice
+    worker = start_worker(db_path, "--prune-interval", "3600")
+    try:
+        with SyncTaskQueue(db_path) as queue:
+            wait_until(lambda: queue.overview().total == 0, "every expired task was deleted")
+    finally:
+        stop(worker)
+
+
 def test_retention_must_be_a_duration():
     with pytest.raises(InvalidTaskError, match="retention"):
         sitq.task(taskfuncs.echo, retention="a week")

@@ -74,7 +74,13 @@ def _postgres_backend() -> Callable[..., Backend]:
 
 
 def describe_target(target: Any) -> str:
-    """A target as it may be shown to people: a URL's password is masked."""
+    """A target as it may be shown to people: a URL's password is masked.
+
+    >>> describe_target("postgresql://ada:s3cret@db.example.org/queue")
+    'postgresql://ada:***@db.example.org/queue'
+    >>> describe_target("tasks.db")
+    'tasks.db'
+    """
     text = os.fspath(target) if isinstance(target, os.PathLike) else str(target)
     if "://" not in text or "@" not in text:
         return text

@@ -128,7 +128,13 @@ class ExpiredLease(enum.Enum):
 
 
 def expired_lease(cancel_requested: bool, lost: int) -> ExpiredLease:
-    """Decide for a running task whose lease expired, having lost its worker ``lost`` times before."""
+    """Decide for a running task whose lease expired, having lost its worker ``lost`` times before.
+
+    >>> [expired_lease(False, lost).value for lost in range(LOST_WORKER_LIMIT)]
+    ['requeued', 'requeued', 'failed']
+    >>> expired_lease(True, 0).value
+    'cancelled'
+    """
     if cancel_requested:
         return ExpiredLease.CANCELLED
     if lost + 1 >= LOST_WORKER_LIMIT:
@@ -255,7 +261,13 @@ def schedule_task_id(name: str, tick: float) -> str:
 
 def next_tick(every: float | None, cron: str | None, tz: str, due: float, now: float) -> float:
     """The tick after the one due at ``due``, which runs now: the first one after ``now``. Ticks
-    between ``due`` and ``now`` (missed while no worker ran) are skipped."""
+    between ``due`` and ``now`` (missed while no worker ran) are skipped.
+
+    >>> next_tick(every=60.0, cron=None, tz="UTC", due=600.0, now=600.5)     # on time: the next one
+    660.0
+    >>> next_tick(every=60.0, cron=None, tz="UTC", due=600.0, now=790.0)     # 3 missed: skipped
+    840.0
+    """
     if every is not None:
         missed = math.floor((now - due) / every)
         return due + (max(missed, 0) + 1) * every

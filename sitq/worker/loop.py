@@ -248,8 +248,9 @@ class Worker:
                     self._runner.launch(claimed, free)
             drained = until_empty and free > 0 and not claimed  # it looked for work with room for it, and found none
             if not self._runner.active and not self._outcomes and not self._released and (self._stopping or drained):
-                if until_empty and not self._stopping and await backend.requeue_expired(self.clock()):
-                    continue  # a dead worker's tasks are ready again
+                if until_empty and not self._stopping and (await backend.requeue_expired(self.clock())
+                                                           or self._side.take_requeued()):
+                    continue  # a dead worker's tasks are ready again (requeued here, or by the side task meanwhile)
                 return
             if self._outcomes or self._released:
                 continue
@@ -322,6 +323,12 @@ class _SideTasks:
         self.suspects_waiting = False  # suspects wait for a worker with nothing else running
         self.fatal: BaseException | None = None  # why the worker must stop at once
         self.refused_schedules: set[str] = set()  # schedules whose payload this worker cannot trust
+        self.requeued = False  # it requeued a dead worker's tasks since the main loop last asked
+
+    def take_requeued(self) -> bool:
+        """Whether a dead worker's tasks were requeued here since the last call (a drain then looks again)."""
+        requeued, self.requeued = self.requeued, False
+        return requeued
 
     async def run(self) -> None:
         worker = self.worker
@@ -346,6 +353,7 @@ class _SideTasks:
                         next_beat = now + beat
                         requeued = await backend.requeue_expired(worker.clock())
                         if requeued:
+                            self.requeued = True
                             log.warning("requeued %d task(s) whose worker stopped renewing its lease", requeued)
                         waiting = bool(runner.active) and await backend.suspects_waiting(worker.clock(), worker.queues)
                         if waiting != self.suspects_waiting:
@@ -357,8 +365,10 @@ class _SideTasks:
                         if fired:
                             log.info("enqueued %d scheduled task(s)", fired)
                     if now >= next_prune:
-                        next_prune = now + worker.prune_interval
                         pruned = await backend.prune(worker.clock(), PRUNE_LIMIT)
+                        # A full prune left more behind: take the next slice on the next round
+                        # instead of a whole interval later, so pruning keeps up with any rate.
+                        next_prune = now + (0.0 if pruned.tasks >= PRUNE_LIMIT else worker.prune_interval)
                         if pruned.tasks:
                             log.info("deleted %d finished task(s) past their retention (%d bytes)",
                                      pruned.tasks, pruned.bytes)

@@ -4,7 +4,9 @@ methods) and its side thread, which listens for other processes' notices and ren
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 import threading
 import time
 import urllib.parse
@@ -99,9 +101,10 @@ class PostgresBackend(Backend):
         self.check_interval = check_interval
         self.channel = _channel(schema_name)
         try:
-            self._conninfo = driver.conninfo(libpq_dsn, "sitq")
+            driver.conninfo(libpq_dsn, "sitq")
         except ValueError as exc:
             raise ValueError(f"{self.target}: {self._scrub(str(exc), libpq_dsn)}") from None
+        self._dsn = libpq_dsn
         self._password = _password(libpq_dsn)
         self._session: AsyncSession | None = None
         self._ever_connected = False
@@ -142,6 +145,11 @@ class PostgresBackend(Backend):
     async def ensure_same_store(self) -> None:
         """A server has no file to be replaced: nothing to check."""
 
+    def _conninfo(self) -> str:
+        """The DSN for libpq, naming this process in ``pg_stat_activity`` (application_name ``sitq PID``)
+        unless the DSN names an application itself."""
+        return driver.conninfo(self._dsn, f"sitq {os.getpid()}")
+
     def _loop_lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()
         lock = self._loop_locks.get(loop)
@@ -150,7 +158,7 @@ class PostgresBackend(Backend):
         return lock
 
     async def _open(self) -> AsyncSession:
-        session = await AsyncSession.connect(self._conninfo, self.read_only)
+        session = await AsyncSession.connect(self._conninfo(), self.read_only)
         try:
             await schema.ensure_schema(session, self.schema, self.read_only, self.target)
         except BaseException:
@@ -465,8 +473,11 @@ class PostgresBackend(Backend):
         tasks = size = 0
         while tasks < limit:
             batch = min(PRUNE_BATCH, limit - tasks)
-            removed, nbytes = await self._call(lambda db, r: sql.prune_batch(db, self.schema, now, batch))
+            removed, nbytes = await self._call(functools.partial(_prune, now=now, limit=batch, schema=self.schema),
+                                               changed=False)
             tasks, size = tasks + removed, size + nbytes
+            if removed:
+                self.changes.notify()
             if removed < batch:
                 break
         return PurgeReport(tasks, size)
@@ -483,8 +494,11 @@ class PostgresBackend(Backend):
         while True:
             after = last
             removed, nbytes, last = await self._call(
-                lambda db, r: sql.purge_batch(db, self.schema, wanted, finished_before, after, PRUNE_BATCH))
+                functools.partial(_purge, schema=self.schema, statuses=wanted, before=finished_before, after=after),
+                changed=False)
             tasks, size = tasks + removed, size + nbytes
+            if removed:
+                self.changes.notify()
             if removed < PRUNE_BATCH:
                 break
         return PurgeReport(tasks, size)
@@ -544,6 +558,16 @@ class PostgresBackend(Backend):
         """A notice on the queue's channel, on the side thread: another process changed the store."""
         if pid not in self._own_pids:  # this process's own writes woke its waiters already
             self.changes.notify()
+
+
+async def _prune(db: AsyncSession, retrying: bool, *, schema: str, now: float, limit: int) -> tuple[int, int]:
+    return await sql.prune_batch(db, schema, now, limit)
+
+
+async def _purge(
+    db: AsyncSession, retrying: bool, *, schema: str, statuses: list[str], before: float | None, after: int
+) -> tuple[int, int, int]:
+    return await sql.purge_batch(db, schema, statuses, before, after, PRUNE_BATCH)
 
 
 async def _nothing() -> None:
@@ -639,7 +663,7 @@ class SideThread(threading.Thread):
         while not self._stopped.is_set():
             try:
                 if session is None:
-                    session = SideSession.connect(backend._conninfo, 10.0)
+                    session = SideSession.connect(backend._conninfo(), 10.0)
                     session.listen(backend.channel)
                     backend.changes.notify()  # a change may have gone by unheard: waiters look again
                     if failing:

@@ -97,7 +97,7 @@ class AsyncSession:
     async def fetch(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         """The rows ``sql`` returns (none for a statement that returns none)."""
         try:
-            cur = await self._conn.execute(sql, params)  # type: ignore[arg-type]  # str is a Query
+            cur = await self._conn.execute(sql, params)
             return await cur.fetchall() if cur.description is not None else []
         except psycopg.Error as exc:
             raise translate(exc, self._conn) from exc
@@ -109,7 +109,7 @@ class AsyncSession:
     async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> int:
         """Run ``sql``; returns how many rows it changed."""
         try:
-            cur = await self._conn.execute(sql, params)  # type: ignore[arg-type]
+            cur = await self._conn.execute(sql, params)
             return cur.rowcount
         except psycopg.Error as exc:
             raise translate(exc, self._conn) from exc
@@ -117,7 +117,7 @@ class AsyncSession:
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         try:
             async with self._conn.cursor() as cur:
-                await cur.executemany(sql, rows)  # type: ignore[arg-type]
+                await cur.executemany(sql, rows)
         except psycopg.Error as exc:
             raise translate(exc, self._conn) from exc
 
@@ -156,7 +156,7 @@ class SideSession:
 
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> int:
         try:
-            return self._conn.execute(sql, params).rowcount  # type: ignore[arg-type]
+            return self._conn.execute(sql, params).rowcount
         except psycopg.Error as exc:
             raise translate(exc, self._conn) from exc
 

@@ -190,7 +190,8 @@ BEGIN
             ELSE
                 UPDATE {s}.tasks SET status = 'cancelled', finished_at = coalesce(done.finished_at, 0),
                     expires_at = coalesce(done.finished_at, 0) + retention,
-                    error = format(CASE done.status WHEN 'failed' THEN {failed} ELSE {cancelled} END, done.id, done.name)
+                    error = format(CASE done.status WHEN 'failed' THEN {failed} ELSE {cancelled} END,
+                                   done.id, done.name)
                 WHERE seq IN (SELECT task FROM {s}.deps WHERE dep = done.seq) AND status = 'waiting';
             END IF;
             DELETE FROM {s}.deps WHERE dep = done.seq;
@@ -275,12 +276,13 @@ async def ensure_schema(session: AsyncSession, schema: str, read_only: bool, whe
 async def _version(session: AsyncSession, schema: str, where: str) -> int:
     """The sitq schema version in ``schema``, 0 if there are no sitq tables there; raises if the schema
     holds a newer version, or tables that are not sitq's."""
-    row = await session.fetchone("SELECT to_regclass(%s), to_regclass(%s)",
-                                 (f'"{schema}".meta', f'"{schema}".tasks'))
-    assert row is not None
-    meta, tasks = row
-    if meta is None:
-        if tasks is not None:
+    # From the catalog's tables, not to_regclass: after waiting for the advisory lock, this statement's
+    # snapshot sees the tables another process just created; the catalog cache may not yet.
+    rows = await session.fetch("SELECT tablename FROM pg_catalog.pg_tables WHERE schemaname = %s "
+                               "AND tablename IN ('meta', 'tasks')", (schema,))
+    names = {row[0] for row in rows}
+    if "meta" not in names:
+        if "tasks" in names:
             raise BackendError(
                 f"schema {schema!r} of {where} holds a table 'tasks' that sitq did not create; give sitq "
                 "a schema of its own (schema=... or ?schema=... in the URL)"

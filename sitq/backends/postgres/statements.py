@@ -619,7 +619,12 @@ async def retry_by_hand(db: AsyncSession, s: str, task_ids: Sequence[str], now: 
         found = {task_id: retry(TaskStatus.read(status)) for task_id, status in rows}
         if RetryOutcome.RETRIED in found.values():
             await db.fetch(q(NOTIFY, s), (chan, "e"))
-    return {task_id: found[task_id] for task_id in dict.fromkeys(task_ids) if task_id in found}
+    done: dict[str, RetryOutcome] = {}
+    for task_id in task_ids:  # an id named twice: the second time it is pending already
+        if task_id in found:
+            done[task_id] = RetryOutcome.UNFINISHED if task_id in done and found[task_id] is RetryOutcome.RETRIED \
+                else found[task_id]
+    return done
 
 
 async def set_progress(
