@@ -1,5 +1,5 @@
-"""Helpers the adapters share: one polling interval, latency percentiles, peak memory, and a
-ticker that measures how long the event loop is blocked."""
+"""Helpers the adapters share: one polling interval, latency percentiles, peak memory, a
+ticker that measures how long the event loop is blocked, and the writer of results pages."""
 
 import asyncio
 import resource
@@ -60,3 +60,16 @@ class StallTicker:
         await asyncio.sleep(self.period * 5)
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
+
+
+def splice(path, begin, end, section):
+    """Put `section` between the `begin` and `end` marker lines of the page at `path`, keeping
+    the rest of the page; a page without the markers gets them, with the section, at its end."""
+    page = path.read_text() if path.exists() else ""
+    if begin in page and end in page:
+        head, rest = page.split(begin, 1)
+        page = f"{head}{begin}\n{section}{end}{rest.split(end, 1)[1]}"
+    else:
+        page = (page.rstrip("\n") + "\n\n" if page else "") + f"{begin}\n{section}{end}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page)

@@ -38,6 +38,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.common import splice
+
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ("sitq", "floor", "huey")
 WORKLOADS = [  # group, row label, adapter function, keyword arguments, metrics shown
@@ -146,13 +148,14 @@ def rows_for(args):
     return rows
 
 
-def cell(spec, timeout):
-    """Run one cell in a fresh process group and return its figures; raise with its stderr if it fails.
+def cell(spec, timeout, module="benchmarks.cell"):
+    """Run one cell (``python -m module SPEC``) in a fresh process group and return its figures;
+    raise with its stderr if it fails.
 
     The cell and any worker process it started are killed when it returns or outlives `timeout` seconds.
     """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.cell", json.dumps(spec)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", module, json.dumps(spec)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -309,8 +312,8 @@ def table_rows(rows, summary, systems, repeat):
     return out
 
 
-def machine():
-    """A one-line description of this machine and the software versions measured."""
+def machine(packages=("sitq", "huey", "cloudpickle"), store=f"SQLite {sqlite3.sqlite_version}"):
+    """A one-line description of this machine, the `store` and the `packages` measured."""
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -318,21 +321,21 @@ def machine():
         pass
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     versions = []
-    for package in ("sitq", "huey", "cloudpickle"):
+    for package in packages:
         try:
             versions.append(f"{package} {importlib.metadata.version(package)}")
         except importlib.metadata.PackageNotFoundError:
             pass
     return (f"{cpu}, {os.cpu_count()} CPUs, {ram:.0f} GiB RAM, {platform.platform()}, "
-            f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, {', '.join(versions)}")
+            f"Python {platform.python_version()}, {store}, {', '.join(versions)}")
 
 
 BEGIN, END = "<!-- benchmark results: begin -->", "<!-- benchmark results: end -->"
 
 
 def markdown(path, table, meta, plot):
-    """Write the dated table, the machine and the command as a markdown section: between the
-    BEGIN and END markers if the page has them (the rest of the page stays), else as the page."""
+    """Write the dated table, the machine and the command as a markdown section between the
+    BEGIN and END markers (see `benchmarks.common.splice`)."""
     lines = [f"## Benchmark results, {meta['date']}", "",
              f"Machine: {meta['machine']}.", "",
              f"Command: `{meta['command']}` ({meta['wall_s']:.0f} s).", "",
@@ -345,13 +348,7 @@ def markdown(path, table, meta, plot):
     lines += ["", NOTES.format(**meta["sizes"])]
     if plot:
         lines += ["", f"![Throughput by workload and system]({os.path.relpath(plot, path.parent)})"]
-    section = "\n".join(lines) + "\n"
-    page = path.read_text() if path.exists() else ""
-    if BEGIN in page and END in page:
-        head, rest = page.split(BEGIN, 1)
-        section = f"{head}{BEGIN}\n{section}{END}{rest.split(END, 1)[1]}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(section)
+    splice(path, BEGIN, END, "\n".join(lines) + "\n")
 
 
 def plot_png(path, summary, systems, console):
