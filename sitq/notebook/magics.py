@@ -108,8 +108,6 @@ class SitqMagics(Magics):
 
     def _cancel(self, args: argparse.Namespace) -> None:
         rt = runtime.current()
-        if not rt.can_cancel():
-            raise UsageError("%sitq cancel: this version of sitq cannot cancel tasks yet")
         found = rt.lookup(args.task_id)
         if isinstance(found, GroupHandle):
             done = found.cancel()

@@ -237,14 +237,8 @@ class Runtime:
                 raise TaskNotFoundError(f"no task id and no group id is, begins or ends with {fragment!r} "
                                         f"in {self.path}") from None
 
-    def can_cancel(self) -> bool:
-        """Whether tasks can be cancelled through this runtime's queue."""
-        return hasattr(self.queue, "cancel")
-
     def cancel(self, task_id: str) -> Any:
         """Cancel a task: ``"cancelled"``, ``"requested"``, ``"finished"`` or None (see ``TaskQueue.cancel``)."""
-        if not self.can_cancel():
-            raise SitqError("this version of sitq cannot cancel tasks yet")
         return self.run(self.queue.cancel(task_id))
 
     def board(self, limit: int = 20) -> BoardWidget:
@@ -272,7 +266,7 @@ class Runtime:
         def page(step: int) -> None:
             self.refresher.page(widget, step)
 
-        widget = BoardWidget(select, cancel if self.can_cancel() else None, page)
+        widget = BoardWidget(select, cancel, page)
         self.refresher.add_board(widget, limit)
         return widget
 
