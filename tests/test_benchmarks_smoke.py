@@ -49,7 +49,7 @@ def test_quick_notebook_benchmark_run(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.notebook", "--repeat", "1", "--tasks", "50", "--rounds", "5",
          "--systems", "sitq threads,sitq --processes 2,sitq lifecycle", "--workflows",
-         "sitq today (submit and board)", "--json", str(out)],
+         "sitq (group API)", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -57,8 +57,8 @@ def test_quick_notebook_benchmark_run(tmp_path):
         assert "error" not in figures, (system, figures)
     assert {"per_task_ms", "one_ms", "shutdown_ms"} <= set(report["table"]["sitq --processes 2"])
     assert report["table"]["sitq lifecycle"]["orphans"][0] == 0
-    assert "workflow_s" in report["workflows"]["sitq today (submit and board)"][0]
-    assert "| sitq today (submit and board) |" in proc.stdout
+    assert "workflow_s" in report["workflows"]["sitq (group API)"][0]
+    assert "| sitq (group API) |" in proc.stdout
 
 
 def _postgres_or_skip():

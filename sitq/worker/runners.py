@@ -344,6 +344,11 @@ class Runner:
             return
         self._timed(time.perf_counter() - since)  # recent tasks are not short after all: claim fewer
         rest = run.take_rest()
+        if rest and run.unsettled == 0:
+            # The job that looked slow had just been settled (a run on the loop settles a job before
+            # it takes the next): with the rest handed back, nothing of this run is left, and the
+            # slot it held is free. (_settle frees it when the last job settles; none will now.)
+            self.busy_slots -= 1
         for job in rest:  # never started: forget it here; the store makes it pending again
             job.settled = True
             self.active.pop(job.task.task_id, None)

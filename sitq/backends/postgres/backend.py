@@ -476,6 +476,9 @@ class PostgresBackend(Backend):
     async def group(self, group_id: str) -> GroupInfo | None:
         return await self._call(lambda db, r: sql.group(db, self.schema, group_id), changed=False)
 
+    async def match_group_ids(self, fragment: str, limit: int = 2) -> list[str]:
+        return await self._call(lambda db, r: sql.match_group_ids(db, self.schema, fragment, limit), changed=False)
+
     # -- retention ---------------------------------------------------------
 
     async def prune(self, now: float, limit: int) -> PurgeReport:

@@ -325,6 +325,12 @@ IDS_STARTING = "SELECT id FROM {s}.tasks WHERE id >= %s AND id < %s ORDER BY id 
 
 IDS_ENDING = "SELECT id FROM {s}.tasks WHERE right(id, %s) = %s LIMIT %s"
 
+SELECT_GROUP_ID = "SELECT id FROM {s}.groups WHERE id = %s"
+
+GROUP_IDS_STARTING = "SELECT id FROM {s}.groups WHERE id >= %s AND id < %s ORDER BY id LIMIT %s"
+
+GROUP_IDS_ENDING = "SELECT id FROM {s}.groups WHERE right(id, %s) = %s LIMIT %s"
+
 SELECT_META = "SELECT value FROM {s}.meta WHERE key = %s"
 
 INSERT_META_IF_ABSENT = """
@@ -738,6 +744,14 @@ async def match_ids(db: AsyncSession, s: str, fragment: str, limit: int) -> list
         return [fragment]
     found = [row[0] for row in await db.fetch(q(IDS_STARTING, s), (fragment, fragment + "\U0010ffff", limit))]
     found += [row[0] for row in await db.fetch(q(IDS_ENDING, s), (len(fragment), fragment, limit))]
+    return sorted(set(found))[:limit]
+
+
+async def match_group_ids(db: AsyncSession, s: str, fragment: str, limit: int) -> list[str]:
+    if await db.fetchone(q(SELECT_GROUP_ID, s), (fragment,)) is not None:
+        return [fragment]
+    found = [row[0] for row in await db.fetch(q(GROUP_IDS_STARTING, s), (fragment, fragment + "\U0010ffff", limit))]
+    found += [row[0] for row in await db.fetch(q(GROUP_IDS_ENDING, s), (len(fragment), fragment, limit))]
     return sorted(set(found))[:limit]
 
 
