@@ -18,19 +18,17 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from collections.abc import Coroutine, Generator, Iterator
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, overload
+from collections.abc import Generator, Iterator
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from sitq.core import FINISHED_STATES, GroupInfo, Result
 from sitq.errors import SitqError, TaskCancelledError, TaskFailedError, TaskNotFoundError
-from sitq.notebook.handle import TaskHandle, widgets_enabled
-from sitq.notebook.refresher import GroupWatch, Refresher
+from sitq.notebook.handle import TaskHandle, _Runtime, widgets_enabled
+from sitq.notebook.refresher import GroupWatch
 from sitq.notebook.rows import short_id
 
 if TYPE_CHECKING:
     from sitq.notebook.widgets import GroupWidget
-    from sitq.queue import TaskQueue
-    from sitq.sync import LoopThread
 
 __all__ = ["GroupHandle", "FAILURE_CHOICES"]
 
@@ -39,24 +37,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 FAILURE_CHOICES = ("raise", "return")
 READ_CHUNK = 2000  # ids per read of results or states: the loop runs between chunks
-
-
-class _Runtime(Protocol):
-    """What a group handle needs of its runtime (a :class:`sitq.notebook.runtime.Runtime`)."""
-
-    path: str
-    stopped: bool
-    queue: TaskQueue
-    loop: LoopThread
-    refresher: Refresher
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T: ...
-
-    def cancel(self, task_id: str) -> Any: ...
-
-    def output(self, task_id: str) -> str | None: ...
-
-    def successor(self) -> _Runtime | None: ...
 
 
 class GroupHandle:
