@@ -258,7 +258,7 @@ class TaskQueue:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
-            token = backend.change_token
+            token = backend.finish_token
             result = await backend.fetch_result(task_id)
             if result is None or result.status in FINISHED_STATES:
                 return result
@@ -269,7 +269,7 @@ class TaskQueue:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return None
-            await backend.wait_for_change(token, remaining)
+            await backend.wait_for_finish(token, remaining)
 
     async def get_results(self, task_ids: Sequence[str]) -> dict[str, Result]:
         """The current :class:`Result` of many tasks in one read, without waiting (a task that has

@@ -127,14 +127,25 @@ class Serializer:
         """Rebuild ``(func, args, kwargs)`` in a worker."""
         try:
             fn = self.loads(func)
+        except Exception as exc:
+            raise _unloadable("task", exc) from exc
+        return (fn, *self.loads_args(args))
+
+    def loads_args(self, args: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Rebuild ``(args, kwargs)`` in a worker that has the task's function already."""
+        try:
             call_args, call_kwargs = self.loads(args)
         except Exception as exc:
-            raise SerializationError(
-                f"cannot unpickle the task in this worker: {type(exc).__name__}: {exc}. "
-                "The worker needs the same importable modules (and their versions) as the "
-                "process that enqueued the task."
-            ) from exc
-        return fn, call_args, call_kwargs
+            raise _unloadable("task's arguments", exc) from exc
+        return call_args, call_kwargs
+
+
+def _unloadable(what: str, exc: Exception) -> SerializationError:
+    return SerializationError(
+        f"cannot unpickle the {what} in this worker: {type(exc).__name__}: {exc}. "
+        "The worker needs the same importable modules (and their versions) as the "
+        "process that enqueued the task."
+    )
 
 
 class ShippedSource:

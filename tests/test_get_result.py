@@ -179,3 +179,30 @@ def test_statuses_are_task_status_members_that_equal_their_strings(db_path, run)
     assert result.status == "success" and f"{result.status}" == "success" and str(result.status) == "success"
     assert json.dumps({"status": result.status}) == '{"status": "success"}'
     assert overview.counts["success"] == 1 and overview.counts[TaskStatus.SUCCESS] == 1
+
+
+def test_result_waiters_wake_for_finishes_and_not_for_claims(backend, run):
+    # A waiter for a result is woken when a task may have finished, not when one starts: in one
+    # process, a claim moves the change token (workers, live views) but not the finish token.
+    import time
+
+    from sitq.core import Outcome, OutcomeKind
+
+    async def go():
+        async with TaskQueue(backend) as queue:
+            task_id = await queue.enqueue(taskfuncs.add, 1, 2)
+            changes, finishes = backend.change_token, backend.finish_token
+            now = time.time()
+            [claimed] = await backend.claim("w1", 1, now, now + 60)
+            assert backend.change_token > changes and backend.finish_token == finishes
+            waiting = asyncio.ensure_future(queue.get_result(task_id, timeout=10))
+            await asyncio.sleep(0.05)
+            assert not waiting.done()
+            outcome = Outcome(task_id, claimed.handle, claimed.attempts, OutcomeKind.SUCCESS, time.time(),
+                              queue.serializer.dumps(3), None, None, None, None, None, None)
+            assert await backend.finish("w1", [outcome]) == [True]
+            assert backend.finish_token > finishes
+            result = await asyncio.wait_for(waiting, 5)
+            assert queue.deserialize_result(result) == 3
+
+    run(go())

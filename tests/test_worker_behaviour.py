@@ -88,6 +88,44 @@ def test_eta_delays_the_start_and_the_task_starts_promptly_after(backend, run):
     run(go())
 
 
+def test_an_idle_worker_sees_a_delayed_task_from_another_process_in_time(backend, db_path, run):
+    # The worker found nothing pending, so it sleeps up to its poll interval; a task with an eta
+    # enqueued elsewhere (another backend on the file, as another process would) must wake it
+    # and run at its eta, not a poll interval later.
+    async def go():
+        worker = Worker(backend, poll_interval=30)
+        running = asyncio.ensure_future(worker.start())
+        await asyncio.sleep(0.2)  # it has looked and found the queue empty
+        async with TaskQueue(SQLiteBackend(db_path)) as producer:
+            eta = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=0.5)
+            task_id = await producer.enqueue(taskfuncs.add, 1, 2, eta=eta)
+            result = await producer.get_result(task_id, timeout=20)
+        await worker.stop()
+        await running
+        assert result is not None and result.status == "success"
+        assert (result.started_at - eta).total_seconds() < 5
+
+    run(go())
+
+
+def test_a_task_whose_function_is_loaded_already_still_fails_alone_on_bad_arguments(backend, db_path, run):
+    import sqlite3
+
+    from sitq.core import NewTask
+
+    queue = TaskQueue(backend)
+    first = run(queue.enqueue(taskfuncs.add, 1, 1))
+    with sqlite3.connect(db_path) as conn:
+        func = conn.execute("SELECT func FROM sitq_tasks WHERE id = ?", (first,)).fetchone()[0]
+    now = time.time()
+    run(backend.enqueue([NewTask("broken-args", "add", func, b"\x80\x05garbage", now, now)]))
+    last = run(queue.enqueue(taskfuncs.add, 2, 3))
+    run(Worker(backend, max_concurrency=1).drain())
+    one, broken, five = results(queue, [first, "broken-args", last], run)
+    assert queue.deserialize_result(one) == 2 and queue.deserialize_result(five) == 5
+    assert broken.status == "failed" and "cannot unpickle the task's arguments in this worker" in broken.error
+
+
 def test_drain_leaves_future_tasks_queued(backend, run):
     queue = TaskQueue(backend)
     later = run(queue.enqueue(taskfuncs.add, 1, 2, eta=dt.timedelta(hours=1)))

@@ -408,3 +408,16 @@ class Backend:
     async def wait_for_change(self, token: int, timeout: float | None) -> None:
         """Return on the next change after ``token`` was read, or after ``timeout`` seconds."""
         await self.changes.wait(token, timeout)
+
+    # Result waiters need only the changes that may finish a task. A backend that can tell
+    # those apart from the rest (claims, progress) keeps a second notifier for them, so a
+    # waiter is not woken for its task starting; these defaults wake it on every change.
+
+    @property
+    def finish_token(self) -> int:
+        """Like :attr:`change_token`, for :meth:`wait_for_finish`."""
+        return self.change_token
+
+    async def wait_for_finish(self, token: int, timeout: float | None) -> None:
+        """Return after a change that may have finished a task (or any change, or ``timeout``)."""
+        await self.wait_for_change(token, timeout)

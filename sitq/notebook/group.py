@@ -163,7 +163,7 @@ class GroupHandle:
         await self._member_ids(runtime)
         backend = runtime.queue.backend
         while True:
-            token = backend.change_token
+            token = backend.finish_token
             info = await runtime.queue.group(self.group_id)
             if info is None:
                 raise TaskNotFoundError(f"no group with id {self.group_id!r} in {runtime.path}")
@@ -173,7 +173,7 @@ class GroupHandle:
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(f"group {short_id(self.group_id)} ({self.name}) has {info.total - info.finished:,} "
                                    f"of {info.total:,} tasks unfinished after {timeout}s; wait again, or await it")
-            await backend.wait_for_change(token, remaining)
+            await backend.wait_for_finish(token, remaining)
 
     # -- results ---------------------------------------------------------------
 
@@ -245,7 +245,7 @@ class GroupHandle:
         backend, queue = runtime.queue.backend, runtime.queue
         members = len(await self._member_ids(runtime))
         while True:
-            token = backend.change_token
+            token = backend.finish_token
             info = await queue.group(self.group_id)
             if info is not None and info.finished > members - len(pending):
                 found: list[str] = []
@@ -258,7 +258,7 @@ class GroupHandle:
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 return []
-            await backend.wait_for_change(token, remaining)
+            await backend.wait_for_finish(token, remaining)
 
     def failures(self) -> list[Result]:
         """The :class:`sitq.Result` of every failed member, in input order (``.error``, ``.traceback``,

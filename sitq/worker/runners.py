@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 
 RUN_BUDGET = 0.002  # seconds of work one slot may claim at once, judged by recent task times
 MAX_RUN = 64  # tasks one slot may claim at once
+FUNCTION_CACHE = 64  # functions kept unpickled, by their bytes (a task's globals are its function's)
 SLOW_TASK = 2 * RUN_BUDGET  # a task of a run that runs longer has the run's unstarted tasks handed back
 
 T = TypeVar("T")
@@ -165,6 +166,7 @@ class Loader:
         self.capture_output = capture_output
         self.in_processes = in_processes
         self._options: dict[bytes, TaskOptions] = {}  # with processes: each function's options, by its bytes
+        self._functions: dict[bytes, Any] = {}  # each function unpickled once, by its bytes, as dask does
 
     def load(self, running: _Running) -> Outcome | None:
         """Make ``running`` ready to run; or the failed outcome to settle it with instead."""
@@ -179,7 +181,14 @@ class Loader:
                 if self.capture_output:
                     running.output = CapturedOutput()
                 return None
-            func, args, kwargs = self.serializer.loads_call(task.func, task.args)
+            func = self._functions.get(task.func)
+            if func is None:
+                func, args, kwargs = self.serializer.loads_call(task.func, task.args)
+                if len(self._functions) >= FUNCTION_CACHE:
+                    self._functions.clear()
+                self._functions[task.func] = func
+            else:
+                args, kwargs = self.serializer.loads_args(task.args)
             if isinstance(func, Task):
                 running.options, func = func.task_options, func.func
             running.is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
@@ -389,7 +398,9 @@ class Runner:
             while (job := run.take()) is not None:
                 if job.options.timeout is not None:
                     self._loop.call_soon_threadsafe(self._arm_timeout, job)
-                if run.hand_over(job, self._call_in_thread(job)):
+                # The first outcome since the loop last took them: have it taken within the budget,
+                # unless this was the run's last job, which the loop takes at once (below).
+                if run.hand_over(job, self._call_in_thread(job)) and run.waiting():
                     self._from_thread(self._settle_soon, run)
         finally:
             self._from_thread(self._settle_done, run)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, cast, overload
 
 from sitq.backends.base import Backend
+from sitq.backends.notify import ChangeNotifier
 from sitq.backends.rules import PRUNE_BATCH, CancelOutcome, RetryOutcome
 from sitq.backends.sqlite import rows as readers
 from sitq.backends.sqlite import schema
@@ -58,6 +59,7 @@ BATCH_ROWS = 128
 # A checkpoint is due once the loop's connection changed this many rows since the last one
 # (SQLite's own automatic checkpoint, off here, comes every 1,000 pages written).
 CHECKPOINT_ROWS = 1000
+LOCK_GRACE = 0.0005  # seconds the loop waits for its connection's lock before it sleeps and tries again
 
 
 class SQLiteBackend(Backend):
@@ -88,6 +90,8 @@ class SQLiteBackend(Backend):
         read_only: bool = False,
     ) -> None:
         super().__init__()
+        self.finishes = ChangeNotifier(on_watch=self._on_watch)  # the changes that may finish a task
+        self._idle_at: int | None = None  # the change token when a look found no pending task at all
         self.path = schema.parse_path(path)
         self.read_only = bool(read_only)
         if self.read_only and self.path == MEMORY:
@@ -231,7 +235,7 @@ class SQLiteBackend(Backend):
     async def _run(self, fn: Callable[..., T], *args: Any) -> T: ...
 
     @overload
-    async def _run(self, fn: Callable[..., tuple[T, bool]], *args: Any, write: Literal[True]) -> T: ...
+    async def _run(self, fn: Callable[..., tuple[T, int]], *args: Any, write: Literal[True]) -> T: ...
 
     async def _run(self, fn: Callable[..., Any], *args: Any, write: bool = False) -> Any:
         """Run ``fn(conn, *args)`` under the lock, retrying while another process holds the lock."""
@@ -241,16 +245,21 @@ class SQLiteBackend(Backend):
         lock = self._lock
         delay = 0.001
         deadline = None
+        finished = False
         while True:
-            # Never block the loop for the lock: a helper thread may hold it (in-memory stores),
-            # or another loop's thread sharing this backend; then wait as for another process.
-            if lock.acquire(blocking=False):
+            # Never block the loop for long for the lock: a helper thread may hold it (in-memory
+            # stores), or another loop's thread sharing this backend; then wait as for another
+            # process. The change watcher holds it for one PRAGMA: worth a moment's wait.
+            if lock.acquire(timeout=LOCK_GRACE):
                 try:
                     result = fn(conn, *args)
                     if write:
                         result, changed = result
                         if changed:  # a write that changed nothing must not wake anyone, or idle workers spin
                             self.changes.mark()
+                            if changed != sql.NONE_FINISHED:
+                                finished = True
+                                self.finishes.mark()
                             if conn.total_changes - self._checkpoint_mark >= CHECKPOINT_ROWS:
                                 self._checkpoint_mark = conn.total_changes
                                 self._request_checkpoint()
@@ -275,9 +284,11 @@ class SQLiteBackend(Backend):
             delay = min(delay * 2, 0.05)
         if write:  # a read must not wake anyone: two waiters in one process would wake each other forever
             self.changes.wake()
+            if finished:
+                self.finishes.wake()
         return result
 
-    def _write(self, fn: Callable[..., tuple[T, bool]], *args: Any) -> Coroutine[Any, Any, T]:
+    def _write(self, fn: Callable[..., tuple[T, int]], *args: Any) -> Coroutine[Any, Any, T]:
         """Run ``fn(conn, *args) -> (result, changed)`` as ``_run`` does, and move the change
         token (waking waiters) if it changed anything. (It hands back ``_run``'s coroutine rather
         than awaiting it: one coroutine fewer on every write.)"""
@@ -374,7 +385,9 @@ class SQLiteBackend(Backend):
             else:
                 if write:
                     result, changed = result
-                    if changed:
+                    if changed == sql.NONE_FINISHED:
+                        self.changes.notify()
+                    elif changed:
                         self.notify_change()
                 return result
             if time.monotonic() >= deadline:
@@ -467,18 +480,22 @@ class SQLiteBackend(Backend):
         limit = min(limit, BATCH_ROWS)
         names = None if queues is None else tuple(queues)
         if len(outcomes) + limit <= BATCH_ROWS:
-            return await self._write(sql.finish_and_claim, worker_id, outcomes, limit, now, lease_until, alone, names)
-        stored: list[bool] = []
-        for first in range(0, len(outcomes), BATCH_ROWS):
-            await asyncio.sleep(0)
-            batch = outcomes[first : first + BATCH_ROWS]
-            stored += (await self._write(sql.finish_and_claim, worker_id, batch, 0, now, 0, False, names))[0]
-        claimed: list[ClaimedTask] = []
-        if limit > 0:
-            await asyncio.sleep(0)
-            claimed = (
-                await self._write(sql.finish_and_claim, worker_id, (), limit, now, lease_until, alone, names)
-            )[1]
+            stored, claimed, idle = await self._write(
+                sql.finish_and_claim, worker_id, outcomes, limit, now, lease_until, alone, names)
+        else:
+            stored = []
+            for first in range(0, len(outcomes), BATCH_ROWS):
+                await asyncio.sleep(0)
+                batch = outcomes[first : first + BATCH_ROWS]
+                stored += (await self._write(sql.finish_and_claim, worker_id, batch, 0, now, 0, False, names))[0]
+            claimed, idle = [], False
+            if limit > 0:
+                await asyncio.sleep(0)
+                _, claimed, idle = await self._write(
+                    sql.finish_and_claim, worker_id, (), limit, now, lease_until, alone, names)
+        if idle and names is None:
+            # Read after the write moved the token: a later change, here or seen from elsewhere, moves it again.
+            self._idle_at = self.changes.token
         return stored, claimed
 
     async def release(self, worker_id: str, claims: Sequence[tuple[Any, int]]) -> list[bool]:
@@ -490,6 +507,8 @@ class SQLiteBackend(Backend):
         return await self._run(sql.suspects_waiting, now, queues)
 
     async def next_eta(self, queues: Sequence[str] | None = None) -> float | None:
+        if queues is None and self._idle_at == self.changes.token:
+            return None  # the last claim found no pending task, and nothing has changed since
         return await self._run(sql.next_eta, queues)
 
     async def renew(self, worker_id: str, lease_until: float) -> int:
@@ -521,7 +540,7 @@ class SQLiteBackend(Backend):
         rows = [
             (done, total, message, handle, attempts, worker_id) for handle, attempts, done, total, message in progress
         ]
-        await self._write(sql.execute_many, sql.SET_PROGRESS, rows)
+        await self._write(sql.set_progress, rows)
 
     # -- readers -----------------------------------------------------------
 
@@ -670,6 +689,17 @@ class SQLiteBackend(Backend):
 
     # -- change notification -------------------------------------------------
 
+    @property
+    def finish_token(self) -> int:
+        return self.finishes.token
+
+    async def wait_for_finish(self, token: int, timeout: float | None) -> None:
+        await self.finishes.wait(token, timeout)
+
+    def notify_change(self) -> None:
+        self.changes.notify()
+        self.finishes.notify()  # a change seen from elsewhere may be anything
+
     def _on_watch(self) -> None:
         if self.is_memory:
             return  # nobody outside this object can write to it
@@ -696,6 +726,11 @@ class ChangeWatcher(threading.Thread):
     connection only while the loop's is closed.
     """
 
+    # How often it looks: fastest just after a change (an answer to it, such as a result for a
+    # task just enqueued, tends to follow within milliseconds), at change_check_interval while
+    # changes keep coming, and seldom once the store has been quiet for a while.
+    HOT_FOR = 0.02
+    HOT_SPEEDUP = 4
     QUIET_AFTER = 1.0
     SLOWEST = 0.025
 
@@ -726,13 +761,18 @@ class ChangeWatcher(threading.Thread):
             last = None
             last_change = time.monotonic()
             while not self._stopped.is_set():
-                if not backend.changes.has_watchers:
+                if not (backend.changes.has_watchers or backend.finishes.has_watchers):
                     self.wanted.clear()
-                    if not backend.changes.has_watchers:
+                    if not (backend.changes.has_watchers or backend.finishes.has_watchers):
                         self.wanted.wait()
                     continue
-                quiet = time.monotonic() - last_change > self.QUIET_AFTER
-                self._stopped.wait(self.SLOWEST if quiet else backend.change_check_interval)
+                since = time.monotonic() - last_change
+                interval = backend.change_check_interval
+                if since < self.HOT_FOR:
+                    interval /= self.HOT_SPEEDUP
+                elif since > self.QUIET_AFTER:
+                    interval = self.SLOWEST
+                self._stopped.wait(interval)
                 try:
                     version = self._version(conn)
                 except sqlite3.Error:

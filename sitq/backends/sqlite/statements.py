@@ -122,6 +122,11 @@ COUNT_INSERTED = "INSERT INTO sitq_totals VALUES (?, ?, ?) ON CONFLICT (queue, s
 
 # -- claims ------------------------------------------------------------------------
 
+# A write returns what it changed with its result: nothing (False), something that may have
+# finished a task (True), or only tasks that stay unfinished (NONE_FINISHED: claims, releases,
+# progress), which wakes workers and live views but not the waiters for results.
+NONE_FINISHED = 2
+
 CLAIMED = """
 SET status = 'running', worker_id = :worker, started_at = :now, lease_until = :lease, attempts = attempts + 1,
     progress_done = NULL, progress_total = NULL, progress_message = NULL
@@ -149,6 +154,24 @@ FIRST_QUEUE = "SELECT queue FROM sitq_tasks INDEXED BY sitq_ready WHERE status =
 NEXT_QUEUE = (
     "SELECT queue FROM sitq_tasks INDEXED BY sitq_ready WHERE status = 'pending' AND queue > ? ORDER BY queue LIMIT 1"
 )
+# What a claim looks at first, in one statement: the queues with pending tasks (the same seeks as
+# FIRST_QUEUE and NEXT_QUEUE), and one NULL row if a suspect is due (SUSPECTS' index holds only them).
+LOOK = f"""
+WITH RECURSIVE queues(name) AS (
+    SELECT ({FIRST_QUEUE})
+    UNION ALL
+    SELECT ({NEXT_QUEUE.replace("?", "queues.name")}) FROM queues WHERE queues.name IS NOT NULL
+)
+SELECT name FROM queues WHERE name IS NOT NULL
+UNION ALL
+SELECT NULL WHERE EXISTS (SELECT 1 FROM sitq_tasks INDEXED BY sitq_tasks_suspects
+                          WHERE status = 'pending' AND lost > 0 AND eta <= :now)
+"""
+# The same for a worker of named queues: only whether a suspect of theirs is due.
+LOOK_IN_QUEUES = f"""
+SELECT NULL WHERE EXISTS (SELECT 1 FROM sitq_tasks INDEXED BY sitq_tasks_suspects
+                          WHERE status = 'pending' AND lost > 0 AND eta <= :now {IN_QUEUES})
+"""
 FIRST_PRIORITY = """
 SELECT priority FROM sitq_tasks INDEXED BY sitq_ready WHERE status = 'pending' AND queue = ?
 ORDER BY priority DESC LIMIT 1
@@ -591,7 +614,12 @@ def finish_and_claim(
     lease_until: float,
     alone: bool,
     queues: Sequence[str] | None,
-) -> tuple[tuple[list[bool], list[ClaimedTask]], bool]:
+) -> tuple[tuple[list[bool], list[ClaimedTask], bool], int]:
+    """Store ``outcomes`` and claim up to ``limit`` tasks, in one transaction when there is both.
+
+    Returns what was stored, what was claimed, and whether no task was pending at all (a
+    worker serving every queue then knows, until the next change, that none is coming due).
+    """
     batch = bool(outcomes) and limit > 0 or len(outcomes) > 1
     if batch:
         conn.execute("BEGIN IMMEDIATE")
@@ -604,18 +632,30 @@ def finish_and_claim(
     if unsettled:
         settle(conn)
     claimed: list[ClaimedTask] = []
+    idle = False
     if limit > 0:
+        names, suspects = look(conn, now, queues)
         rows: list[Any] = []
-        if alone:
+        if alone and suspects:
             rows = _claim(conn, _suspect_claim(queues), worker_id, now, lease_until, 1, queues)
-        if not rows:
-            names = list(queues) if queues is not None else pending_queues(conn)
-            if names:
-                rows = _claim(conn, _claim_statement(len(names)), worker_id, now, lease_until, limit, names)
+        if not rows and names:
+            rows = _claim(conn, _claim_statement(len(names)), worker_id, now, lease_until, limit, names)
         claimed = sorted(map(readers.claimed, rows), key=lambda t: t.handle)
+        idle = not names
     if batch:
         conn.execute("COMMIT")
-    return (stored, claimed), any(stored) or bool(claimed)
+    changed = True if any(stored) else NONE_FINISHED if claimed else False
+    return (stored, claimed, idle), changed
+
+
+def look(conn: sqlite3.Connection, now: float, queues: Sequence[str] | None) -> tuple[list[str], bool]:
+    """The queues to claim from (``queues``, or those with pending tasks) and whether a suspect is due."""
+    if queues is None:
+        found = [row[0] for row in conn.execute(LOOK, {"now": now})]
+        names = [name for name in found if name is not None]
+        return names, len(names) < len(found)
+    suspects = conn.execute(LOOK_IN_QUEUES, {"now": now, "queues": json.dumps(list(queues))}).fetchone() is not None
+    return list(queues), suspects
 
 
 def _claim(
@@ -689,11 +729,11 @@ def outcome_statement(o: Outcome, worker_id: str) -> tuple[str, tuple[Any, ...]]
     )
 
 
-def release(conn: sqlite3.Connection, worker_id: str, claims: Sequence[tuple[Any, int]]) -> tuple[list[bool], bool]:
+def release(conn: sqlite3.Connection, worker_id: str, claims: Sequence[tuple[Any, int]]) -> tuple[list[bool], int]:
     conn.execute("BEGIN IMMEDIATE")
     released = [conn.execute(RELEASE_TASK, (handle, attempts, worker_id)).rowcount == 1 for handle, attempts in claims]
     conn.execute("COMMIT")
-    return released, any(released)
+    return released, NONE_FINISHED if any(released) else False
 
 
 # -- dependencies ------------------------------------------------------------------
@@ -961,14 +1001,14 @@ def execute_count(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> 
     return conn.execute(sql, params).rowcount
 
 
-def execute_many(conn: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> tuple[None, bool]:
+def set_progress(conn: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> tuple[None, int]:
     if not rows:
         return None, False
     before = conn.total_changes
     conn.execute("BEGIN IMMEDIATE")
-    conn.executemany(sql, rows)
+    conn.executemany(SET_PROGRESS, rows)
     conn.execute("COMMIT")
-    return None, conn.total_changes > before
+    return None, NONE_FINISHED if conn.total_changes > before else False
 
 
 def fetch_one(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
