@@ -420,6 +420,32 @@ def test_finish_reports_each_outcome_of_a_batch(store, run):
     run(go())
 
 
+def test_finish_of_a_run_stores_each_outcome_as_one_finish_would(store, run):
+    """A worker's run reports many outcomes at once: each is stored, or refused, on its own
+    claim, whatever its kind, exactly as if it came alone (one lost claim among them, a retry,
+    every final kind)."""
+
+    async def go():
+        kinds = [OutcomeKind.SUCCESS, OutcomeKind.FAILED, OutcomeKind.CANCELLED, OutcomeKind.RETRY] * 2
+        await store.enqueue(new_tasks(len(kinds) + 1, NOW))
+        *claims, lost = await store.claim("w", len(kinds) + 1, NOW, NOW + LEASE)
+        assert await store.release("w", [(lost.handle, lost.attempts)]) == [True]
+        outcomes = [typical_outcome(c, kind, NOW + 1, retry_at=NOW + 60) for c, kind in zip(claims, kinds, strict=True)]
+        outcomes.insert(3, typical_outcome(lost, OutcomeKind.SUCCESS, NOW + 1))
+        stored = await store.finish("w", outcomes)
+        assert stored == [o.task_id != lost.task_id for o in outcomes]
+        results = await store.fetch_results([o.task_id for o in outcomes])
+        for o in outcomes:
+            expected = "pending" if o.task_id == lost.task_id else o.kind.status.value
+            assert results[o.task_id].status == expected
+            if o.kind is OutcomeKind.SUCCESS and o.task_id != lost.task_id:
+                assert results[o.task_id].value == o.value and results[o.task_id].finished_at is not None
+        counts = {str(k): n for k, n in (await store.overview(0)).counts.items() if n}
+        assert counts == {"pending": 3, "success": 2, "failed": 2, "cancelled": 2}
+
+    run(go())
+
+
 # -- finish_and_claim ----------------------------------------------------------------------
 
 
