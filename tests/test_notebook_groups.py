@@ -2,6 +2,7 @@
 the board's group rows, with a real worker on a real SQLite file (no kernel: the kernel tests run
 the same in ipykernel)."""
 
+import asyncio
 import re
 import threading
 
@@ -111,7 +112,18 @@ def test_a_big_map_returns_while_it_stores_and_its_methods_wait_for_it(rt, monke
     assert group._stored is not None and repr(group).endswith("2,999 tasks>")  # drawn without a read
     assert len(group.stored(30)) == 2999
     assert group.results(60)[:3] == [0, 1, 4]
-    bad = sn.map(square, [threading.Lock()] * 10)  # cannot be pickled: storing fails, and says why
+    # Cannot be pickled: storing fails in the background, and says why. (Held until map has
+    # returned: a failure within MAP_WAIT would raise in the cell instead, which is not this test.)
+    returned = threading.Event()
+    store = rt.queue.map
+
+    async def held(*args, **kwargs):
+        await asyncio.get_running_loop().run_in_executor(None, returned.wait, 30)
+        return await store(*args, **kwargs)
+
+    monkeypatch.setattr(rt.queue, "map", held)
+    bad = sn.map(square, [threading.Lock()] * 10)
+    returned.set()
     with pytest.raises(sitq.SitqError, match="lock"):
         bad.results(30)
     text = visible_text(bad._repr_mimebundle_()["text/html"])
