@@ -2,6 +2,7 @@
 
     python -m benchmarks.profile W1 [-n 5000] [--top 25] [--sort tottime]
     python -m benchmarks.profile W3 [-n 500]
+    python -m benchmarks.profile inserts [-n 5000]
 
 W1 is ``enqueue`` one by one, W3 the in-process round trip, W5 ``map``: the same adapter
 functions the benchmark suite runs, on a fresh database in a temporary folder. cProfile
@@ -13,11 +14,19 @@ instructions instead, repeatably even on a busy machine.
 
 import argparse
 import cProfile
+import os
 import pstats
+import sqlite3
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
+import cloudpickle
+
 from benchmarks import sitq_system
+from benchmarks.floor import INSERT, SCHEMA
+from benchmarks.tasks import f
 
 RUNS = {
     "W1": lambda db, n: sitq_system.enqueue(db, n),
@@ -26,10 +35,50 @@ RUNS = {
 }
 
 
+def inserts(folder, n, repeat=3):
+    """The INSERT statement alone, timed call by call: the floor's, sitq's, and sitq's without
+    the claim index, each on a fresh file, the median of ``repeat`` medians (microseconds)."""
+    from sitq.backends.sqlite import statements
+    from sitq.backends.sqlite.schema import open_file
+
+    func, args = cloudpickle.dumps(f), cloudpickle.dumps(((1,), {}))
+    payload = cloudpickle.dumps((f, (1,)))
+
+    def timed(conn, sql, params):
+        samples = []
+        for _ in range(n):
+            p = params()
+            t = time.perf_counter()
+            conn.execute(sql, p)
+            samples.append(time.perf_counter() - t)
+        conn.close()
+        return statistics.median(samples) * 1e6
+
+    def sitq_params():
+        now = time.time()
+        return (f"{int(now * 1000):012x}{os.urandom(10).hex()}", "f", func, args, None, 1, now, now, "default", 0,
+                None, None)
+
+    figures = {"floor": [], "sitq": [], "sitq without sitq_ready": []}
+    for r in range(repeat):
+        conn = sqlite3.connect(Path(folder) / f"floor{r}.db", isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(SCHEMA)
+        figures["floor"].append(timed(conn, INSERT, lambda: (payload,)))
+        for label, drop in (("sitq", False), ("sitq without sitq_ready", True)):
+            conn = open_file(str(Path(folder) / f"{label}{r}.db".replace(" ", "-")), read_only=False)
+            if drop:
+                conn.execute("DROP INDEX sitq_ready")
+            figures[label].append(timed(conn, statements.INSERT_TASK, sitq_params))
+    return {label: round(statistics.median(values), 1) for label, values in figures.items()}
+
+
 def main(argv=None):
     """Run the workload under cProfile and print the top functions."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.split("\n")[0])
-    p.add_argument("workload", choices=sorted(RUNS))
+    p.add_argument("workload", choices=[*sorted(RUNS), "inserts"],
+                   help="a workload, or 'inserts': the INSERT statement alone, floor against sitq (µs, median)")
     p.add_argument("-n", type=int, default=5000, help="tasks (W3: round trips)")
     p.add_argument("--top", type=int, default=25, help="functions to print")
     p.add_argument("--sort", default="tottime", choices=["tottime", "cumulative", "ncalls"])
@@ -37,6 +86,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="sitq-profile-") as tmp:
         db = str(Path(tmp) / "bench.db")
+        if args.workload == "inserts":
+            print(inserts(tmp, args.n))
+            return
         if args.no_profile:
             print(RUNS[args.workload](db, args.n))
             return
