@@ -106,11 +106,13 @@ def test_a_group_is_found_again_by_the_end_of_its_id_and_a_key_re_attaches(rt):
 
 
 def test_a_big_map_returns_while_it_stores_and_its_methods_wait_for_it(rt, monkeypatch):
-    monkeypatch.setattr(runtime, "MAP_WAIT", 0)
+    # Time enough to store 3,000 tasks, were it waited for: a map of more than EAGER_WIDGET items is not.
+    monkeypatch.setattr(runtime, "MAP_WAIT", 60)
     group = sn.map(square, [x for x in range(3000) if x != 3])
     assert group._stored is not None and repr(group).endswith("2,999 tasks>")  # drawn without a read
     assert len(group.stored(30)) == 2999
     assert group.results(60)[:3] == [0, 1, 4]
+    monkeypatch.setattr(runtime, "MAP_WAIT", 0)  # a small map that does not wait either
     bad = sn.map(square, [threading.Lock()] * 10)  # cannot be pickled: storing fails, and says why
     with pytest.raises(sitq.SitqError, match="lock"):
         bad.results(30)
