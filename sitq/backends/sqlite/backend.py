@@ -595,9 +595,14 @@ class SQLiteBackend(Backend):
         limit: int = 100,
         offset: int = 0,
         newest_first: bool = True,
+        scan: int | None = None,
     ) -> list[TaskInfo]:
         wanted = None if statuses is None else [str(s) for s in statuses]
-        return await self._read_off_loop(sql.find_tasks, wanted, None, None, limit, offset, newest_first, True)
+        return await self._read_off_loop(sql.find_ungrouped, wanted, limit, offset, newest_first, scan)
+
+    async def count_ungrouped(self) -> dict[str, int]:
+        # Off the loop, as overview: the unfinished states are counted from their partial indexes.
+        return await self._read_off_loop(sql.count_ungrouped)
 
     async def cancel_group(self, group_id: str, now: float) -> dict[CancelOutcome, int]:
         # A group may hold a million pending tasks: cancel them off the loop.
