@@ -2,6 +2,7 @@
 the board's group rows, with a real worker on a real SQLite file (no kernel: the kernel tests run
 the same in ipykernel)."""
 
+import datetime as dt
 import re
 import threading
 
@@ -12,7 +13,7 @@ pytest.importorskip("ipywidgets")
 
 import sitq
 import sitq.notebook as sn
-from sitq.notebook import runtime
+from sitq.notebook import refresher, runtime
 from sitq.notebook.render import group_html, table_html
 from sitq.notebook.rows import GroupRow, TaskRow
 
@@ -144,6 +145,36 @@ def test_group_rows_summarise_rate_and_time_left():
     assert 'class="sitq-row sitq-group-row"' in table and "other tasks 1–20" in visible_text(table)
 
 
+def test_the_board_looks_for_loose_tasks_among_the_newest_only_and_counts_the_others(rt, monkeypatch):
+    monkeypatch.setattr(refresher, "BOARD_SCAN", 50)
+    searched = []
+    find = rt.queue.backend.find_ungrouped
+
+    async def spy(**kwargs):
+        searched.append(kwargs["scan"])
+        return await find(**kwargs)
+
+    monkeypatch.setattr(rt.queue.backend, "find_ungrouped", spy)
+    early = [sn.submit(square, i, eta=dt.timedelta(hours=1)) for i in range(2)]  # pending for an hour, behind the group
+    busy = sn.map(gated, range(200))
+    late = sn.submit(square, 9, eta=dt.timedelta(hours=1))
+    busy.stored(30)
+    counts, rows, page, newer, older = rt.run(rt.refresher.board_rows(20))
+    loose = [r.task_id for r in rows if isinstance(r, TaskRow)]
+    assert loose == [late.task_id] and not newer and not older
+    assert page == "other tasks 1–1 of 3, newest first; 2 older, not listed"
+    assert counts["pending"] >= 198 + 3 and sum(isinstance(r, GroupRow) for r in rows) == 1
+    assert searched and all(scan is not None and scan <= 50 + 20 for scan in searched)  # never the whole group
+    late.cancel()
+    *_, page, _, _ = rt.run(rt.refresher.board_rows(20, page=1))
+    assert page == "no more tasks"
+    for task in early:
+        task.cancel()
+    *_, page, _, _ = rt.run(rt.refresher.board_rows(20))
+    assert page == "other tasks 1–1 of 3, newest first; 2 older, not listed"  # cancelled now, still behind it
+    busy.cancel()
+
+
 def test_the_board_shows_one_row_per_group_running_and_failed_work_first(rt):
     done = sn.map(square, range(30))
     done.wait(30)
@@ -159,10 +190,10 @@ def test_the_board_shows_one_row_per_group_running_and_failed_work_first(rt):
     assert kinds[0] == ("failed", loose[0].task_id)
     assert kinds[1:3] == [("group", busy.group_id), ("group", done.group_id)]  # unfinished group first
     assert [k for k, _ in kinds[3:]] == ["success"] * 20 and older and not newer
-    assert page == "other tasks 1–20, newest first"
+    assert page == "other tasks 1–20 of 25, newest first"
     assert counts["pending"] + counts["running"] == 40  # the busy group's members are one row:
     assert sum(isinstance(r, GroupRow) for r in rows) == 2 and len(rows) == 23  # 1 + 2 + 20
     *_, page2, newer2, older2 = rt.run(rt.refresher.board_rows(20, page=1))
-    assert page2 == "other tasks 21–25, newest first" and newer2 and not older2
+    assert page2 == "other tasks 21–25 of 25, newest first" and newer2 and not older2
     board = sn.board()
     assert re.search(r"group [0-9a-f]{8}", visible_text(board._repr_html_()))

@@ -35,6 +35,7 @@ COALESCE = 0.05  # after a change, wait this long so a burst of changes is one r
 FIRST_FAILURES = 3  # how many of a group's failures its view lists, with their tracebacks
 RATE_WINDOW = 10.0  # seconds of history a group's rate is taken over
 OTHER_STATES = ("waiting", "pending", "success", "cancelled")  # the board's paged part: tasks of no group
+BOARD_SCAN = 1000  # the board looks for tasks of no group among this many newest tasks, and a page more each
 
 
 @dataclass(eq=False)
@@ -231,8 +232,13 @@ class Refresher:
         tasks of no group, newest first. Also the page's label and whether newer and older pages exist."""
         watches = {} if watches is None else watches
         overview = await self.queue.overview(limit)
+        loose = await self._loose_counts()
+        # The tasks of no group are looked for among the newest tasks only, so a refresh reads the
+        # same number of rows beside a group of a million; the counts say how many are not listed.
+        scan = None if loose is None else BOARD_SCAN + (page + 1) * limit
         running = [task_row(i) for i in overview.running if i.group_id is None]
-        failed = [task_row(i) for i in await self.queue.list_tasks("failed", ungrouped=True, limit=limit)]
+        failed = [] if loose is not None and not loose["failed"] else [
+            task_row(i) for i in await self.queue.list_tasks("failed", ungrouped=True, limit=limit, scan=scan)]
         groups = []
         for info in overview.groups:
             watch = watches.setdefault(info.group_id, GroupWatch(info.group_id, info.name))
@@ -240,22 +246,26 @@ class Refresher:
         for stale in set(watches) - {g.group_id for g in groups}:
             del watches[stale]
         groups.sort(key=lambda g: (g.finished, g.failed == 0))  # stable: newest first within each
-        # A state whose whole count the groups shown here account for has no task of no group: it is
-        # left out of the listing, which would otherwise pass over every grouped row in that state
-        # (a map of 100,000 just stored is 100,000 pending rows newer than any other).
-        states = [s for s in OTHER_STATES
-                  if overview.counts.get(s, 0) > sum(g.counts.get(s, 0) for g in overview.groups)]
-        others = await self.queue.list_tasks(states, ungrouped=True, limit=limit + 1,
-                                             offset=page * limit) if states else []
+        if loose is not None:
+            states = [s for s in OTHER_STATES if loose[s]]
+        else:  # a backend without the counts: leave out the states the groups shown account for
+            states = [s for s in OTHER_STATES
+                      if overview.counts.get(s, 0) > sum(g.counts.get(s, 0) for g in overview.groups)]
+        others = await self.queue.list_tasks(states, ungrouped=True, limit=limit + 1, offset=page * limit,
+                                             scan=scan) if states else []
         older = len(others) > limit
         others = others[:limit]
-        label = ""
-        if page or older:
-            first = page * limit + 1
-            label = (f"other tasks {first:,}–{first + len(others) - 1:,}, newest first" if others
-                     else "no more tasks")
+        total = None if loose is None else sum(loose[s] for s in states)
+        label = _page_label(page * limit, len(others), total, older, scan)
         rows: list[TaskRow | GroupRow] = [*running, *failed, *groups, *(task_row(i) for i in others)]
         return overview.counts, rows, label, page > 0, older
+
+    async def _loose_counts(self) -> dict[str, int] | None:
+        """The tasks of no group per state, or None for a backend that keeps no such counts."""
+        try:
+            return await self.queue.count_ungrouped()
+        except NotImplementedError:
+            return None
 
     async def _refresh_detail(self, board: _Board) -> None:
         """The picked task: live while it runs, its result (or traceback) once it ends;
@@ -280,3 +290,21 @@ class Refresher:
             result = await self.queue.get_result(task_id, 0)
             board.widget.show_detail(result_html(result, self.queue.deserialize_result), cancellable=False)
         board.detail_of = (task_id, info.status)
+
+
+def _page_label(skipped: int, shown: int, total: int | None, older: bool, scan: int | None) -> str:
+    """What the board's listed tasks of no group are: which of how many, and how many more it
+    does not list because they are older than the ``scan`` newest tasks (a big group's, say)."""
+    unlisted = 0 if total is None or older else max(0, total - skipped - shown)
+    if not shown:
+        if unlisted:
+            return (f"{unlisted:,} other task{'s' if unlisted > 1 else ''}, older than the newest {scan:,} tasks, "
+                    "not listed")
+        return "no more tasks" if skipped else ""
+    if not (skipped or older or unlisted):
+        return ""
+    of = "" if total is None else f" of {total:,}"
+    label = f"other tasks {skipped + 1:,}–{skipped + shown:,}{of}, newest first"
+    if unlisted:
+        label += f"; {unlisted:,} older, not listed"
+    return label
