@@ -5,6 +5,7 @@ the same in ipykernel)."""
 import datetime as dt
 import re
 import threading
+import time
 
 import pytest
 from notebook_support import visible_text
@@ -14,8 +15,10 @@ pytest.importorskip("ipywidgets")
 import sitq
 import sitq.notebook as sn
 from sitq.notebook import refresher, runtime
+from sitq.notebook.refresher import GroupWatch
 from sitq.notebook.render import group_html, table_html
 from sitq.notebook.rows import GroupRow, TaskRow
+from sitq.worker import runners
 
 GATE = threading.Event()
 
@@ -197,3 +200,21 @@ def test_the_board_shows_one_row_per_group_running_and_failed_work_first(rt):
     assert page2 == "other tasks 21–25 of 25, newest first" and newer2 and not older2
     board = sn.board()
     assert re.search(r"group [0-9a-f]{8}", visible_text(board._repr_html_()))
+
+
+def test_views_draw_the_tasks_waiting_in_a_run_of_the_kernels_worker_as_pending(rt, monkeypatch):
+    monkeypatch.setattr(runners, "SLOW_TASK", 60)  # the worker would hand back what waits behind a slow task
+    sn.map(abs, range(300)).wait(30)  # very short tasks: a slot of the worker now claims many at once
+    busy = sn.map(gated, range(10))  # claimed at once, in two runs (two slots); the first of each blocks
+    deadline = time.monotonic() + 30
+    while len(rt.run(rt.refresher.waiting())) != 8 or busy.counts["running"] != 10:
+        assert time.monotonic() < deadline, "the worker did not claim the group in two runs"
+        time.sleep(0.01)
+    assert set(rt.run(rt.refresher.waiting()).values()) == {busy.group_id}
+    row = rt.run(GroupWatch(busy.group_id, busy.name).row(rt.queue, rt.refresher.waiting))
+    assert (row.running, row.counts["pending"]) == (2, 8)  # the store says 10 running; 2 threads run
+    counts, rows, *_ = rt.run(rt.refresher.board_rows(20))
+    assert counts["running"] == 2 and next(r for r in rows if isinstance(r, GroupRow)).running == 2
+    GATE.set()
+    busy.wait(30)
+    assert rt.run(rt.refresher.waiting()) == {}
