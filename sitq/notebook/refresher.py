@@ -298,17 +298,20 @@ class Refresher:
     async def _refresh_detail(self, board: _Board) -> None:
         """The picked task: live while it runs, its result (or traceback) once it ends;
         a picked group: its counts and first failures."""
+        task_id = board.widget.selected
+        if not task_id:  # nothing picked: nothing to read, nor to import (the widgets load ipywidgets)
+            board.detail_of = None
+            return
         from sitq.notebook.widgets import GROUP_PREFIX
 
-        task_id = board.widget.selected
-        if task_id and task_id.startswith(GROUP_PREFIX):
+        if task_id.startswith(GROUP_PREFIX):
             group_id = task_id[len(GROUP_PREFIX):]
             watch = GroupWatch(group_id, "")
             row = await watch.row(self.queue)
             board.widget.show_detail(group_html(row, watch.shown_tracebacks()), cancellable=not row.finished)
             board.detail_of = None
             return
-        info = await self.queue.status(task_id) if task_id else None
+        info = await self.queue.status(task_id)
         if info is None:
             board.detail_of = None
             return
