@@ -116,9 +116,9 @@ class GroupWidget:
 
     def show(self, row: GroupRow, tracebacks: Mapping[str, str | None] | None = None) -> None:
         """Draw the group's current counts (called repeatedly; traits send only what changed)."""
-        self.header.value = group_header_html(row)
-        self.bar.value = row.fraction
+        self.bar.value = row.fraction  # sent before the header that says the same in words
         self.bar.bar_style = "danger" if row.failed else ("success" if row.finished else "info")
+        self.header.value = group_header_html(row)
         shown = (tuple(f.task_id for f in row.failures), row.failed, tuple(sorted((tracebacks or {}).items())))
         if shown != self._failures_shown:
             self._failures_shown = shown
