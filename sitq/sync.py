@@ -223,12 +223,17 @@ class SyncTaskQueue:
         limit: int = 100,
         offset: int = 0,
         newest_first: bool = True,
+        scan: int | None = None,
     ) -> list[TaskInfo]:
         """Tasks by state, queue and group, newest first; see :meth:`TaskQueue.list_tasks`."""
         return self._loop.run(self.queue.list_tasks(
             status, queue=queue, group=group, ungrouped=ungrouped, limit=limit, offset=offset,
-            newest_first=newest_first,
+            newest_first=newest_first, scan=scan,
         ))
+
+    def count_ungrouped(self) -> dict[str, int]:
+        """How many tasks of no group are in each state; see :meth:`TaskQueue.count_ungrouped`."""
+        return self._loop.run(self.queue.count_ungrouped())
 
     def cancel_group(self, group_id: str) -> dict[str, int]:
         """Cancel every unfinished task of a group at once; see :meth:`TaskQueue.cancel_group`."""

@@ -26,7 +26,7 @@ from sitq.backends.rules import (
     expired_lease,
     lost_worker_error,
 )
-from sitq.core import FINISHED_STATES, NewTask, OutcomeKind, TaskStatus, to_datetime
+from sitq.core import FINISHED_STATES, STATES, NewTask, OutcomeKind, TaskStatus, to_datetime
 from sitq.errors import BackendError
 
 NOW = 1_700_000_000.0  # the contract takes times as arguments: the tests pick them
@@ -1119,6 +1119,46 @@ def test_ungrouped_tasks_are_listed_without_the_groups(store, way, run):
         assert [i.task_id for i in await find(statuses=["running"])] == [loose[0].task_id]
         assert all(i.group_id is None for i in await find(statuses=["pending"]))
         assert await find(limit=0) == []
+
+    run(go())
+
+
+@pytest.mark.parametrize("way", list(GROUP_WAYS))
+def test_a_bounded_search_for_ungrouped_tasks_looks_at_the_newest_tasks_only(store, way, run):
+    """``scan``: a board beside a group of a million pending tasks reads a fixed number of rows."""
+
+    async def go():
+        loose = new_tasks(3, NOW)
+        await store.enqueue(loose[:2] + new_tasks(700, NOW, group_id="g") + loose[2:])
+        find = GROUP_WAYS[way](store, "find_ungrouped")
+        ids = [t.task_id for t in loose]
+        assert [i.task_id for i in await find(scan=10)] == [ids[2]]  # the two older ones are behind the group
+        assert [i.task_id for i in await find(scan=702)] == [ids[2], ids[1]]
+        assert [i.task_id for i in await find(scan=702, offset=1)] == [ids[1]]
+        assert [i.task_id for i in await find(scan=10_000, limit=2)] == [ids[2], ids[1]]
+        assert [i.task_id for i in await find(scan=10, newest_first=False)] == [ids[0], ids[1]]
+        assert [i.task_id for i in await find(statuses=["pending"], scan=1)] == [ids[2]]
+        assert await find(statuses=["running", "failed"], scan=10_000) == []
+        assert await find(scan=0) == []
+
+    run(go())
+
+
+def test_ungrouped_tasks_are_counted_per_state_from_the_kept_counts(store, run):
+    async def go():
+        assert await store.count_ungrouped() == dict.fromkeys(STATES, 0)
+        loose, group = new_tasks(3, NOW), new_tasks(4, NOW, group_id="g")
+        await store.enqueue(loose + group)
+        first, second = await store.claim("w", 2, NOW, NOW + LEASE)  # the oldest two: loose ones
+        assert {first.task_id, second.task_id} == {loose[0].task_id, loose[1].task_id}
+        await store.finish("w", [typical_outcome(first, OutcomeKind.SUCCESS, NOW + 1)])
+        await store.cancel(group[0].task_id, NOW + 1)
+        await store.cancel(loose[2].task_id, NOW + 1)
+        counts = await store.count_ungrouped()
+        assert counts == {**dict.fromkeys(STATES, 0), "success": 1, "running": 1, "cancelled": 1}
+        assert (await store.group("g")).counts["pending"] == 3  # the group's own are not counted
+        with pytest.raises(NotImplementedError):  # the base cannot count without reading every row
+            await Backend.count_ungrouped(store)
 
     run(go())
 

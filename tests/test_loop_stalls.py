@@ -161,6 +161,45 @@ def test_map_lets_the_loop_run_while_it_pickles(db_path, run):
     assert run(go()) >= 2  # it yielded between slices, not only once at the end
 
 
+def test_a_queue_with_a_map_pause_sleeps_that_long_between_slices(db_path, run, monkeypatch):
+    """A notebook's queue shares the GIL with the kernel's thread: it sleeps, not only yields."""
+    slept = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay, *args, **kwargs):
+        slept.append(delay)
+        return await real_sleep(delay, *args, **kwargs)
+
+    async def go():
+        async with TaskQueue(SQLiteBackend(db_path), SlowSerializer(), map_pause=0.0123) as queue:
+            await queue.overview(0)
+            monkeypatch.setattr(asyncio, "sleep", sleep)
+            ids = await queue.map(taskfuncs.echo, range(200))  # 200 ms of pickling
+            monkeypatch.setattr(asyncio, "sleep", real_sleep)
+            assert len(await queue.statuses(ids)) == 200
+
+    run(go())
+    assert slept.count(0.0123) >= 2 and 0 not in slept
+    with pytest.raises(sitq.InvalidTaskError, match="map_pause takes seconds"):
+        TaskQueue(SQLiteBackend(db_path), map_pause=-1)
+
+
+def test_big_maps_in_a_row_are_stored_once_each_and_leave_the_stage_empty(db_path, run):
+    async def go():
+        backend = SQLiteBackend(db_path)
+        async with TaskQueue(backend) as queue:
+            first = await queue.map(taskfuncs.echo, range(OFFLOAD_ROWS + 1))
+            second = await queue.map(taskfuncs.echo, range(2 * OFFLOAD_ROWS))  # staged after the first is emptied
+            assert (await queue.overview(0)).counts["pending"] == len(first) + len(second)
+            assert len(await queue.statuses(first + second)) == len(first) + len(second)
+            # The helper's jobs run in order: this one after the stage was emptied, which the map did not wait for.
+            staged = backend._helper("offload").submit(
+                lambda conn, stopped: conn.execute("SELECT count(*) FROM temp.sitq_new").fetchone()[0])
+            assert await asyncio.wrap_future(staged) == 0
+
+    run(go())
+
+
 def sitq_threads(besides=()):
     return {t.name for t in threading.enumerate() if t.name.startswith("sitq-") and t not in besides}
 

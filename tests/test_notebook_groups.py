@@ -3,8 +3,10 @@ the board's group rows, with a real worker on a real SQLite file (no kernel: the
 the same in ipykernel)."""
 
 import asyncio
+import datetime as dt
 import re
 import threading
+import time
 
 import pytest
 from notebook_support import visible_text
@@ -13,9 +15,11 @@ pytest.importorskip("ipywidgets")
 
 import sitq
 import sitq.notebook as sn
-from sitq.notebook import runtime
+from sitq.notebook import refresher, runtime
+from sitq.notebook.refresher import GroupWatch
 from sitq.notebook.render import group_html, table_html
 from sitq.notebook.rows import GroupRow, TaskRow
+from sitq.worker import runners
 
 GATE = threading.Event()
 
@@ -107,7 +111,8 @@ def test_a_group_is_found_again_by_the_end_of_its_id_and_a_key_re_attaches(rt):
 
 
 def test_a_big_map_returns_while_it_stores_and_its_methods_wait_for_it(rt, monkeypatch):
-    monkeypatch.setattr(runtime, "MAP_WAIT", 0)
+    # Time enough to store 3,000 tasks, were it waited for: a map of more than EAGER_WIDGET items is not.
+    monkeypatch.setattr(runtime, "MAP_WAIT", 60)
     group = sn.map(square, [x for x in range(3000) if x != 3])
     assert group._stored is not None and repr(group).endswith("2,999 tasks>")  # drawn without a read
     assert len(group.stored(30)) == 2999
@@ -122,6 +127,7 @@ def test_a_big_map_returns_while_it_stores_and_its_methods_wait_for_it(rt, monke
         return await store(*args, **kwargs)
 
     monkeypatch.setattr(rt.queue, "map", held)
+    monkeypatch.setattr(runtime, "MAP_WAIT", 0)  # a small map that does not wait either
     bad = sn.map(square, [threading.Lock()] * 10)
     returned.set()
     with pytest.raises(sitq.SitqError, match="lock"):
@@ -154,6 +160,36 @@ def test_group_rows_summarise_rate_and_time_left():
     assert 'class="sitq-row sitq-group-row"' in table and "other tasks 1–20" in visible_text(table)
 
 
+def test_the_board_looks_for_loose_tasks_among_the_newest_only_and_counts_the_others(rt, monkeypatch):
+    monkeypatch.setattr(refresher, "BOARD_SCAN", 50)
+    searched = []
+    find = rt.queue.backend.find_ungrouped
+
+    async def spy(**kwargs):
+        searched.append(kwargs["scan"])
+        return await find(**kwargs)
+
+    monkeypatch.setattr(rt.queue.backend, "find_ungrouped", spy)
+    early = [sn.submit(square, i, eta=dt.timedelta(hours=1)) for i in range(2)]  # pending for an hour, behind the group
+    busy = sn.map(gated, range(200))
+    late = sn.submit(square, 9, eta=dt.timedelta(hours=1))
+    busy.stored(30)
+    counts, rows, page, newer, older = rt.run(rt.refresher.board_rows(20))
+    loose = [r.task_id for r in rows if isinstance(r, TaskRow)]
+    assert loose == [late.task_id] and not newer and not older
+    assert page == "other tasks 1–1 of 3, newest first; 2 older, not listed"
+    assert counts["pending"] >= 198 + 3 and sum(isinstance(r, GroupRow) for r in rows) == 1
+    assert searched and all(scan is not None and scan <= 50 + 20 for scan in searched)  # never the whole group
+    late.cancel()
+    *_, page, _, _ = rt.run(rt.refresher.board_rows(20, page=1))
+    assert page == "no more tasks"
+    for task in early:
+        task.cancel()
+    *_, page, _, _ = rt.run(rt.refresher.board_rows(20))
+    assert page == "other tasks 1–1 of 3, newest first; 2 older, not listed"  # cancelled now, still behind it
+    busy.cancel()
+
+
 def test_the_board_shows_one_row_per_group_running_and_failed_work_first(rt):
     done = sn.map(square, range(30))
     done.wait(30)
@@ -169,10 +205,28 @@ def test_the_board_shows_one_row_per_group_running_and_failed_work_first(rt):
     assert kinds[0] == ("failed", loose[0].task_id)
     assert kinds[1:3] == [("group", busy.group_id), ("group", done.group_id)]  # unfinished group first
     assert [k for k, _ in kinds[3:]] == ["success"] * 20 and older and not newer
-    assert page == "other tasks 1–20, newest first"
+    assert page == "other tasks 1–20 of 25, newest first"
     assert counts["pending"] + counts["running"] == 40  # the busy group's members are one row:
     assert sum(isinstance(r, GroupRow) for r in rows) == 2 and len(rows) == 23  # 1 + 2 + 20
     *_, page2, newer2, older2 = rt.run(rt.refresher.board_rows(20, page=1))
-    assert page2 == "other tasks 21–25, newest first" and newer2 and not older2
+    assert page2 == "other tasks 21–25 of 25, newest first" and newer2 and not older2
     board = sn.board()
     assert re.search(r"group [0-9a-f]{8}", visible_text(board._repr_html_()))
+
+
+def test_views_draw_the_tasks_waiting_in_a_run_of_the_kernels_worker_as_pending(rt, monkeypatch):
+    monkeypatch.setattr(runners, "SLOW_TASK", 60)  # the worker would hand back what waits behind a slow task
+    sn.map(abs, range(300)).wait(30)  # very short tasks: a slot of the worker now claims many at once
+    busy = sn.map(gated, range(10))  # claimed at once, in two runs (two slots); the first of each blocks
+    deadline = time.monotonic() + 30
+    while len(rt.run(rt.refresher.waiting())) != 8 or busy.counts["running"] != 10:
+        assert time.monotonic() < deadline, "the worker did not claim the group in two runs"
+        time.sleep(0.01)
+    assert set(rt.run(rt.refresher.waiting()).values()) == {busy.group_id}
+    row = rt.run(GroupWatch(busy.group_id, busy.name).row(rt.queue, rt.refresher.waiting))
+    assert (row.running, row.counts["pending"]) == (2, 8)  # the store says 10 running; 2 threads run
+    counts, rows, *_ = rt.run(rt.refresher.board_rows(20))
+    assert counts["running"] == 2 and next(r for r in rows if isinstance(r, GroupRow)).running == 2
+    GATE.set()
+    busy.wait(30)
+    assert rt.run(rt.refresher.waiting()) == {}

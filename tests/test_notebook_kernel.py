@@ -292,3 +292,27 @@ def test_a_map_is_one_group_widget_and_comes_back_after_a_restart(tmp_path):
     assert outputs_text(cells[4]) == "True True\n"
     # nothing ran again but the failure, which a keyed map replaces (TaskOptions.replace_failed)
     assert outputs_text(cells[5]) == "10 [1, 1, 1]\n"
+
+
+@pytest.mark.parametrize("mode", ["--concurrency 2", "--processes 2"])
+def test_a_group_widget_shows_no_more_running_than_the_worker_has_slots(tmp_path, mode):
+    """A slot claims many very short tasks at once and the store counts them all running; the
+    widget counts those that wait in the run as pending."""
+    gate = str(tmp_path / "gate")
+    nb = execute(new_notebook(
+        f"%load_ext sitq\n%sitq start runs.db {mode}",
+        GROUP_WORK + WAIT_UNTIL
+        + "import sitq.worker.runners as runners\n"
+        "runners.SLOW_TASK = 60  # else the worker hands back what waits behind a slow task after 4 ms\n"
+        "sitq.notebook.map(abs, range(300)).wait(60)  # short tasks: each slot now claims many at once",
+        f"busy = sitq.notebook.map(work, range(10), [{gate!r}] * 10)\nbusy",
+        "wait_until(lambda: busy.counts['running'] == 10\n"
+        "           and any(f' {n} running' in busy._widget.header.value for n in (1, 2)))\n"
+        "print(busy.counts['running'], busy._widget.header.value)",
+        f"open({gate!r}, 'w').close()\nbusy.wait(60)\nprint(busy.counts['success'])",
+        "%sitq stop",
+    ), tmp_path)
+    store, header = outputs_text(nb.cells[3]).split(" ", 1)
+    shown = visible_text(header)  # one run per free slot: with processes, both may be in one process's run
+    assert store == "10" and re.search(r"\b[12] running", shown) and "10 running" not in shown
+    assert outputs_text(nb.cells[4]) == "9\n"

@@ -192,3 +192,17 @@ def test_retention_must_be_a_duration():
         sitq.task(taskfuncs.echo, retention="a week")
     with pytest.raises(InvalidTaskError, match="retention"):
         sitq.TaskQueue("memory://", retention=-1)
+
+
+def test_the_tasks_of_no_group_are_found_among_the_newest_and_counted_in_all(db_path):
+    with SyncTaskQueue(db_path) as queue:
+        before = queue.enqueue(taskfuncs.echo, 1)
+        group = queue.map(taskfuncs.echo, range(50), group="g")
+        after = queue.enqueue(taskfuncs.echo, 2)
+        assert [t.task_id for t in queue.list_tasks(ungrouped=True, scan=10)] == [after]
+        assert [t.task_id for t in queue.list_tasks(ungrouped=True)] == [after, before]
+        assert queue.count_ungrouped()["pending"] == 2 and len(group) == 50
+        with pytest.raises(InvalidTaskError, match="pass ungrouped=True"):
+            queue.list_tasks(scan=10)
+        with pytest.raises(InvalidTaskError, match="scan=...\\) takes a whole number"):
+            queue.list_tasks(ungrouped=True, scan=-1)

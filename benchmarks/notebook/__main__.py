@@ -27,13 +27,15 @@ NOTES = """What the sitq rows measure: *sitq threads* and *sitq --processes 2* m
 `sitq.notebook.map(noop, range(n)).results()` (one transaction, one group; the values are read back in
 chunks of 2,000; `benchmarks/notebook/systems.py`, `SITQ_COLLECT`); the *submit loop* rows do what a
 notebook user could write before the group API, one `sitq.notebook.submit` and one `.result()` per task.
-*sitq big map* is one map of 100,000 no-ops in a cell that awaits, with a 1 ms ticker on the kernel's own
-event loop: `map` and displaying its widget run as the cell's own code, so the kernel is held for that
-long (the first two rows); then the tasks are stored on the runtime's loop thread while the cell awaits,
-and the ticker's longest wait in that time is the fourth row (the fifth is the ticker alone, in the same
-kernel, before the map). A redraw reads the group's counts and at most 3 failed members, whatever its
-size. A new kernel's worker holds the kernel's loop once for about 0.15 s in its first second (seen with
-the same ticker, threads mode; not yet explained), which the big map's cell waits out before measuring.
+*sitq big map* is one map of 100,000 no-ops in a cell that awaits, with a 1 ms ticker on the kernel's
+own event loop: `map` and displaying its widget run as the cell's own code, so the kernel is held for
+that long (the first two rows); then the tasks are stored on the runtime's loop thread while the cell
+awaits (it pickles in slices of 2 ms and sleeps 1 ms after each, so the kernel's thread gets the GIL at
+once; a helper thread writes them), and the ticker's longest wait in that time is the fourth row (the
+fifth is the ticker alone, in the same kernel, before the map). A redraw reads the group's counts and at
+most 3 failed members, whatever its size. A new kernel's worker holds the kernel's loop once for about
+0.15 s in its first second (seen with the same ticker, threads mode; not yet explained), which the big
+map's cell waits out before measuring.
 The lifecycle rows start a fresh `--processes 2` worker and submit at once (the first
 result waits for the processes to start, in the background) and again a second later. *kernel shutdown*
 is the time Jupyter's `shutdown_kernel` takes: in the first table after each system's own teardown cell

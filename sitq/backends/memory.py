@@ -512,13 +512,17 @@ class MemoryBackend(Backend):
         limit: int = 100,
         offset: int = 0,
         newest_first: bool = True,
+        scan: int | None = None,
     ) -> list[TaskInfo]:
         def step() -> list[TaskInfo]:
-            rows = sorted(self._by_seq.values(), key=lambda r: -r.seq if newest_first else r.seq)
+            rows = sorted(self._by_seq.values(), key=lambda r: -r.seq if newest_first else r.seq)[:scan]
             chosen = [r for r in rows if r.group_id is None and (statuses is None or r.status in statuses)]
             return [_info(r) for r in chosen[offset : offset + limit]]
 
         return self._read(step)
+
+    async def count_ungrouped(self) -> dict[str, int]:
+        return self._read(lambda: _counts(r for r in self._by_seq.values() if r.group_id is None))
 
     async def cancel_group(self, group_id: str, now: float) -> dict[CancelOutcome, int]:
         def step() -> tuple[dict[CancelOutcome, int], bool]:

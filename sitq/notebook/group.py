@@ -344,12 +344,6 @@ class GroupHandle:
         bundle["text/plain"] = repr(self)
         return bundle
 
-    def _adopt(self, widget: GroupWidget) -> None:
-        """Take a widget made for this group before its tasks were stored (see ``Runtime.map``)."""
-        widget._on_cancel = self._cancel_clicked
-        widget.cancel.layout.display = None
-        self._widget = widget
-
     def _cancel_clicked(self) -> None:
         """The widget's cancel-all button (on the kernel's main thread, between cells)."""
         runtime = self.runtime

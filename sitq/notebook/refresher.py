@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sitq.core import GroupInfo, TaskStatus
+from sitq.core import GroupInfo, TaskInfo, TaskStatus
 from sitq.notebook.render import group_html, result_html, task_html
 from sitq.notebook.rows import GroupRow, TaskRow, group_row, task_row
 from sitq.queue import TaskQueue
@@ -34,7 +35,9 @@ REFRESH_INTERVAL = 0.25  # live views redraw at least this often
 COALESCE = 0.05  # after a change, wait this long so a burst of changes is one redraw
 FIRST_FAILURES = 3  # how many of a group's failures its view lists, with their tracebacks
 RATE_WINDOW = 10.0  # seconds of history a group's rate is taken over
+Waiting = Callable[[], Awaitable[dict[str, "str | None"]]]  # Refresher.waiting
 OTHER_STATES = ("waiting", "pending", "success", "cancelled")  # the board's paged part: tasks of no group
+BOARD_SCAN = 1000  # the board looks for tasks of no group among this many newest tasks, and a page more each
 
 
 @dataclass(eq=False)
@@ -66,8 +69,9 @@ class GroupWatch:
         """Whether the map is still storing the group's tasks."""
         return self.stored is not None and not self.stored.done()
 
-    async def row(self, queue: TaskQueue) -> GroupRow:
-        """The group as drawn now (its counts are the store's, kept as tasks move)."""
+    async def row(self, queue: TaskQueue, waiting: Waiting | None = None) -> GroupRow:
+        """The group as drawn now (its counts are the store's, kept as tasks move); with ``waiting``
+        (``Refresher.waiting``), its members that wait in a run of the kernel's worker as pending."""
         storing = self.storing
         stored = self.stored
         if stored is not None and stored.done() and not stored.cancelled() and stored.exception() is not None:
@@ -86,7 +90,8 @@ class GroupWatch:
                 results = await queue.get_results(unread)
                 self.tracebacks.update({i: results[i].traceback if i in results else None for i in unread})
             self._failed_seen = failed
-        return group_row(info, self.rate(info), self.failures, storing, self.expected)
+        held = 0 if waiting is None else sum(1 for g in (await waiting()).values() if g == self.group_id)
+        return group_row(_waiting_shown(info, held), self.rate(info), self.failures, storing, self.expected)
 
     def shown_tracebacks(self) -> dict[str, str | None]:
         return {r.task_id: self.tracebacks.get(r.task_id) for r in self.failures}
@@ -119,9 +124,12 @@ class Refresher:
     """
 
     def __init__(self, queue: TaskQueue, loop: LoopThread,
-                 output_of: Callable[[str], str | None] | None = None) -> None:
+                 output_of: Callable[[str], str | None] | None = None,
+                 waiting_of: Callable[[], list[str]] | None = None) -> None:
         self.queue = queue
         self._output_of = output_of
+        self._waiting_of = waiting_of
+        self._group_of: dict[str, str | None] = {}  # the group of each task seen waiting in a run
         self.tasks: dict[str, list[TaskWidget]] = {}
         self.groups: dict[str, tuple[GroupWatch, list[GroupWidget]]] = {}
         self.boards: list[_Board] = []
@@ -196,11 +204,12 @@ class Refresher:
     async def refresh(self) -> None:
         if self.tasks:
             infos = await self.queue.statuses(list(self.tasks))
+            waiting = await self.waiting()
             for task_id, widgets in list(self.tasks.items()):
                 info = infos.get(task_id)
                 if info is None:
                     continue  # not visible yet to this connection; try again next time
-                row = task_row(info)
+                row = task_row(_as_waiting(info) if task_id in waiting else info)
                 output = self._output_of(task_id) if self._output_of is not None and not info.finished else None
                 for widget in widgets:
                     widget.show(row)
@@ -212,7 +221,7 @@ class Refresher:
                         widget.finish(result, self.queue.deserialize_result)
                     del self.tasks[task_id]
         for group_id, (watch, group_widgets) in list(self.groups.items()):
-            drawn = await watch.row(self.queue)
+            drawn = await watch.row(self.queue, self.waiting)
             tracebacks = watch.shown_tracebacks()
             for group_widget in group_widgets:
                 group_widget.show(drawn, tracebacks)
@@ -223,54 +232,86 @@ class Refresher:
             board.widget.show(counts, rows, page, newer, older)
             await self._refresh_detail(board)
 
+    async def waiting(self) -> dict[str, str | None]:
+        """The tasks the store counts running that are not running now in a run of the kernel's
+        worker (``Worker.waiting_in_runs``), with their groups: views draw them as pending, so that
+        no more run than the worker has slots. Call it right after reading the counts it corrects:
+        the ids are taken before anything else runs on the loop, their groups read after (once)."""
+        ids = self._waiting_of() if self._waiting_of is not None else []
+        known = self._group_of
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            known.update({i: info.group_id for i, info in (await self.queue.statuses(unknown)).items()})
+        self._group_of = {i: known[i] for i in ids if i in known}
+        return self._group_of
+
     async def board_rows(
         self, limit: int, page: int = 0, watches: dict[str, GroupWatch] | None = None
     ) -> tuple[dict[str, int], list[TaskRow | GroupRow], str, bool, bool]:
         """What a board shows: the counts; then the running and failed tasks of no group; then the
         newest groups, one row each (unfinished ones first); then a page of ``limit`` of the other
-        tasks of no group, newest first. Also the page's label and whether newer and older pages exist."""
+        tasks of no group, newest first. Also the page's label and whether newer and older pages exist.
+        Tasks that wait in a run of the kernel's worker (see :meth:`waiting`) count as pending."""
         watches = {} if watches is None else watches
         overview = await self.queue.overview(limit)
-        running = [task_row(i) for i in overview.running if i.group_id is None]
-        failed = [task_row(i) for i in await self.queue.list_tasks("failed", ungrouped=True, limit=limit)]
+        waiting = await self.waiting()
+        by_group = Counter(waiting.values())
+        loose = await self._loose_counts()
+        # The tasks of no group are looked for among the newest tasks only, so a refresh reads the
+        # same number of rows beside a group of a million; the counts say how many are not listed.
+        scan = None if loose is None else BOARD_SCAN + (page + 1) * limit
+        running = [task_row(i) for i in overview.running if i.group_id is None and i.task_id not in waiting]
+        failed = [] if loose is not None and not loose["failed"] else [
+            task_row(i) for i in await self.queue.list_tasks("failed", ungrouped=True, limit=limit, scan=scan)]
         groups = []
         for info in overview.groups:
             watch = watches.setdefault(info.group_id, GroupWatch(info.group_id, info.name))
-            groups.append(group_row(info, watch.rate(info)))  # the board lists no failure rows
+            groups.append(group_row(_waiting_shown(info, by_group[info.group_id]), watch.rate(info)))  # no failure rows
         for stale in set(watches) - {g.group_id for g in groups}:
             del watches[stale]
         groups.sort(key=lambda g: (g.finished, g.failed == 0))  # stable: newest first within each
-        # A state whose whole count the groups shown here account for has no task of no group: it is
-        # left out of the listing, which would otherwise pass over every grouped row in that state
-        # (a map of 100,000 just stored is 100,000 pending rows newer than any other).
-        states = [s for s in OTHER_STATES
-                  if overview.counts.get(s, 0) > sum(g.counts.get(s, 0) for g in overview.groups)]
-        others = await self.queue.list_tasks(states, ungrouped=True, limit=limit + 1,
-                                             offset=page * limit) if states else []
+        if loose is not None:
+            states = [s for s in OTHER_STATES if loose[s]]
+        else:  # a backend without the counts: leave out the states the groups shown account for
+            states = [s for s in OTHER_STATES
+                      if overview.counts.get(s, 0) > sum(g.counts.get(s, 0) for g in overview.groups)]
+        others = await self.queue.list_tasks(states, ungrouped=True, limit=limit + 1, offset=page * limit,
+                                             scan=scan) if states else []
         older = len(others) > limit
         others = others[:limit]
-        label = ""
-        if page or older:
-            first = page * limit + 1
-            label = (f"other tasks {first:,}–{first + len(others) - 1:,}, newest first" if others
-                     else "no more tasks")
+        total = None if loose is None else sum(loose[s] for s in states)
+        label = _page_label(page * limit, len(others), total, older, scan)
         rows: list[TaskRow | GroupRow] = [*running, *failed, *groups, *(task_row(i) for i in others)]
-        return overview.counts, rows, label, page > 0, older
+        counts = dict(overview.counts)
+        moved = min(len(waiting), counts.get(TaskStatus.RUNNING, 0))  # the overview was read a moment before
+        counts[TaskStatus.RUNNING] = counts.get(TaskStatus.RUNNING, 0) - moved
+        counts[TaskStatus.PENDING] = counts.get(TaskStatus.PENDING, 0) + moved
+        return counts, rows, label, page > 0, older
+
+    async def _loose_counts(self) -> dict[str, int] | None:
+        """The tasks of no group per state, or None for a backend that keeps no such counts."""
+        try:
+            return await self.queue.count_ungrouped()
+        except NotImplementedError:
+            return None
 
     async def _refresh_detail(self, board: _Board) -> None:
         """The picked task: live while it runs, its result (or traceback) once it ends;
         a picked group: its counts and first failures."""
+        task_id = board.widget.selected
+        if not task_id:  # nothing picked: nothing to read, nor to import (the widgets load ipywidgets)
+            board.detail_of = None
+            return
         from sitq.notebook.widgets import GROUP_PREFIX
 
-        task_id = board.widget.selected
-        if task_id and task_id.startswith(GROUP_PREFIX):
+        if task_id.startswith(GROUP_PREFIX):
             group_id = task_id[len(GROUP_PREFIX):]
             watch = GroupWatch(group_id, "")
             row = await watch.row(self.queue)
             board.widget.show_detail(group_html(row, watch.shown_tracebacks()), cancellable=not row.finished)
             board.detail_of = None
             return
-        info = await self.queue.status(task_id) if task_id else None
+        info = await self.queue.status(task_id)
         if info is None:
             board.detail_of = None
             return
@@ -280,3 +321,37 @@ class Refresher:
             result = await self.queue.get_result(task_id, 0)
             board.widget.show_detail(result_html(result, self.queue.deserialize_result), cancellable=False)
         board.detail_of = (task_id, info.status)
+
+
+def _page_label(skipped: int, shown: int, total: int | None, older: bool, scan: int | None) -> str:
+    """What the board's listed tasks of no group are: which of how many, and how many more it
+    does not list because they are older than the ``scan`` newest tasks (a big group's, say)."""
+    unlisted = 0 if total is None or older else max(0, total - skipped - shown)
+    if not shown:
+        if unlisted:
+            return (f"{unlisted:,} other task{'s' if unlisted > 1 else ''}, older than the newest {scan:,} tasks, "
+                    "not listed")
+        return "no more tasks" if skipped else ""
+    if not (skipped or older or unlisted):
+        return ""
+    of = "" if total is None else f" of {total:,}"
+    label = f"other tasks {skipped + 1:,}–{skipped + shown:,}{of}, newest first"
+    if unlisted:
+        label += f"; {unlisted:,} older, not listed"
+    return label
+
+
+def _waiting_shown(info: GroupInfo, waiting: int) -> GroupInfo:
+    """``info`` with ``waiting`` of its running members counted as pending (see Refresher.waiting)."""
+    if not waiting:
+        return info
+    counts = dict(info.counts)
+    moved = min(waiting, counts.get(TaskStatus.RUNNING, 0))
+    counts[TaskStatus.RUNNING] = counts.get(TaskStatus.RUNNING, 0) - moved
+    counts[TaskStatus.PENDING] = counts.get(TaskStatus.PENDING, 0) + moved
+    return dataclasses.replace(info, counts=counts)
+
+
+def _as_waiting(info: TaskInfo) -> TaskInfo:
+    """A claimed task that waits in its run, drawn as what it is: not started yet."""
+    return dataclasses.replace(info, status=TaskStatus.PENDING, started_at=None)

@@ -48,10 +48,16 @@ T = TypeVar("T")
 
 DEFAULT_PATH = "sitq.db"
 # How long map() waits for its tasks to be stored before it returns the group still storing: a
-# map of a few thousand items is stored by then (and its errors raise in the cell); a bigger one
-# goes on in the background, so the kernel is never held for longer.
+# small map is stored by then (and its errors raise in the cell); a bigger one goes on in the
+# background, so the kernel is never held for longer.
 MAP_WAIT = 0.005
-EAGER_WIDGET = 1000  # a map of more items gets its widget before its tasks are stored (see Runtime.map)
+# A map of more items returns at once, still storing (it could not be stored in MAP_WAIT, and
+# waiting would only cost the cell the time to win the GIL back from the thread that stores it),
+# with its widget made before storing starts (see Runtime.map).
+EAGER_WIDGET = 1000
+# A big map pickles on the runtime's loop thread in slices of about 2 ms; after each it sleeps this
+# long, so the kernel's thread takes the GIL at once rather than after the switch interval (5 ms).
+MAP_PAUSE = 0.001
 _runtime: Runtime | None = None
 _lock = threading.Lock()
 
@@ -76,8 +82,8 @@ class Runtime:
                              capture_output=True)
         self.concurrency = self.worker.max_concurrency
         self.loop = LoopThread(name="sitq-notebook")
-        self.queue = TaskQueue(self.backend)
-        self.refresher = Refresher(self.queue, self.loop, self._live_output)
+        self.queue = TaskQueue(self.backend, map_pause=MAP_PAUSE)
+        self.refresher = Refresher(self.queue, self.loop, self._live_output, self.worker.waiting_in_runs)
         self.stopped = False
         self._tasks: list[concurrent.futures.Future[None]] = []
 
@@ -185,25 +191,22 @@ class Runtime:
             name = func.task_options.name or describe_callable(func.func)
         else:
             name = describe_callable(func) if callable(func) else ""
-        widget = None
+        handle = GroupHandle(self, group_id, name, expected=expected)
         if expected > EAGER_WIDGET and widgets_enabled():
             # Drawn before the tasks are stored: once storing runs on the loop thread, every step of
             # making a widget's models here would wait its turn for the GIL.
             from sitq.notebook.widgets import GroupWidget
 
-            widget = GroupWidget(group_id, name, expected)
+            handle._widget = GroupWidget(group_id, name, expected, on_cancel=handle._cancel_clicked)
         future = self.loop.submit(self.queue.map(func, *columns, eta=eta, group=group_id, key=key))
-        try:
-            ids: list[str] | None = future.result(MAP_WAIT)
-        except (TimeoutError, concurrent.futures.TimeoutError):  # distinct types before 3.11
-            ids = None
-        if ids is not None:
-            handle = GroupHandle(self, group_id, name, task_ids=ids)
-        else:
-            future.add_done_callback(self._stored)
-            handle = GroupHandle(self, group_id, name, stored=future, expected=expected)
-        if widget is not None:
-            handle._adopt(widget)
+        if expected <= EAGER_WIDGET:
+            try:
+                handle._ids = future.result(MAP_WAIT)
+                return handle
+            except (TimeoutError, concurrent.futures.TimeoutError):  # distinct types before 3.11
+                pass
+        future.add_done_callback(self._stored)
+        handle._stored = future
         return handle
 
     def _stored(self, future: concurrent.futures.Future[list[str]]) -> None:

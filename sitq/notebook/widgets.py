@@ -96,25 +96,29 @@ class GroupWidget:
         self.group_id = group_id
         self._on_cancel = on_cancel
         self.finished = False
+        # The parts with no layout of their own share one, and the two HTML parts a style: four models
+        # fewer to open: about a third less time to make it, which a big map's cell waits for.
+        shared = W.Layout()
         self.header = W.HTML(value=group_header_html(GroupRow(group_id, name, {}, storing=True,
-                                                              expected=expected)))
+                                                              expected=expected)), layout=shared)
         self.header.add_class("sitq-group-header-view")
         self.bar = W.FloatProgress(value=0.0, min=0.0, max=1.0, bar_style="info", layout=W.Layout(width="24em"))
         self.cancel = W.Button(description="cancel all", button_style="warning", icon="stop",
                                layout=W.Layout(display=None if on_cancel else "none", width="8em"))
         self.cancel.add_class("sitq-group-cancel")
         self.cancel.on_click(self._cancel_clicked)
-        self.failures = W.HTML(value="")
+        self.failures = W.HTML(value="", layout=shared, style=self.header.style)
         self.failures.add_class("sitq-group-failures")
-        self.box = W.VBox([self.header, W.HBox([self.bar, self.cancel]), self.failures])
+        self.box = W.VBox([self.header, W.HBox([self.bar, self.cancel], layout=shared), self.failures],
+                          layout=shared)
         self.box.add_class("sitq-group-widget")
         self._failures_shown: tuple[Any, ...] | None = None
 
     def show(self, row: GroupRow, tracebacks: Mapping[str, str | None] | None = None) -> None:
         """Draw the group's current counts (called repeatedly; traits send only what changed)."""
-        self.header.value = group_header_html(row)
-        self.bar.value = row.fraction
+        self.bar.value = row.fraction  # sent before the header that says the same in words
         self.bar.bar_style = "danger" if row.failed else ("success" if row.finished else "info")
+        self.header.value = group_header_html(row)
         shown = (tuple(f.task_id for f in row.failures), row.failed, tuple(sorted((tracebacks or {}).items())))
         if shown != self._failures_shown:
             self._failures_shown = shown

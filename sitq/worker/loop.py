@@ -156,6 +156,26 @@ class Worker:
         """How many tasks are claimed and not yet finished."""
         return len(self._runner.active)
 
+    def waiting_in_runs(self) -> list[str]:
+        """The tasks this worker has claimed (so the store counts them running) that are not running
+        now: a slot claims up to 64 very short tasks at once and runs them one after another, so
+        all but one of a run wait, or have ended with their outcome not stored yet. For views in the
+        worker's own process, which draw them as pending; call it on the worker's loop."""
+        waiting = [outcome.task_id for outcome in self._outcomes] + [task.task_id for task in self._released]
+        seen: set[int] = set()
+        for running in list(self._runner.active.values()):
+            run = running.run
+            if run is None or id(run) in seen:
+                continue
+            seen.add(id(run))
+            unsettled = [job for job in run.jobs if not job.settled]
+            if run.child is not None:  # a process runs them in order: the first unsettled one runs now
+                now = unsettled[:1]
+            else:  # a thread (or the loop) marks each as it starts it: the last one started runs now
+                now = [job for job in unsettled if job.started][-1:]
+            waiting += [job.task.task_id for job in unsettled if job not in now]
+        return waiting
+
     def live_output(self, task_id: str, max_chars: int | None = None) -> str | None:
         """What a task this worker is running has printed so far (its last ``max_chars``
         characters, if given), or None if it printed nothing or does not run here.

@@ -21,6 +21,7 @@ from sitq.backends.postgres.driver import AsyncSession, SideSession
 from sitq.backends.rules import PRUNE_BATCH, CancelOutcome, RetryOutcome
 from sitq.core import (
     FINISHED_STATES,
+    STATES,
     ClaimedTask,
     Enqueued,
     GroupInfo,
@@ -478,6 +479,32 @@ class PostgresBackend(Backend):
 
     async def match_group_ids(self, fragment: str, limit: int = 2) -> list[str]:
         return await self._call(lambda db, r: sql.match_group_ids(db, self.schema, fragment, limit), changed=False)
+
+    async def find_ungrouped(
+        self,
+        *,
+        statuses: Sequence[TaskStatus | str] | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        newest_first: bool = True,
+        scan: int | None = None,
+    ) -> list[TaskInfo]:
+        if scan is None:
+            return await super().find_ungrouped(statuses=statuses, limit=limit, offset=offset,
+                                                newest_first=newest_first)
+        statement = sql.q(sql.UNGROUPED_NEWEST if newest_first else sql.UNGROUPED_OLDEST, self.schema)
+        params = {"scan": scan, "states": None if statuses is None else [str(x) for x in statuses],
+                  "limit": limit, "offset": offset}
+        rows = await self._call(lambda db, r: db.fetch(statement, params), changed=False)
+        return [sql.info(row) for row in rows]
+
+    async def count_ungrouped(self) -> dict[str, int]:
+        rows = await self._call(lambda db, r: db.fetch(sql.q(sql.COUNT_UNGROUPED, self.schema)), changed=False)
+        counts: dict[str, int] = dict.fromkeys(STATES, 0)
+        for status, n in rows:
+            state = TaskStatus.read(status)
+            counts[state] = counts.get(state, 0) + int(n)
+        return counts
 
     # -- retention ---------------------------------------------------------
 

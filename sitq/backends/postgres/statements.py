@@ -319,6 +319,21 @@ NEWEST_GROUPS = "SELECT id, name, created_at FROM {s}.groups ORDER BY created_at
 
 GROUP_COUNTS = "SELECT status, sum(n) FROM {s}.group_counts WHERE group_id = %s GROUP BY status"
 
+# The tasks of no group per state, in one statement (one snapshot): the counts less the groups' counts.
+COUNT_UNGROUPED = """
+SELECT status, sum(n) FROM (SELECT status, n FROM {s}.counts UNION ALL SELECT status, -n FROM {s}.group_counts) c
+GROUP BY status
+"""
+
+# A bounded search for tasks of no group: among the newest (or oldest) tasks, whatever their state.
+UNGROUPED_NEWEST = f"""
+SELECT {INFO_COLUMNS} FROM (SELECT seq, {INFO_COLUMNS} FROM {{s}}.tasks ORDER BY seq DESC LIMIT %(scan)s) w
+WHERE group_id IS NULL AND (%(states)s::text[] IS NULL OR status = ANY(%(states)s))
+ORDER BY seq DESC LIMIT %(limit)s OFFSET %(offset)s
+"""
+
+UNGROUPED_OLDEST = UNGROUPED_NEWEST.replace("DESC", "ASC")
+
 SELECT_ID = "SELECT id FROM {s}.tasks WHERE id = %s"
 
 IDS_STARTING = "SELECT id FROM {s}.tasks WHERE id >= %s AND id < %s ORDER BY id LIMIT %s"

@@ -431,18 +431,30 @@ class SQLiteBackend(Backend):
         if len(tasks) <= OFFLOAD_ROWS:
             return await self._write(sql.insert if plain else sql.insert_full, tasks)
 
+        def unstage(conn: sqlite3.Connection, stopped: threading.Event) -> None:
+            self._call_here(conn, sql.execute_count, (sql.UNSTAGE, ()), stopped)
+
         def job(conn: sqlite3.Connection, stopped: threading.Event) -> list[Enqueued]:  # all tasks or none
             if not plain:
                 return cast("list[Enqueued]", self._call_here(conn, sql.insert_full, (tasks,), stopped, write=True))
             self._call_here(conn, sql.stage, (tasks,), stopped)
             try:
                 done: list[Enqueued] = self._call_here(conn, sql.insert_staged, (tasks,), stopped, write=True)
-            finally:
-                self._call_here(conn, sql.execute_count, (sql.UNSTAGE, ()), stopped)
+            except BaseException:
+                unstage(conn, stopped)
+                raise
+            # Emptying the stage takes a while for a big batch (0.05 s or more for 100,000 rows); the
+            # caller need not wait for it. This helper's next job, which may stage again, runs after it
+            # (were it to fail, the next big batch would fail on its ids, not store them twice).
+            with contextlib.suppress(BackendError):  # closing: the stage goes with the connection
+                helper.submit(unstage).add_done_callback(_log_unstage_failure)
             self._request_checkpoint()
             return done
 
-        return await self._offload(job)
+        if self._conn is None:
+            await self.connect()
+        helper = self._helper("offload")
+        return await asyncio.wrap_future(helper.submit(job))
 
     # -- workers -----------------------------------------------------------
 
@@ -602,9 +614,14 @@ class SQLiteBackend(Backend):
         limit: int = 100,
         offset: int = 0,
         newest_first: bool = True,
+        scan: int | None = None,
     ) -> list[TaskInfo]:
         wanted = None if statuses is None else [str(s) for s in statuses]
-        return await self._read_off_loop(sql.find_tasks, wanted, None, None, limit, offset, newest_first, True)
+        return await self._read_off_loop(sql.find_ungrouped, wanted, limit, offset, newest_first, scan)
+
+    async def count_ungrouped(self) -> dict[str, int]:
+        # Off the loop, as overview: the unfinished states are counted from their partial indexes.
+        return await self._read_off_loop(sql.count_ungrouped)
 
     async def cancel_group(self, group_id: str, now: float) -> dict[CancelOutcome, int]:
         # A group may hold a million pending tasks: cancel them off the loop.
@@ -917,6 +934,11 @@ class Heartbeat(threading.Thread):
                 self._stopped.wait(self.interval)
         finally:
             backend._release_side_connection(conn)
+
+
+def _log_unstage_failure(fut: concurrent.futures.Future[None]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("sitq: emptying the staging table after a bulk enqueue failed (%s)", fut.exception())
 
 
 def log_failure(fut: concurrent.futures.Future[None]) -> None:

@@ -373,6 +373,25 @@ UNION ALL SELECT queue, 'waiting', count(*) FROM sitq_tasks WHERE status = 'wait
 UNION ALL SELECT queue, 'running', count(*) FROM sitq_tasks WHERE status = 'running' GROUP BY queue
 """
 
+# The tasks of no group per state, in one snapshot: the totals (kept for finished states, counted
+# from the partial indexes for the others, as the overview does) less every group's kept counts.
+COUNT_UNGROUPED = """
+SELECT status, sum(n) FROM (
+    SELECT status, n FROM sitq_totals
+    UNION ALL SELECT 'pending', count(*) FROM sitq_tasks WHERE status = 'pending'
+    UNION ALL SELECT 'waiting', count(*) FROM sitq_tasks WHERE status = 'waiting'
+    UNION ALL SELECT 'running', count(*) FROM sitq_tasks WHERE status = 'running'
+    UNION ALL SELECT status, -n FROM sitq_group_counts
+) GROUP BY status
+"""
+
+# A bounded search for tasks of no group: among the newest (or oldest) tasks of any state, by seq.
+UNGROUPED_AMONG = """
+SELECT {columns} FROM sitq_tasks
+WHERE seq IN (SELECT seq FROM sitq_tasks ORDER BY seq {order} LIMIT ?) AND group_id IS NULL{states}
+ORDER BY seq {order} LIMIT ? OFFSET ?
+"""
+
 SELECT_GROUP = "SELECT id, name, created_at FROM sitq_groups WHERE id = ?"
 
 NEWEST_GROUPS = "SELECT id, name, created_at FROM sitq_groups ORDER BY created_at DESC LIMIT ?"
@@ -977,6 +996,31 @@ def find_tasks(
     statement = f"{' UNION ALL '.join(parts)} ORDER BY seq {order} LIMIT ? OFFSET ?"
     rows = readers.read(conn, lambda: conn.execute(statement, (*all_params, limit, offset)).fetchall())
     return [readers.info(row[1:]) for row in rows]
+
+
+def find_ungrouped(
+    conn: sqlite3.Connection, statuses: Sequence[str] | None, limit: int, offset: int, newest_first: bool,
+    scan: int | None,
+) -> list[TaskInfo]:
+    """The rows of ``Backend.find_ungrouped``: with ``scan``, read by seq from the newest (oldest) end."""
+    if scan is None:
+        return find_tasks(conn, statuses, None, None, limit, offset, newest_first, ungrouped=True)
+    wanted = None if statuses is None else list(dict.fromkeys(str(s) for s in statuses))
+    if wanted == []:
+        return []
+    states = "" if wanted is None else f" AND status IN ({', '.join('?' * len(wanted))})"
+    statement = UNGROUPED_AMONG.format(columns=INFO_COLUMNS, order="DESC" if newest_first else "ASC", states=states)
+    params = (scan, *(wanted or ()), limit, offset)
+    rows = readers.read(conn, lambda: conn.execute(statement, params).fetchall())
+    return [readers.info(row) for row in rows]
+
+
+def count_ungrouped(conn: sqlite3.Connection) -> dict[str, int]:
+    counts: dict[str, int] = dict.fromkeys(STATES, 0)
+    for status, n in readers.read(conn, lambda: conn.execute(COUNT_UNGROUPED).fetchall()):
+        state = TaskStatus.read(readers.text(status))
+        counts[state] = counts.get(state, 0) + n
+    return counts
 
 
 def match_ids(conn: sqlite3.Connection, fragment: str, limit: int) -> list[str]:
