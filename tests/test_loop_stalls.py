@@ -24,7 +24,7 @@ from conftest import sitq_command, worker_env
 
 import sitq
 from sitq import SQLiteBackend, SyncTaskQueue, TaskQueue
-from sitq.backends.sqlite import CHECKPOINT_ROWS, OFFLOAD_ROWS
+from sitq.backends.sqlite import CHECKPOINT_COMMITS, OFFLOAD_ROWS
 from sitq.core import NewTaskBatch
 from sitq.errors import BackendError
 from sitq.serialization import CloudpickleSerializer
@@ -227,7 +227,7 @@ def test_the_wal_is_checkpointed_while_the_store_is_in_use(db_path, run):
 
     async def go():
         async with TaskQueue(SQLiteBackend(db_path)) as queue:
-            for i in range(CHECKPOINT_ROWS + 10):  # one small write at a time, on the loop
+            for i in range(CHECKPOINT_COMMITS + 10):  # one small write at a time, on the loop
                 await queue.enqueue(taskfuncs.echo, i)
             deadline = time.monotonic() + 30
             while os.path.getsize(db_path) < 100_000:  # pages copied from the WAL into the file

@@ -20,7 +20,8 @@ use and stopped by ``close()``:
   and ``fetch_info()`` for many ids, with the building of their records;
 - WAL checkpoints: the loop's connection never checkpoints (SQLite would do
   it inside a COMMIT, which can take a second on a busy disk); a helper runs
-  a PASSIVE checkpoint once ``CHECKPOINT_ROWS`` rows changed;
+  a PASSIVE checkpoint once ``CHECKPOINT_COMMITS`` writes committed or
+  ``CHECKPOINT_ROWS`` rows changed;
 - lease renewal (``start_heartbeat``), so that a stalled loop, a slow
   statement or a checkpoint cannot let a healthy worker's leases expire.
 
@@ -46,8 +47,15 @@ upgrades, opening and checking it), ``statements`` (the SQL, one name each, and
 the functions that run it) and ``backend`` (the class and its helper threads).
 """
 
-from sitq.backends.sqlite.backend import BATCH_ROWS, CHECKPOINT_ROWS, OFFLOAD_ROWS, RENEWALS_PER_LEASE, SQLiteBackend
+from sitq.backends.sqlite.backend import (
+           BATCH_ROWS,
+           CHECKPOINT_COMMITS,
+           CHECKPOINT_ROWS,
+           OFFLOAD_ROWS,
+           RENEWALS_PER_LEASE,
+           SQLiteBackend,
+)
 from sitq.backends.sqlite.schema import APPLICATION_ID, SCHEMA_VERSION
 
-__all__ = ["SQLiteBackend", "SCHEMA_VERSION", "APPLICATION_ID", "OFFLOAD_ROWS", "BATCH_ROWS", "CHECKPOINT_ROWS",
-           "RENEWALS_PER_LEASE"]
+__all__ = ["SQLiteBackend", "SCHEMA_VERSION", "APPLICATION_ID", "OFFLOAD_ROWS", "BATCH_ROWS", "CHECKPOINT_COMMITS",
+           "CHECKPOINT_ROWS", "RENEWALS_PER_LEASE"]

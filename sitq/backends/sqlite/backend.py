@@ -56,9 +56,12 @@ OFFLOAD_ROWS = 500
 # The most rows a worker's finish-and-claim touches in one transaction, and the most tasks
 # it claims at once: about 2 ms of statements, and of unpickling what it claimed.
 BATCH_ROWS = 128
-# A checkpoint is due once the loop's connection changed this many rows since the last one
-# (SQLite's own automatic checkpoint, off here, comes every 1,000 pages written).
-CHECKPOINT_ROWS = 1000
+# A checkpoint is due once the loop's connection committed this many writes, or changed this
+# many rows, since the last one: both stand for about the 1,000 pages written after which
+# SQLite's own automatic checkpoint (off here) would come. A commit writes a few pages however
+# few rows it changes; a worker's batch of 128 outcomes and claims, a few dozen.
+CHECKPOINT_COMMITS = 1000
+CHECKPOINT_ROWS = 10_000
 LOCK_GRACE = 0.0005  # seconds the loop waits for its connection's lock before it sleeps and tries again
 
 
@@ -106,6 +109,7 @@ class SQLiteBackend(Backend):
         self._helpers: dict[str, Helper] = {}
         self._heartbeats: set[Heartbeat] = set()
         self._checkpoint_mark = 0  # the loop connection's total_changes at the last checkpoint request
+        self._commits = 0  # its writes that changed something since then
         self._checkpoint_queued = False
 
     def __repr__(self) -> str:
@@ -161,7 +165,7 @@ class SQLiteBackend(Backend):
         with self._lock:
             conn, self._conn = self._conn, None
             self._opened = None
-            self._checkpoint_mark = 0
+            self._checkpoint_mark = self._commits = 0
             if conn is not None:
                 conn.close()
 
@@ -260,8 +264,10 @@ class SQLiteBackend(Backend):
                             if changed != sql.NONE_FINISHED:
                                 finished = True
                                 self.finishes.mark()
-                            if conn.total_changes - self._checkpoint_mark >= CHECKPOINT_ROWS:
-                                self._checkpoint_mark = conn.total_changes
+                            self._commits += 1
+                            if (self._commits >= CHECKPOINT_COMMITS
+                                    or conn.total_changes - self._checkpoint_mark >= CHECKPOINT_ROWS):
+                                self._checkpoint_mark, self._commits = conn.total_changes, 0
                                 self._request_checkpoint()
                     break
                 except sqlite3.Error as exc:
