@@ -94,7 +94,6 @@ class SQLiteBackend(Backend):
     ) -> None:
         super().__init__()
         self.finishes = ChangeNotifier(on_watch=self._on_watch)  # the changes that may finish a task
-        self._idle_at: int | None = None  # the change token when a look found no pending task at all
         self.path = schema.parse_path(path)
         self.read_only = bool(read_only)
         if self.read_only and self.path == MEMORY:
@@ -511,9 +510,6 @@ class SQLiteBackend(Backend):
                 await asyncio.sleep(0)
                 _, claimed, idle = await self._write(
                     sql.finish_and_claim, worker_id, (), limit, now, lease_until, alone, names)
-        if idle and names is None:
-            # Read after the write moved the token: a later change, here or seen from elsewhere, moves it again.
-            self._idle_at = self.changes.token
         return stored, claimed
 
     async def release(self, worker_id: str, claims: Sequence[tuple[Any, int]]) -> list[bool]:
@@ -525,8 +521,6 @@ class SQLiteBackend(Backend):
         return await self._run(sql.suspects_waiting, now, queues)
 
     async def next_eta(self, queues: Sequence[str] | None = None) -> float | None:
-        if queues is None and self._idle_at == self.changes.token:
-            return None  # the last claim found no pending task, and nothing has changed since
         return await self._run(sql.next_eta, queues)
 
     async def renew(self, worker_id: str, lease_until: float) -> int:
