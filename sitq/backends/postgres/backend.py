@@ -113,6 +113,8 @@ class PostgresBackend(Backend):
             weakref.WeakKeyDictionary()
         )
         self._busy = threading.Lock()  # the statement connection: one caller at a time, from any loop
+        self._holder: tuple[object, asyncio.AbstractEventLoop] | None = None  # who holds it, on which loop
+        self._holder_lock = threading.Lock()
         self._side: SideThread | None = None
         self._side_lock = threading.Lock()
         self._last_notice = 0.0
@@ -125,6 +127,40 @@ class PostgresBackend(Backend):
         return f"PostgresBackend({self.target!r}, schema={self.schema!r}{mode})"
 
     # -- connection ----------------------------------------------------------
+
+    async def _hold(self) -> object:
+        """Take the statement connection (``_busy``), waiting while another thread's loop uses it; returns
+        the token that gives it back (:meth:`_let_go`)."""
+        delay = 0.001
+        while not self._busy.acquire(blocking=False):
+            self._take_from_ended_loop()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.01)
+        holder = object()
+        self._holder = (holder, asyncio.get_running_loop())
+        return holder
+
+    def _let_go(self, holder: object) -> None:
+        with self._holder_lock:
+            if self._holder is not None and self._holder[0] is holder:  # not taken from it meanwhile
+                self._holder = None
+                self._busy.release()
+
+    def _take_from_ended_loop(self) -> None:
+        """Free the statement connection if its holder's event loop has closed (an ``asyncio.run()``
+        that returned while a call of its loop, a held-back notice say, was unfinished): that call
+        will never end, and without this every later call would wait for it for ever. Its statement
+        may have been half sent, so the connection is dropped; the next call opens another."""
+        with self._holder_lock:
+            holder = self._holder
+            if holder is None or not holder[1].is_closed():
+                return
+            self._holder = None
+            session, self._session = self._session, None
+            if session is not None:
+                session.abandon()
+            self._last_notice = float("-inf")  # what it held back goes with the next notice
+            self._busy.release()
 
     async def connect(self) -> None:
         """Connect, and create the queue's schema or check its version. Safe to call twice."""
@@ -139,7 +175,9 @@ class PostgresBackend(Backend):
             self._trailing.cancel()
             self._trailing = None
         for task in list(self._trailing_tasks):
-            task.cancel()
+            if not task.get_loop().is_closed():
+                task.cancel()
+        self._trailing_tasks.clear()
         session, self._session = self._session, None
         if owed and session is not None and session.usable:  # the notice held back is sent before leaving
             try:
@@ -187,14 +225,11 @@ class PostgresBackend(Backend):
         change token after the statement committed.
         """
         async with self._loop_lock():
-            delay = 0.001
-            while not self._busy.acquire(blocking=False):  # another thread's loop is using it
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.01)
+            holder = await self._hold()
             try:
                 result = await self._attempts(op)
             finally:
-                self._busy.release()
+                self._let_go(holder)
         if changed if changed is not None else bool(result):
             self.changes.notify()
         return result
