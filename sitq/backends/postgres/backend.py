@@ -284,7 +284,7 @@ class PostgresBackend(Backend):
 
     def _gate(self) -> str | None:
         """The channel to NOTIFY on now, or None if a notice went out less than ``notify_interval`` ago:
-        then one trailing notice follows once the interval has passed (a NOTIFY takes a lock at commit
+        then a trailing notice follows once the interval has passed (a NOTIFY takes a lock at commit
         that every notifying transaction in the server waits for, so busy paths send few)."""
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -295,12 +295,22 @@ class PostgresBackend(Backend):
         if self._trailing is not None and self._trailing_loop is not None and self._trailing_loop.is_closed():
             self._trailing = None  # its loop ended before it fired: the next one takes its place
         if self._trailing is None:
-            self._trailing, self._trailing_loop = loop.call_later(wait, self._send_trailing), loop
+            self._trailing, self._trailing_loop = loop.call_later(wait, self._send_trailing, now), loop
         return None
 
-    def _send_trailing(self) -> None:
+    def _send_trailing(self, held_at: float, deferred: bool = False) -> None:
+        """Send the notice held back at ``held_at``, unless a later statement carried one (its commit
+        comes after what was held back, so it covers it). While a statement runs, the one after it
+        usually carries it: wait one more interval rather than send a statement of its own."""
+        loop = asyncio.get_running_loop()
         self._trailing = None
-        self._last_notice = asyncio.get_running_loop().time()
+        if self._last_notice > held_at:
+            return
+        if self._busy.locked() and not deferred:
+            self._trailing, self._trailing_loop = loop.call_later(self.notify_interval, self._send_trailing,
+                                                                  held_at, True), loop
+            return
+        self._last_notice = loop.time()
         task = asyncio.ensure_future(self._trailing_notice())
         self._trailing_tasks.add(task)
         task.add_done_callback(self._trailing_tasks.discard)
