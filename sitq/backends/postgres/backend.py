@@ -385,44 +385,47 @@ class PostgresBackend(Backend):
         queues: Sequence[str] | None = None,
     ) -> tuple[list[bool], list[ClaimedTask]]:
         stored: list[bool] = []
-        for first in range(0, len(outcomes), BATCH_ROWS):
-            stored += await self._finish(worker_id, outcomes[first: first + BATCH_ROWS])
-        claimed: list[ClaimedTask] = []
-        if limit > 0:
-            claimed = await self._claim(worker_id, min(limit, BATCH_ROWS), now, lease_until, alone, queues)
-        return stored, claimed
+        last = max(len(outcomes) - BATCH_ROWS, 0)  # the last slice of outcomes goes with the claim
+        for first in range(0, last, BATCH_ROWS):
+            stored += await self._finish(worker_id, outcomes[first: min(first + BATCH_ROWS, last)])
+        rest = outcomes[last:]
+        if not rest and limit <= 0:
+            return stored, []
+        flags, claimed = await self._finish_and_claim(worker_id, rest, min(limit, BATCH_ROWS), now, lease_until,
+                                                      alone, queues)
+        return stored + flags, claimed
 
     async def _finish(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[bool]:
-        s = self.schema
-        chan = self._gate()
+        return (await self._finish_and_claim(worker_id, outcomes, 0, 0.0, 0.0, False, None))[0]
 
-        async def op(db: AsyncSession, retrying: bool) -> list[bool]:
-            if not retrying:
-                return await sql.finish(db, s, worker_id, outcomes, chan)
-            # The lost attempt may have committed: what it stored counts as stored, the rest is tried again.
-            before = await sql.stored_before(db, s, worker_id, outcomes)
-            rest = [o for o in outcomes if o.handle not in before]
-            now_stored = dict(zip((o.handle for o in rest), await sql.finish(db, s, worker_id, rest, self.channel),
-                                  strict=True))
-            return [o.handle in before or now_stored.get(o.handle, False) for o in outcomes]
-
-        flags = await self._call(op, changed=False)
-        if any(flags):
-            self.changes.notify()
-        return flags
-
-    async def _claim(
-        self, worker_id: str, limit: int, now: float, lease_until: float, alone: bool, queues: Sequence[str] | None
-    ) -> list[ClaimedTask]:
+    async def _finish_and_claim(
+        self, worker_id: str, outcomes: Sequence[Outcome], limit: int, now: float, lease_until: float, alone: bool,
+        queues: Sequence[str] | None,
+    ) -> tuple[list[bool], list[ClaimedTask]]:
+        """One transaction, one round trip: the outcomes stored, then up to ``limit`` tasks claimed."""
         s = self.schema
         names = None if queues is None else list(queues)
+        chan = self._gate() if outcomes else None
 
-        async def op(db: AsyncSession, retrying: bool) -> list[ClaimedTask]:
-            if retrying:  # a claim whose answer was lost hands back what it took, then claims again
+        async def op(db: AsyncSession, retrying: bool) -> tuple[list[bool], list[ClaimedTask]]:
+            if not retrying:
+                return await sql.finish_and_claim(db, s, worker_id, outcomes, chan, limit, now, lease_until, alone,
+                                                  names)
+            # The lost attempt may have committed: what it stored counts as stored, the rest is tried again,
+            # and the tasks it claimed go back, as if never claimed, before the claim is tried again.
+            before = await sql.stored_before(db, s, worker_id, outcomes) if outcomes else set()
+            if limit > 0:
                 await db.execute(sql.q(sql.UNDO_CLAIM, s), (worker_id, now))
-            return await sql.claim(db, s, worker_id, limit, now, lease_until, alone, names)
+            rest = [o for o in outcomes if o.handle not in before]
+            flags, claimed = await sql.finish_and_claim(db, s, worker_id, rest, self.channel if rest else None,
+                                                        limit, now, lease_until, alone, names)
+            now_stored = dict(zip((o.handle for o in rest), flags, strict=True))
+            return [o.handle in before or now_stored.get(o.handle, False) for o in outcomes], claimed
 
-        return await self._call(op)
+        flags, claimed = await self._call(op, changed=False)
+        if any(flags) or claimed:
+            self.changes.notify()
+        return flags, claimed
 
     async def release(self, worker_id: str, claims: Sequence[tuple[Any, int]]) -> list[bool]:
         if not claims:

@@ -120,17 +120,28 @@ NOTIFY = "SELECT pg_notify(%s, %s)"
 # -- claims, outcomes --------------------------------------------------------------
 
 # One statement: the candidates are locked, skipping rows another worker's claim holds, and
-# marked running; no worker ever waits on another's locks, and none gets a task twice. ARRAY(...)
-# runs the subquery once (as `seq IN (subquery)` the planner may run it again for every row).
+# marked running; no worker ever waits on another's locks, and none gets a task twice. The
+# candidates are one suspect (a task that lost its worker before runs alone: only a worker with
+# nothing running, `alone`, takes one) if one is ready, else up to `limit` ready tasks; the second
+# scan runs only when the first found none. ARRAY(...) runs each subquery once (as
+# `seq IN (subquery)` the planner may run it again for every row).
 CLAIM = """
+WITH suspect AS MATERIALIZED (
+    SELECT ARRAY(
+        SELECT seq FROM {s}.tasks
+        WHERE status = 'pending' AND lost > 0 AND eta <= %(now)s {queues}
+        ORDER BY priority DESC, eta, seq LIMIT CASE WHEN %(alone)s THEN 1 ELSE 0 END
+        FOR UPDATE SKIP LOCKED
+    ) AS seqs
+)
 UPDATE {s}.tasks SET status = 'running', worker_id = %(worker)s, started_at = %(now)s, lease_until = %(lease)s,
     attempts = attempts + 1, progress_done = NULL, progress_total = NULL, progress_message = NULL
-WHERE seq = ANY(ARRAY(
+WHERE seq = ANY(CASE WHEN (SELECT cardinality(seqs) FROM suspect) > 0 THEN (SELECT seqs FROM suspect) ELSE ARRAY(
     SELECT seq FROM {s}.tasks
-    WHERE status = 'pending' AND {lost} AND eta <= %(now)s {queues}
+    WHERE status = 'pending' AND lost = 0 AND eta <= %(now)s {queues}
     ORDER BY priority DESC, eta, seq LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
-)) AND status = 'pending'
+) END) AND status = 'pending'
 RETURNING seq, id, name, func, args, signature, attempts, lost
 """
 
@@ -538,24 +549,27 @@ def _with_queues(statement: str, queues: Sequence[str] | None) -> str:
     return statement.replace("{queues}", "" if queues is None else IN_QUEUES)
 
 
+def _claim_params(worker_id: str, limit: int, now: float, lease: float, alone: bool,
+                  queues: Sequence[str] | None) -> tuple[str, dict[str, Any]]:
+    return _with_queues(CLAIM, queues), {"worker": worker_id, "now": now, "lease": lease, "limit": limit,
+                                         "alone": alone, "queues": None if queues is None else list(queues)}
+
+
+def _claimed(rows: list[tuple[Any, ...]]) -> list[ClaimedTask]:
+    return sorted((ClaimedTask(*row) for row in rows), key=lambda t: t.handle)
+
+
 async def claim(
     db: AsyncSession, s: str, worker_id: str, limit: int, now: float, lease: float, alone: bool,
     queues: Sequence[str] | None,
 ) -> list[ClaimedTask]:
-    params: dict[str, Any] = {"worker": worker_id, "now": now, "lease": lease, "limit": limit,
-                              "queues": None if queues is None else list(queues)}
-    rows: list[tuple[Any, ...]] = []
-    if alone:  # a task that lost its worker before runs alone: only a worker with nothing running claims it
-        rows = await db.fetch(q(_with_queues(CLAIM, queues).replace("{lost}", "lost > 0"), s),
-                              {**params, "limit": 1})
-    if not rows:
-        rows = await db.fetch(q(_with_queues(CLAIM, queues).replace("{lost}", "lost = 0"), s), params)
-    return sorted((ClaimedTask(*row) for row in rows), key=lambda t: t.handle)
+    statement, params = _claim_params(worker_id, limit, now, lease, alone, queues)
+    return _claimed(await db.fetch(q(statement, s), params))
 
 
-async def finish(db: AsyncSession, s: str, worker_id: str, outcomes: Sequence[Outcome], chan: str | None) -> list[bool]:
+def _finish_params(worker_id: str, outcomes: Sequence[Outcome], chan: str | None) -> dict[str, Any]:
     done = [o.progress or (None, None, None) for o in outcomes]
-    params = {
+    return {
         "seqs": [o.handle for o in outcomes], "attempts": [o.attempts for o in outcomes],
         "kinds": [o.kind.value for o in outcomes], "finished": [o.finished_at for o in outcomes],
         "retry_at": [o.retry_at if o.kind is OutcomeKind.RETRY else None for o in outcomes],
@@ -564,8 +578,28 @@ async def finish(db: AsyncSession, s: str, worker_id: str, outcomes: Sequence[Ou
         "outputs": [o.output for o in outcomes], "done": [d[0] for d in done], "total": [d[1] for d in done],
         "messages": [d[2] for d in done], "worker": worker_id, "chan": chan,
     }
-    stored = {row[0] for row in await db.fetch(q(FINISH, s), params)}
+
+
+async def finish(db: AsyncSession, s: str, worker_id: str, outcomes: Sequence[Outcome], chan: str | None) -> list[bool]:
+    stored = {row[0] for row in await db.fetch(q(FINISH, s), _finish_params(worker_id, outcomes, chan))}
     return [o.handle in stored for o in outcomes]
+
+
+async def finish_and_claim(
+    db: AsyncSession, s: str, worker_id: str, outcomes: Sequence[Outcome], chan: str | None, limit: int,
+    now: float, lease: float, alone: bool, queues: Sequence[str] | None,
+) -> tuple[list[bool], list[ClaimedTask]]:
+    """The outcomes stored and committed (the clients waiting for them hear of it at once), then a claim
+    that sees them (a retry ready again, tasks that ran after a finished one released): two
+    transactions sent together, one round trip."""
+    if not outcomes or limit <= 0:
+        stored = await finish(db, s, worker_id, outcomes, chan) if outcomes else []
+        return stored, (await claim(db, s, worker_id, limit, now, lease, alone, queues) if limit > 0 else [])
+    statement, params = _claim_params(worker_id, limit, now, lease, alone, queues)
+    finished, claimed = await db.fetch_in_turn([(q(FINISH, s), _finish_params(worker_id, outcomes, chan)),
+                                                (q(statement, s), params)])
+    done = {row[0] for row in finished}
+    return [o.handle in done for o in outcomes], _claimed(claimed)
 
 
 async def stored_before(db: AsyncSession, s: str, worker_id: str, outcomes: Sequence[Outcome]) -> set[Any]:
