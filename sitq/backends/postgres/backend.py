@@ -282,10 +282,12 @@ class PostgresBackend(Backend):
 
     # -- notices to other processes ----------------------------------------------
 
-    def _gate(self) -> str | None:
+    def _gate(self, may_wait: bool = False) -> str | None:
         """The channel to NOTIFY on now, or None if a notice went out less than ``notify_interval`` ago:
         then a trailing notice follows once the interval has passed (a NOTIFY takes a lock at commit
-        that every notifying transaction in the server waits for, so busy paths send few)."""
+        that every notifying transaction in the server waits for, so busy paths send few). With
+        ``may_wait`` (enqueues, which come in runs) it may wait one interval more for a statement
+        to carry it; a finish notice, which a client may be waiting for, goes out on time."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         wait = self._last_notice + self.notify_interval - now
@@ -295,18 +297,20 @@ class PostgresBackend(Backend):
         if self._trailing is not None and self._trailing_loop is not None and self._trailing_loop.is_closed():
             self._trailing = None  # its loop ended before it fired: the next one takes its place
         if self._trailing is None:
-            self._trailing, self._trailing_loop = loop.call_later(wait, self._send_trailing, now), loop
+            self._trailing, self._trailing_loop = loop.call_later(wait, self._send_trailing, now,
+                                                                  not may_wait), loop
         return None
 
-    def _send_trailing(self, held_at: float, deferred: bool = False) -> None:
+    def _send_trailing(self, held_at: float, on_time: bool) -> None:
         """Send the notice held back at ``held_at``, unless a later statement carried one (its commit
-        comes after what was held back, so it covers it). While a statement runs, the one after it
-        usually carries it: wait one more interval rather than send a statement of its own."""
+        comes after what was held back, so it covers it). Unless ``on_time``, while a statement runs
+        (the next one usually carries it) it waits one more interval rather than send a statement
+        of its own."""
         loop = asyncio.get_running_loop()
         self._trailing = None
         if self._last_notice > held_at:
             return
-        if self._busy.locked() and not deferred:
+        if self._busy.locked() and not on_time:
             self._trailing, self._trailing_loop = loop.call_later(self.notify_interval, self._send_trailing,
                                                                   held_at, True), loop
             return
@@ -329,7 +333,7 @@ class PostgresBackend(Backend):
             return []
         plain = sql.is_plain(tasks)
         s = self.schema
-        chan = self._gate()
+        chan = self._gate(may_wait=True)
 
         async def op(db: AsyncSession, retrying: bool) -> list[Enqueued]:
             if retrying and plain and (stored := await self._stored(db, tasks)) is not None:
