@@ -2,15 +2,17 @@
 address closes them, and its listening thread, when it returns."""
 
 import asyncio
-import os
 import threading
 import time
+import uuid
 
 import pytest
 from backends import POSTGRES_DSN, postgres_schema, postgres_unavailable
 
 import sitq
 from sitq import TaskQueue, Worker
+
+NAME = f"sitq-test-{uuid.uuid4().hex[:12]}"  # the sessions of this module's backends, and no others
 
 
 @pytest.fixture
@@ -19,19 +21,19 @@ def target():
     if reason:
         pytest.skip(reason)
     with postgres_schema() as url:
-        yield url
+        yield f"{url}&application_name={NAME}"
 
 
 def own_connections(until_none=False):
-    """How many sessions this process has on the server; with ``until_none``, after waiting up to
-    10 s for them to go (the server lists a closed session for a moment longer)."""
+    """How many sessions the backends opened on ``target`` hold on the server; with ``until_none``,
+    after waiting up to 10 s for them to go (the server lists a closed session a moment longer)."""
     import psycopg
 
     with psycopg.connect(POSTGRES_DSN, autocommit=True, application_name="sitq test") as conn:
         deadline = time.monotonic() + 10
         while True:
             n = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-                             (f"sitq {os.getpid()}",)).fetchone()[0]
+                             (NAME,)).fetchone()[0]
             if n == 0 or not until_none or time.monotonic() > deadline:
                 return n
             time.sleep(0.05)

@@ -38,3 +38,17 @@ def test_a_call_whose_loop_closed_mid_statement_does_not_block_the_next_loop(tar
             await backend.close()
 
     assert asyncio.run(later()) == 2
+
+
+def test_closing_after_a_call_whose_loop_closed_mid_statement_returns(target):
+    backend = open_backend(target)
+    asyncio.run(backend.enqueue(new_tasks(1, NOW)))
+    ended = asyncio.new_event_loop()
+    stuck = ended.create_task(backend._call(lambda db, retrying: db.fetch("SELECT pg_sleep(0.3)")))
+    ended.run_until_complete(asyncio.sleep(0.05))
+    assert not stuck.done()
+    backend._trailing_tasks.add(stuck)  # as a held-back notice sent while asyncio.run shut down would be
+    ended.close()
+    asyncio.run(asyncio.wait_for(backend.close(), 20))
+    assert asyncio.run(asyncio.wait_for(backend.overview(0), 20)).total == 1
+    asyncio.run(backend.close())

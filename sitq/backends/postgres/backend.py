@@ -167,6 +167,7 @@ class PostgresBackend(Backend):
         await self._call(lambda db, retrying: _nothing())
 
     async def close(self) -> None:
+        self._take_from_ended_loop()  # a statement left unfinished there would hold the session for ever
         side, self._side = self._side, None
         if side is not None:
             side.stop()
