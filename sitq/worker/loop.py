@@ -44,6 +44,9 @@ class Worker:
 
     ``backend`` is a store target: a file path, a ``sqlite:///`` or
     ``postgresql://`` URL, or a backend object (see :func:`sitq.open_backend`).
+    A backend the worker opened from a target it also closes (connections,
+    threads) when ``start()`` or ``drain()`` returns; a backend object passed
+    in stays open for its owner to close.
 
     ``await worker.start()`` runs until ``await worker.stop()``, which lets
     running tasks finish; ``await worker.drain()`` runs until no task is ready
@@ -114,6 +117,7 @@ class Worker:
                         progress_interval=progress_interval, cancel_grace=cancel_grace, prune_interval=prune_interval)
         self.queues = _check_queues(queues)
         self.prune_interval = float(prune_interval)
+        self._owns_backend = not isinstance(backend, Backend)  # opened here from a target: closed here too
         self.backend = open_backend(backend)
         self.max_concurrency = max_concurrency
         self.processes = processes or 0
@@ -225,6 +229,8 @@ class Worker:
             await _check_key(backend, self._signer, f"worker {self.worker_id}")
         except BaseException:
             done.set()  # never started (or refused): stop() returns at once and start() may be tried again
+            if self._owns_backend:
+                await backend.close()
             raise
         capture = OutputCapture.install() if self.capture_output else None
         side = loop.create_task(self._side.run(), name=f"sitq-side-{self.worker_id}")
@@ -236,6 +242,8 @@ class Worker:
             await self._runner.close()
             if capture is not None:
                 capture.uninstall()
+            if self._owns_backend:  # its connections and threads; it opens again if the worker runs again
+                await backend.close()
             self._done.set()
 
     async def _main(self, backend: Backend, until_empty: bool) -> None:

@@ -7,7 +7,8 @@ the command line, the notebook) works as on SQLite. How it does what the contrac
   LIMIT n) RETURNING ...``, on a partial index of ready tasks in claim order: workers on many
   machines never get the same task and never wait for each other's locks. Outcomes of many
   tasks are one statement too, each written only while the task is still running under the
-  claim (``seq``, ``attempts``, worker).
+  claim (``seq``, ``attempts``, worker); a worker's outcomes and its next claim are two
+  transactions sent together, one round trip, the outcomes committed (and announced) first.
 - **Counts** for ``overview`` and ``group`` are kept by statement triggers, in the transaction of
   every statement that moves tasks, on counter rows sharded by server process; **dependencies**
   are settled by the same trigger, on every path that finishes a task.

@@ -114,6 +114,8 @@ class PostgresBackend(Backend):
             weakref.WeakKeyDictionary()
         )
         self._busy = threading.Lock()  # the statement connection: one caller at a time, from any loop
+        self._holder: tuple[object, asyncio.AbstractEventLoop] | None = None  # who holds it, on which loop
+        self._holder_lock = threading.Lock()
         self._side: SideThread | None = None
         self._side_lock = threading.Lock()
         self._last_notice = 0.0
@@ -127,11 +129,46 @@ class PostgresBackend(Backend):
 
     # -- connection ----------------------------------------------------------
 
+    async def _hold(self) -> object:
+        """Take the statement connection (``_busy``), waiting while another thread's loop uses it; returns
+        the token that gives it back (:meth:`_let_go`)."""
+        delay = 0.001
+        while not self._busy.acquire(blocking=False):
+            self._take_from_ended_loop()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.01)
+        holder = object()
+        self._holder = (holder, asyncio.get_running_loop())
+        return holder
+
+    def _let_go(self, holder: object) -> None:
+        with self._holder_lock:
+            if self._holder is not None and self._holder[0] is holder:  # not taken from it meanwhile
+                self._holder = None
+                self._busy.release()
+
+    def _take_from_ended_loop(self) -> None:
+        """Free the statement connection if its holder's event loop has closed (an ``asyncio.run()``
+        that returned while a call of its loop, a held-back notice say, was unfinished): that call
+        will never end, and without this every later call would wait for it for ever. Its statement
+        may have been half sent, so the connection is dropped; the next call opens another."""
+        with self._holder_lock:
+            holder = self._holder
+            if holder is None or not holder[1].is_closed():
+                return
+            self._holder = None
+            session, self._session = self._session, None
+            if session is not None:
+                session.abandon()
+            self._last_notice = float("-inf")  # what it held back goes with the next notice
+            self._busy.release()
+
     async def connect(self) -> None:
         """Connect, and create the queue's schema or check its version. Safe to call twice."""
         await self._call(lambda db, retrying: _nothing())
 
     async def close(self) -> None:
+        self._take_from_ended_loop()  # a statement left unfinished there would hold the session for ever
         side, self._side = self._side, None
         if side is not None:
             side.stop()
@@ -140,7 +177,9 @@ class PostgresBackend(Backend):
             self._trailing.cancel()
             self._trailing = None
         for task in list(self._trailing_tasks):
-            task.cancel()
+            if not task.get_loop().is_closed():
+                task.cancel()
+        self._trailing_tasks.clear()
         session, self._session = self._session, None
         if owed and session is not None and session.usable:  # the notice held back is sent before leaving
             try:
@@ -188,14 +227,11 @@ class PostgresBackend(Backend):
         change token after the statement committed.
         """
         async with self._loop_lock():
-            delay = 0.001
-            while not self._busy.acquire(blocking=False):  # another thread's loop is using it
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.01)
+            holder = await self._hold()
             try:
                 result = await self._attempts(op)
             finally:
-                self._busy.release()
+                self._let_go(holder)
         if changed if changed is not None else bool(result):
             self.changes.notify()
         return result
@@ -248,10 +284,12 @@ class PostgresBackend(Backend):
 
     # -- notices to other processes ----------------------------------------------
 
-    def _gate(self) -> str | None:
+    def _gate(self, may_wait: bool = False) -> str | None:
         """The channel to NOTIFY on now, or None if a notice went out less than ``notify_interval`` ago:
-        then one trailing notice follows once the interval has passed (a NOTIFY takes a lock at commit
-        that every notifying transaction in the server waits for, so busy paths send few)."""
+        then a trailing notice follows once the interval has passed (a NOTIFY takes a lock at commit
+        that every notifying transaction in the server waits for, so busy paths send few). With
+        ``may_wait`` (enqueues, which come in runs) it may wait one interval more for a statement
+        to carry it; a finish notice, which a client may be waiting for, goes out on time."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         wait = self._last_notice + self.notify_interval - now
@@ -261,12 +299,24 @@ class PostgresBackend(Backend):
         if self._trailing is not None and self._trailing_loop is not None and self._trailing_loop.is_closed():
             self._trailing = None  # its loop ended before it fired: the next one takes its place
         if self._trailing is None:
-            self._trailing, self._trailing_loop = loop.call_later(wait, self._send_trailing), loop
+            self._trailing, self._trailing_loop = loop.call_later(wait, self._send_trailing, now,
+                                                                  not may_wait), loop
         return None
 
-    def _send_trailing(self) -> None:
+    def _send_trailing(self, held_at: float, on_time: bool) -> None:
+        """Send the notice held back at ``held_at``, unless a later statement carried one (its commit
+        comes after what was held back, so it covers it). Unless ``on_time``, while a statement runs
+        (the next one usually carries it) it waits one more interval rather than send a statement
+        of its own."""
+        loop = asyncio.get_running_loop()
         self._trailing = None
-        self._last_notice = asyncio.get_running_loop().time()
+        if self._last_notice > held_at:
+            return
+        if self._busy.locked() and not on_time:
+            self._trailing, self._trailing_loop = loop.call_later(self.notify_interval, self._send_trailing,
+                                                                  held_at, True), loop
+            return
+        self._last_notice = loop.time()
         task = asyncio.ensure_future(self._trailing_notice())
         self._trailing_tasks.add(task)
         task.add_done_callback(self._trailing_tasks.discard)
@@ -285,7 +335,7 @@ class PostgresBackend(Backend):
             return []
         plain = sql.is_plain(tasks)
         s = self.schema
-        chan = self._gate()
+        chan = self._gate(may_wait=True)
 
         async def op(db: AsyncSession, retrying: bool) -> list[Enqueued]:
             if retrying and plain and (stored := await self._stored(db, tasks)) is not None:
@@ -341,44 +391,47 @@ class PostgresBackend(Backend):
         queues: Sequence[str] | None = None,
     ) -> tuple[list[bool], list[ClaimedTask]]:
         stored: list[bool] = []
-        for first in range(0, len(outcomes), BATCH_ROWS):
-            stored += await self._finish(worker_id, outcomes[first: first + BATCH_ROWS])
-        claimed: list[ClaimedTask] = []
-        if limit > 0:
-            claimed = await self._claim(worker_id, min(limit, BATCH_ROWS), now, lease_until, alone, queues)
-        return stored, claimed
+        last = max(len(outcomes) - BATCH_ROWS, 0)  # the last slice of outcomes goes with the claim
+        for first in range(0, last, BATCH_ROWS):
+            stored += await self._finish(worker_id, outcomes[first: min(first + BATCH_ROWS, last)])
+        rest = outcomes[last:]
+        if not rest and limit <= 0:
+            return stored, []
+        flags, claimed = await self._finish_and_claim(worker_id, rest, min(limit, BATCH_ROWS), now, lease_until,
+                                                      alone, queues)
+        return stored + flags, claimed
 
     async def _finish(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[bool]:
-        s = self.schema
-        chan = self._gate()
+        return (await self._finish_and_claim(worker_id, outcomes, 0, 0.0, 0.0, False, None))[0]
 
-        async def op(db: AsyncSession, retrying: bool) -> list[bool]:
-            if not retrying:
-                return await sql.finish(db, s, worker_id, outcomes, chan)
-            # The lost attempt may have committed: what it stored counts as stored, the rest is tried again.
-            before = await sql.stored_before(db, s, worker_id, outcomes)
-            rest = [o for o in outcomes if o.handle not in before]
-            now_stored = dict(zip((o.handle for o in rest), await sql.finish(db, s, worker_id, rest, self.channel),
-                                  strict=True))
-            return [o.handle in before or now_stored.get(o.handle, False) for o in outcomes]
-
-        flags = await self._call(op, changed=False)
-        if any(flags):
-            self.changes.notify()
-        return flags
-
-    async def _claim(
-        self, worker_id: str, limit: int, now: float, lease_until: float, alone: bool, queues: Sequence[str] | None
-    ) -> list[ClaimedTask]:
+    async def _finish_and_claim(
+        self, worker_id: str, outcomes: Sequence[Outcome], limit: int, now: float, lease_until: float, alone: bool,
+        queues: Sequence[str] | None,
+    ) -> tuple[list[bool], list[ClaimedTask]]:
+        """One transaction, one round trip: the outcomes stored, then up to ``limit`` tasks claimed."""
         s = self.schema
         names = None if queues is None else list(queues)
+        chan = self._gate() if outcomes else None
 
-        async def op(db: AsyncSession, retrying: bool) -> list[ClaimedTask]:
-            if retrying:  # a claim whose answer was lost hands back what it took, then claims again
+        async def op(db: AsyncSession, retrying: bool) -> tuple[list[bool], list[ClaimedTask]]:
+            if not retrying:
+                return await sql.finish_and_claim(db, s, worker_id, outcomes, chan, limit, now, lease_until, alone,
+                                                  names)
+            # The lost attempt may have committed: what it stored counts as stored, the rest is tried again,
+            # and the tasks it claimed go back, as if never claimed, before the claim is tried again.
+            before = await sql.stored_before(db, s, worker_id, outcomes) if outcomes else set()
+            if limit > 0:
                 await db.execute(sql.q(sql.UNDO_CLAIM, s), (worker_id, now))
-            return await sql.claim(db, s, worker_id, limit, now, lease_until, alone, names)
+            rest = [o for o in outcomes if o.handle not in before]
+            flags, claimed = await sql.finish_and_claim(db, s, worker_id, rest, self.channel if rest else None,
+                                                        limit, now, lease_until, alone, names)
+            now_stored = dict(zip((o.handle for o in rest), flags, strict=True))
+            return [o.handle in before or now_stored.get(o.handle, False) for o in outcomes], claimed
 
-        return await self._call(op)
+        flags, claimed = await self._call(op, changed=False)
+        if any(flags) or claimed:
+            self.changes.notify()
+        return flags, claimed
 
     async def release(self, worker_id: str, claims: Sequence[tuple[Any, int]]) -> list[bool]:
         if not claims:

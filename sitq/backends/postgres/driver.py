@@ -125,6 +125,30 @@ class AsyncSession:
         except psycopg.Error as exc:
             raise translate(exc, self._conn) from exc
 
+    async def fetch_in_turn(
+        self, statements: Sequence[tuple[str, Sequence[Any] | dict[str, Any] | None]]
+    ) -> list[list[tuple[Any, ...]]]:
+        """The rows of each statement, each run and committed in its own transaction, in order (each
+        sees what the ones before it did), all sent together in a pipeline: one round trip. What a
+        statement's commit notifies goes out before the next one runs."""
+        conn = self._conn
+        try:
+            try:
+                async with conn.pipeline():
+                    cursors = []
+                    for sql, params in statements:
+                        await conn.execute("BEGIN")
+                        cursors.append(await conn.execute(sql, params))
+                        await conn.execute("COMMIT")
+            except psycopg.Error:
+                # A statement failed: the ones after it were skipped, and its transaction is open and aborted.
+                if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+                    await conn.execute("ROLLBACK")
+                raise
+            return [await cur.fetchall() if cur.description is not None else [] for cur in cursors]
+        except psycopg.Error as exc:
+            raise translate(exc, conn) from exc
+
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
         """A transaction around the block: committed at its end, rolled back if it raises."""

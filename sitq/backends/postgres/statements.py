@@ -120,17 +120,28 @@ NOTIFY = "SELECT pg_notify(%s, %s)"
 # -- claims, outcomes --------------------------------------------------------------
 
 # One statement: the candidates are locked, skipping rows another worker's claim holds, and
-# marked running; no worker ever waits on another's locks, and none gets a task twice. ARRAY(...)
-# runs the subquery once (as `seq IN (subquery)` the planner may run it again for every row).
+# marked running; no worker ever waits on another's locks, and none gets a task twice. The
+# candidates are one suspect (a task that lost its worker before runs alone: only a worker with
+# nothing running, `alone`, takes one) if one is ready, else up to `limit` ready tasks; the second
+# scan runs only when the first found none. ARRAY(...) runs each subquery once (as
+# `seq IN (subquery)` the planner may run it again for every row).
 CLAIM = """
+WITH suspect AS MATERIALIZED (
+    SELECT ARRAY(
+        SELECT seq FROM {s}.tasks
+        WHERE status = 'pending' AND lost > 0 AND eta <= %(now)s {queues}
+        ORDER BY priority DESC, eta, seq LIMIT CASE WHEN %(alone)s THEN 1 ELSE 0 END
+        FOR UPDATE SKIP LOCKED
+    ) AS seqs
+)
 UPDATE {s}.tasks SET status = 'running', worker_id = %(worker)s, started_at = %(now)s, lease_until = %(lease)s,
     attempts = attempts + 1, progress_done = NULL, progress_total = NULL, progress_message = NULL
-WHERE seq = ANY(ARRAY(
+WHERE seq = ANY(CASE WHEN (SELECT cardinality(seqs) FROM suspect) > 0 THEN (SELECT seqs FROM suspect) ELSE ARRAY(
     SELECT seq FROM {s}.tasks
-    WHERE status = 'pending' AND {lost} AND eta <= %(now)s {queues}
+    WHERE status = 'pending' AND lost = 0 AND eta <= %(now)s {queues}
     ORDER BY priority DESC, eta, seq LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
-)) AND status = 'pending'
+) END) AND status = 'pending'
 RETURNING seq, id, name, func, args, signature, attempts, lost
 """
 
@@ -140,11 +151,9 @@ IN_QUEUES = "AND queue = ANY(%(queues)s)"
 # this claim (seq, attempts, worker). A retry is pending again at retry_at, or cancelled if a cancel
 # was requested meanwhile (rules.after_retry); a finished task is kept until finished_at + retention.
 # The NOTIFY names the tasks for the clients waiting for their results.
-FINISH = f"""
+_FINISH = f"""
 WITH v AS (
-    SELECT * FROM unnest(%(seqs)s::bigint[], %(attempts)s::integer[], %(kinds)s::text[], %(finished)s::float8[],
-        %(retry_at)s::float8[], %(values)s::bytea[], %(value_signatures)s::bytea[], %(errors)s::text[],
-        %(tracebacks)s::text[], %(outputs)s::text[], %(done)s::float8[], %(total)s::float8[], %(messages)s::text[])
+    SELECT * FROM {{rows}}
     AS v(seq, attempts, kind, finished_at, retry_at, value, value_signature, error, traceback, output, done, total,
          message)
 ), stored AS (
@@ -171,6 +180,17 @@ SELECT seq, (SELECT pg_notify(%(chan)s::text, CASE WHEN sum(octet_length(id) + 1
              FROM stored WHERE %(chan)s::text IS NOT NULL HAVING count(*) > 0)
 FROM stored
 """
+
+FINISH = _FINISH.replace("{rows}", """unnest(%(seqs)s::bigint[], %(attempts)s::integer[], %(kinds)s::text[],
+    %(finished)s::float8[], %(retry_at)s::float8[], %(values)s::bytea[], %(value_signatures)s::bytea[],
+    %(errors)s::text[], %(tracebacks)s::text[], %(outputs)s::text[], %(done)s::float8[], %(total)s::float8[],
+    %(messages)s::text[])""")
+
+# One outcome (the usual case when tasks take a while, or a client waits for each): the same
+# statement on one row of values, which spares the arrays and goes straight to the row.
+FINISH_ONE = _FINISH.replace("{rows}", """(VALUES (%(seqs)s::bigint, %(attempts)s::integer, %(kinds)s::text,
+    %(finished)s::float8, %(retry_at)s::float8, %(values)s::bytea, %(value_signatures)s::bytea, %(errors)s::text,
+    %(tracebacks)s::text, %(outputs)s::text, %(done)s::float8, %(total)s::float8, %(messages)s::text))""")
 
 # After a lost connection: which of these outcomes were stored by the attempt that lost its answer.
 STORED_BEFORE = """
@@ -553,34 +573,61 @@ def _with_queues(statement: str, queues: Sequence[str] | None) -> str:
     return statement.replace("{queues}", "" if queues is None else IN_QUEUES)
 
 
+def _claim_params(worker_id: str, limit: int, now: float, lease: float, alone: bool,
+                  queues: Sequence[str] | None) -> tuple[str, dict[str, Any]]:
+    return _with_queues(CLAIM, queues), {"worker": worker_id, "now": now, "lease": lease, "limit": limit,
+                                         "alone": alone, "queues": None if queues is None else list(queues)}
+
+
+def _claimed(rows: list[tuple[Any, ...]]) -> list[ClaimedTask]:
+    return sorted((ClaimedTask(*row) for row in rows), key=lambda t: t.handle)
+
+
 async def claim(
     db: AsyncSession, s: str, worker_id: str, limit: int, now: float, lease: float, alone: bool,
     queues: Sequence[str] | None,
 ) -> list[ClaimedTask]:
-    params: dict[str, Any] = {"worker": worker_id, "now": now, "lease": lease, "limit": limit,
-                              "queues": None if queues is None else list(queues)}
-    rows: list[tuple[Any, ...]] = []
-    if alone:  # a task that lost its worker before runs alone: only a worker with nothing running claims it
-        rows = await db.fetch(q(_with_queues(CLAIM, queues).replace("{lost}", "lost > 0"), s),
-                              {**params, "limit": 1})
-    if not rows:
-        rows = await db.fetch(q(_with_queues(CLAIM, queues).replace("{lost}", "lost = 0"), s), params)
-    return sorted((ClaimedTask(*row) for row in rows), key=lambda t: t.handle)
+    statement, params = _claim_params(worker_id, limit, now, lease, alone, queues)
+    return _claimed(await db.fetch(q(statement, s), params))
 
 
-async def finish(db: AsyncSession, s: str, worker_id: str, outcomes: Sequence[Outcome], chan: str | None) -> list[bool]:
+def _finish_statement(worker_id: str, outcomes: Sequence[Outcome], chan: str | None) -> tuple[str, dict[str, Any]]:
     done = [o.progress or (None, None, None) for o in outcomes]
-    params = {
+    columns: dict[str, list[Any]] = {
         "seqs": [o.handle for o in outcomes], "attempts": [o.attempts for o in outcomes],
         "kinds": [o.kind.value for o in outcomes], "finished": [o.finished_at for o in outcomes],
         "retry_at": [o.retry_at if o.kind is OutcomeKind.RETRY else None for o in outcomes],
         "values": [o.value for o in outcomes], "value_signatures": [o.value_signature for o in outcomes],
         "errors": [o.error for o in outcomes], "tracebacks": [o.traceback for o in outcomes],
         "outputs": [o.output for o in outcomes], "done": [d[0] for d in done], "total": [d[1] for d in done],
-        "messages": [d[2] for d in done], "worker": worker_id, "chan": chan,
+        "messages": [d[2] for d in done],
     }
-    stored = {row[0] for row in await db.fetch(q(FINISH, s), params)}
+    if len(outcomes) == 1:
+        return FINISH_ONE, {**{name: values[0] for name, values in columns.items()}, "worker": worker_id, "chan": chan}
+    return FINISH, {**columns, "worker": worker_id, "chan": chan}
+
+
+async def finish(db: AsyncSession, s: str, worker_id: str, outcomes: Sequence[Outcome], chan: str | None) -> list[bool]:
+    statement, params = _finish_statement(worker_id, outcomes, chan)
+    stored = {row[0] for row in await db.fetch(q(statement, s), params)}
     return [o.handle in stored for o in outcomes]
+
+
+async def finish_and_claim(
+    db: AsyncSession, s: str, worker_id: str, outcomes: Sequence[Outcome], chan: str | None, limit: int,
+    now: float, lease: float, alone: bool, queues: Sequence[str] | None,
+) -> tuple[list[bool], list[ClaimedTask]]:
+    """The outcomes stored and committed (the clients waiting for them hear of it at once), then a claim
+    that sees them (a retry ready again, tasks that ran after a finished one released): two
+    transactions sent together, one round trip."""
+    if not outcomes or limit <= 0:
+        stored = await finish(db, s, worker_id, outcomes, chan) if outcomes else []
+        return stored, (await claim(db, s, worker_id, limit, now, lease, alone, queues) if limit > 0 else [])
+    finishing, finish_params = _finish_statement(worker_id, outcomes, chan)
+    claiming, claim_params = _claim_params(worker_id, limit, now, lease, alone, queues)
+    finished, claimed = await db.fetch_in_turn([(q(finishing, s), finish_params), (q(claiming, s), claim_params)])
+    done = {row[0] for row in finished}
+    return [o.handle in done for o in outcomes], _claimed(claimed)
 
 
 async def stored_before(db: AsyncSession, s: str, worker_id: str, outcomes: Sequence[Outcome]) -> set[Any]:

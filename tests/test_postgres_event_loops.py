@@ -1,0 +1,54 @@
+"""A PostgreSQL backend used from one event loop after another (``asyncio.run`` per call, as scripts
+and tests do): a call left unfinished when its loop closed does not hold the connection for ever."""
+
+import asyncio
+
+import pytest
+from backends import new_tasks, postgres_schema, postgres_unavailable
+
+from sitq import open_backend
+
+NOW = 1_700_000_000.0
+
+
+@pytest.fixture
+def target():
+    reason = postgres_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with postgres_schema() as url:
+        yield url
+
+
+def test_a_call_whose_loop_closed_mid_statement_does_not_block_the_next_loop(target):
+    backend = open_backend(target)
+    asyncio.run(backend.enqueue(new_tasks(2, NOW)))
+    ended = asyncio.new_event_loop()
+    # A statement sent and not answered yet when the loop goes away (a held-back notice sent while
+    # asyncio.run shuts down does this): its caller never runs again, so it never gives the connection back.
+    stuck = ended.create_task(backend._call(lambda db, retrying: db.fetch("SELECT pg_sleep(0.3)")))
+    ended.run_until_complete(asyncio.sleep(0.05))
+    assert not stuck.done()
+    ended.close()
+
+    async def later():
+        try:
+            return (await asyncio.wait_for(backend.overview(0), 20)).total
+        finally:
+            await backend.close()
+
+    assert asyncio.run(later()) == 2
+
+
+def test_closing_after_a_call_whose_loop_closed_mid_statement_returns(target):
+    backend = open_backend(target)
+    asyncio.run(backend.enqueue(new_tasks(1, NOW)))
+    ended = asyncio.new_event_loop()
+    stuck = ended.create_task(backend._call(lambda db, retrying: db.fetch("SELECT pg_sleep(0.3)")))
+    ended.run_until_complete(asyncio.sleep(0.05))
+    assert not stuck.done()
+    backend._trailing_tasks.add(stuck)  # as a held-back notice sent while asyncio.run shut down would be
+    ended.close()
+    asyncio.run(asyncio.wait_for(backend.close(), 20))
+    assert asyncio.run(asyncio.wait_for(backend.overview(0), 20)).total == 1
+    asyncio.run(backend.close())
