@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from backends import BACKENDS
+from backends import BACKENDS, postgres_schema, postgres_unavailable
 
 import sitq
 from sitq import open_backend
@@ -29,6 +29,16 @@ def worker_env() -> dict:
 
 def sitq_command(*args: str) -> list:
     return [sys.executable, "-m", "sitq", *args]
+
+
+@pytest.fixture
+def postgres_target():
+    """A URL of a schema of its own on the test server (dropped after); skips without a server."""
+    reason = postgres_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with postgres_schema() as url:
+        yield url
 
 
 @pytest.fixture

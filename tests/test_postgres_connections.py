@@ -7,7 +7,7 @@ import time
 import uuid
 
 import pytest
-from backends import POSTGRES_DSN, postgres_schema, postgres_unavailable
+from backends import POSTGRES_DSN
 
 import sitq
 from sitq import TaskQueue, Worker
@@ -16,12 +16,8 @@ NAME = f"sitq-test-{uuid.uuid4().hex[:12]}"  # the sessions of this module's bac
 
 
 @pytest.fixture
-def target():
-    reason = postgres_unavailable()
-    if reason:
-        pytest.skip(reason)
-    with postgres_schema() as url:
-        yield f"{url}&application_name={NAME}"
+def target(postgres_target):
+    return f"{postgres_target}&application_name={NAME}"
 
 
 def own_connections(until_none=False):

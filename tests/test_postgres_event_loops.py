@@ -4,7 +4,7 @@ and tests do): a call left unfinished when its loop closed does not hold the con
 import asyncio
 
 import pytest
-from backends import new_tasks, postgres_schema, postgres_unavailable
+from backends import new_tasks
 
 from sitq import open_backend
 
@@ -12,12 +12,8 @@ NOW = 1_700_000_000.0
 
 
 @pytest.fixture
-def target():
-    reason = postgres_unavailable()
-    if reason:
-        pytest.skip(reason)
-    with postgres_schema() as url:
-        yield url
+def target(postgres_target):
+    return postgres_target
 
 
 def test_a_call_whose_loop_closed_mid_statement_does_not_block_the_next_loop(target):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import taskfuncs
-from backends import postgres_schema, postgres_unavailable, wait_until_server_forgets
+from backends import postgres_unavailable, wait_until_server_forgets
 from conftest import sitq_command, worker_env
 
 from sitq import SyncTaskQueue, open_backend
@@ -30,12 +30,8 @@ from sitq.errors import BackendError
 
 
 @pytest.fixture
-def target():
-    reason = postgres_unavailable()
-    if reason:
-        pytest.skip(reason)
-    with postgres_schema() as url:
-        yield url
+def target(postgres_target):
+    return postgres_target
 
 
 class Machines:

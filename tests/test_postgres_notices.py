@@ -4,7 +4,7 @@ out when nothing follows it, so a waiter elsewhere wakes without its periodic lo
 import asyncio
 
 import pytest
-from backends import new_tasks, postgres_schema, postgres_unavailable
+from backends import new_tasks
 
 from sitq.backends.postgres import PostgresBackend
 
@@ -12,12 +12,8 @@ NOW = 1_700_000_000.0
 
 
 @pytest.fixture
-def target():
-    reason = postgres_unavailable()
-    if reason:
-        pytest.skip(reason)
-    with postgres_schema() as url:
-        yield url
+def target(postgres_target):
+    return postgres_target
 
 
 def test_a_held_back_notice_is_sent_when_no_statement_follows(target):

@@ -4,7 +4,7 @@ when a newer sitq wrote it or when it holds tables that are not sitq's; addresse
 import asyncio
 
 import pytest
-from backends import POSTGRES_DSN, new_tasks, postgres_schema, postgres_unavailable, postgres_url
+from backends import POSTGRES_DSN, new_tasks, postgres_schema, postgres_url
 
 from sitq import open_backend
 from sitq.backends.postgres import SCHEMA_VERSION, PostgresBackend
@@ -14,12 +14,8 @@ NOW = 1_700_000_000.0
 
 
 @pytest.fixture
-def target():
-    reason = postgres_unavailable()
-    if reason:
-        pytest.skip(reason)
-    with postgres_schema() as url:
-        yield url
+def target(postgres_target):
+    return postgres_target
 
 
 def sql(statement, params=()):
