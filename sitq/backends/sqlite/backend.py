@@ -497,19 +497,18 @@ class SQLiteBackend(Backend):
         limit = min(limit, BATCH_ROWS)
         names = None if queues is None else tuple(queues)
         if len(outcomes) + limit <= BATCH_ROWS:
-            stored, claimed, idle = await self._write(
-                sql.finish_and_claim, worker_id, outcomes, limit, now, lease_until, alone, names)
-        else:
-            stored = []
-            for first in range(0, len(outcomes), BATCH_ROWS):
-                await asyncio.sleep(0)
-                batch = outcomes[first : first + BATCH_ROWS]
-                stored += (await self._write(sql.finish_and_claim, worker_id, batch, 0, now, 0, False, names))[0]
-            claimed, idle = [], False
-            if limit > 0:
-                await asyncio.sleep(0)
-                _, claimed, idle = await self._write(
-                    sql.finish_and_claim, worker_id, (), limit, now, lease_until, alone, names)
+            return await self._write(sql.finish_and_claim, worker_id, outcomes, limit, now, lease_until, alone, names)
+        stored: list[bool] = []
+        for first in range(0, len(outcomes), BATCH_ROWS):
+            await asyncio.sleep(0)
+            batch = outcomes[first : first + BATCH_ROWS]
+            stored += (await self._write(sql.finish_and_claim, worker_id, batch, 0, now, 0, False, names))[0]
+        claimed: list[ClaimedTask] = []
+        if limit > 0:
+            await asyncio.sleep(0)
+            claimed = (
+                await self._write(sql.finish_and_claim, worker_id, (), limit, now, lease_until, alone, names)
+            )[1]
         return stored, claimed
 
     async def release(self, worker_id: str, claims: Sequence[tuple[Any, int]]) -> list[bool]:

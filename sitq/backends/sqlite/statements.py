@@ -164,15 +164,18 @@ FIRST_QUEUE = "SELECT queue FROM sitq_tasks INDEXED BY sitq_ready WHERE status =
 NEXT_QUEUE = (
     "SELECT queue FROM sitq_tasks INDEXED BY sitq_ready WHERE status = 'pending' AND queue > ? ORDER BY queue LIMIT 1"
 )
-# What a claim looks at first, in one statement: the queues with pending tasks (the same seeks as
-# FIRST_QUEUE and NEXT_QUEUE), and one NULL row if a suspect is due (SUSPECTS' index holds only them).
-LOOK = f"""
+# The queues with pending tasks, in one statement (the seeks of FIRST_QUEUE and NEXT_QUEUE).
+PENDING_QUEUES = f"""
 WITH RECURSIVE queues(name) AS (
     SELECT ({FIRST_QUEUE})
     UNION ALL
     SELECT ({NEXT_QUEUE.replace("?", "queues.name")}) FROM queues WHERE queues.name IS NOT NULL
 )
 SELECT name FROM queues WHERE name IS NOT NULL
+"""
+# What a claim looks at first, in one statement: those queues, and one NULL row if a suspect is
+# due (SUSPECTS' index holds only them).
+LOOK = f"""{PENDING_QUEUES}
 UNION ALL
 SELECT NULL WHERE EXISTS (SELECT 1 FROM sitq_tasks INDEXED BY sitq_tasks_suspects
                           WHERE status = 'pending' AND lost > 0 AND eta <= :now)
@@ -678,12 +681,8 @@ def finish_and_claim(
     lease_until: float,
     alone: bool,
     queues: Sequence[str] | None,
-) -> tuple[tuple[list[bool], list[ClaimedTask], bool], int]:
-    """Store ``outcomes`` and claim up to ``limit`` tasks.
-
-    Returns what was stored, what was claimed, and whether no task was pending at all (a
-    worker serving every queue then knows, until the next change, that none is coming due).
-    """
+) -> tuple[tuple[list[bool], list[ClaimedTask]], int]:
+    """Store ``outcomes`` and claim up to ``limit`` tasks; returns what was stored and what was claimed."""
     # Many outcomes are stored in one transaction, and the claim goes in it too (one commit).
     # One outcome commits by itself, then the claim looks (a read) and claims in its own: two
     # statements fewer, on the path of every task a worker runs alone. (Should the process die
@@ -695,7 +694,6 @@ def finish_and_claim(
     if unsettled:
         settle(conn)
     claimed: list[ClaimedTask] = []
-    idle = False
     if limit > 0:
         names, suspects = look(conn, now, queues)
         rows: list[Any] = []
@@ -704,11 +702,10 @@ def finish_and_claim(
         if not rows and names:
             rows = _claim(conn, _claim_statement(len(names)), worker_id, now, lease_until, limit, names)
         claimed = sorted(map(readers.claimed, rows), key=lambda t: t.handle)
-        idle = not names
     if batch:
         conn.execute("COMMIT")
     changed = True if any(stored) else NONE_FINISHED if claimed else False
-    return (stored, claimed, idle), changed
+    return (stored, claimed), changed
 
 
 def look(conn: sqlite3.Connection, now: float, queues: Sequence[str] | None) -> tuple[list[str], bool]:
@@ -750,12 +747,7 @@ def _suspect_claim(queues: Sequence[str] | None) -> str:
 
 def pending_queues(conn: sqlite3.Connection) -> list[str]:
     """The queues that hold pending tasks, found with one index seek each."""
-    names: list[str] = []
-    row = conn.execute(FIRST_QUEUE).fetchone()
-    while row is not None:
-        names.append(row[0])
-        row = conn.execute(NEXT_QUEUE, (row[0],)).fetchone()
-    return names
+    return [row[0] for row in conn.execute(PENDING_QUEUES)]
 
 
 def suspects_waiting(conn: sqlite3.Connection, now: float, queues: Sequence[str] | None) -> bool:
