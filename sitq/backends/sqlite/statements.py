@@ -765,10 +765,12 @@ def next_eta(conn: sqlite3.Connection, queues: Sequence[str] | None) -> float | 
     for queue in list(queues) if queues is not None else pending_queues(conn):
         priority = conn.execute(FIRST_PRIORITY, (queue,)).fetchone()
         while priority is not None:
-            eta = conn.execute(EARLIEST_ETA, (queue, priority[0])).fetchone()[0]
+            # Each read is its own snapshot: another worker may have claimed the last pending
+            # task at this priority since the priority was read, so the row can be gone.
+            row = conn.execute(EARLIEST_ETA, (queue, priority[0])).fetchone()
             # Numbers sort first, so anything else means only tasks with unreadable etas are pending there.
-            if isinstance(eta, (int, float)) and (earliest is None or eta < earliest):
-                earliest = eta
+            if row is not None and isinstance(row[0], (int, float)) and (earliest is None or row[0] < earliest):
+                earliest = row[0]
             priority = conn.execute(NEXT_PRIORITY, (queue, priority[0])).fetchone()
     return earliest
 
