@@ -206,3 +206,34 @@ def test_result_waiters_wake_for_finishes_and_not_for_claims(backend, run):
             assert queue.deserialize_result(result) == 3
 
     run(go())
+
+
+def test_a_waiter_in_the_process_reads_its_value_before_the_worker_claims_again(backend, run):
+    # With a result awaited on the worker's own backend, the worker stores an outcome, lets the
+    # waiter read it, and only then claims the next task: the value is not held back behind a
+    # claim (of up to 64 tasks, each unpickled on the loop). The statements show the order.
+    async def go():
+        async with TaskQueue(backend) as queue:
+            first = await queue.enqueue(taskfuncs.sleep_then, 0.05, "first")
+            second = await queue.enqueue(taskfuncs.add, 1, 2)
+            statements = []
+            backend._connection().set_trace_callback(statements.append)
+            worker = Worker(backend, max_concurrency=1, poll_interval=5)
+            running = asyncio.ensure_future(worker.start())
+            result = await asyncio.wait_for(queue.get_result(first), 10)
+            assert queue.deserialize_result(result) == "first"
+            assert queue.deserialize_result(await asyncio.wait_for(queue.get_result(second), 10)) == 3
+            await worker.stop()
+            await running
+            backend._connection().set_trace_callback(None)
+
+        def first_after(start, predicate):
+            return next(i for i, s in enumerate(statements) if i > start and predicate(" ".join(s.split())))
+
+        # The first task is the first to succeed; its waiter's read names its id.
+        stored = first_after(-1, lambda s: s.startswith("UPDATE sitq_tasks SET status = 'success'"))
+        read = first_after(stored, lambda s: s.startswith("SELECT") and first in s)
+        claimed_second = first_after(stored, lambda s: s.startswith("UPDATE sitq_tasks SET status = 'running'"))
+        assert stored < read < claimed_second
+
+    run(go())

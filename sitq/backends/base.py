@@ -438,3 +438,12 @@ class Backend:
     async def wait_for_finish(self, token: int, timeout: float | None) -> None:
         """Return after a change that may have finished a task (or any change, or ``timeout``)."""
         await self.wait_for_change(token, timeout)
+
+    @property
+    def results_awaited_here(self) -> bool:
+        """Whether a result waiter in this process waits on this backend now. A worker then
+        stores its outcomes, lets those waiters read them, and only then claims more work: the
+        value is not held back behind the claim. Worth it only where storing and claiming in two
+        calls costs what one does (SQLite: one statement each, no network); by default False,
+        and the worker stores and claims in one call."""
+        return False

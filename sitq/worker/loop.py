@@ -261,6 +261,19 @@ class Worker:
             claimed: list[ClaimedTask] = []
             if outcomes or free:
                 await self._side.flush_progress()
+                if outcomes and free and backend.results_awaited_here:
+                    # Someone here waits for a result: store first and let them read it before this
+                    # worker looks for more work (a claim of many tasks takes a while to unpickle).
+                    now = self.clock()
+                    stored, _ = await backend.finish_and_claim(self.worker_id, outcomes, 0, now, now,
+                                                               queues=self.queues)
+                    if any(stored) and backend.change_token == token + 1:
+                        token += 1  # as below
+                    self._count(outcomes, stored)
+                    outcomes = []
+                    await asyncio.sleep(0)
+                    free = self._free_slots()
+            if outcomes or free:
                 now = self.clock()
                 alone = not self._runner.active  # only then may it take a suspect, which runs alone
                 stored, claimed = await backend.finish_and_claim(

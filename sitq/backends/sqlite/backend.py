@@ -712,6 +712,10 @@ class SQLiteBackend(Backend):
     async def wait_for_finish(self, token: int, timeout: float | None) -> None:
         await self.finishes.wait(token, timeout)
 
+    @property
+    def results_awaited_here(self) -> bool:
+        return self.finishes.has_watchers
+
     def notify_change(self) -> None:
         self.changes.notify()
         self.finishes.notify()  # a change seen from elsewhere may be anything
