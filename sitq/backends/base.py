@@ -439,11 +439,11 @@ class Backend:
         """Return after a change that may have finished a task (or any change, or ``timeout``)."""
         await self.wait_for_change(token, timeout)
 
-    @property
-    def results_awaited_here(self) -> bool:
-        """Whether a result waiter in this process waits on this backend now. A worker then
-        stores its outcomes, lets those waiters read them, and only then claims more work: the
-        value is not held back behind the claim. Worth it only where storing and claiming in two
-        calls costs what one does (SQLite: one statement each, no network); by default False,
-        and the worker stores and claims in one call."""
+    def store_before_claim(self, outcomes: int) -> bool:
+        """Whether a worker with ``outcomes`` outcomes to store, and room for more tasks, should
+        store them in one call, let the loop run, and claim in a second call. A result waiter in
+        this process then reads its value before the claim (which may unpickle many tasks), and
+        a backend whose statements run on the loop's thread holds the loop in two shorter steps.
+        Worth it only where two calls cost what one does (SQLite: no network); by default False,
+        one call (PostgreSQL: one round trip)."""
         return False

@@ -261,9 +261,9 @@ class Worker:
             claimed: list[ClaimedTask] = []
             if outcomes or free:
                 await self._side.flush_progress()
-                if outcomes and free and backend.results_awaited_here:
-                    # Someone here waits for a result: store first and let them read it before this
-                    # worker looks for more work (a claim of many tasks takes a while to unpickle).
+                if outcomes and free and backend.store_before_claim(len(outcomes)):
+                    # Store, and let the loop run (a result waiter here reads its value) before this
+                    # worker claims and unpickles more work.
                     now = self.clock()
                     stored, _ = await backend.finish_and_claim(self.worker_id, outcomes, 0, now, now,
                                                                queues=self.queues)
