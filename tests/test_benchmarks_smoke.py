@@ -42,6 +42,19 @@ def test_quick_benchmark_run(tmp_path):
             assert c["figures"]["left"] < c["n"] and c["figures"]["final_mb"] < c["figures"]["max_mb"], c
 
 
+def test_profile_steps_times_every_step_of_the_round_trip():
+    """``python -m benchmarks.profile steps``: each mark of sitq's round trip is passed, in order."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.profile", "steps", "-n", "30"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "floor p50" in lines[0], lines
+    steps = [line.split("->")[0].strip() for line in lines[1:]]
+    assert steps[0] == "enqueue" and lines[-1].split("->")[1].split()[0] == "value", lines
+    for mark in ("INSERT", "read", "store or claim", "unpickle", "call", "settle"):
+        assert mark in steps, (mark, lines)
+
+
 def test_quick_notebook_benchmark_run(tmp_path):
     """sitq's rows of ``python -m benchmarks.notebook``, small: real kernels, every figure measured."""
     pytest.importorskip("nbclient")
