@@ -1,13 +1,17 @@
-"""A PostgreSQL queue's schema: created on first use, one per queue in a shared database, refused
-when a newer sitq wrote it or when it holds tables that are not sitq's; addresses read with care."""
+"""A PostgreSQL queue's schema: created on first use, one per queue in a shared database, migrated
+from an older version, refused when a newer sitq wrote it or when it holds tables that are not
+sitq's; addresses read with care."""
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from backends import POSTGRES_DSN, new_tasks, postgres_schema, postgres_url
 
 from sitq import open_backend
-from sitq.backends.postgres import SCHEMA_VERSION, PostgresBackend
+from sitq.backends.postgres import COUNT_SHARDS, SCHEMA_VERSION, PostgresBackend
+from sitq.backends.postgres import schema as schema_module
+from sitq.core import Outcome, OutcomeKind
 from sitq.errors import BackendError, SchemaVersionError
 
 NOW = 1_700_000_000.0
@@ -92,3 +96,54 @@ def test_bad_addresses_and_schema_names_are_refused_with_a_reason():
         PostgresBackend("postgresql://postgres:pw-hidden@127.0.0.1/test?bogus=1")
     except ValueError as exc:
         assert "pw-hidden" not in str(exc)
+
+
+V1_TABLES = Path(__file__).parent / "data" / "postgres_schema_v1.sql"
+
+
+def counts_and_truth(schema):
+    """The queue's counters added up, and the same counted from its tasks: per (queue, state) and
+    per (group, state)."""
+    kept = sql(f'SELECT queue, status, sum(n)::int FROM "{schema}".counts GROUP BY 1, 2 HAVING sum(n) <> 0')
+    truth = sql(f'SELECT queue, status, count(*)::int FROM "{schema}".tasks GROUP BY 1, 2')
+    grouped = sql(f'SELECT group_id, status, sum(n)::int FROM "{schema}".group_counts GROUP BY 1, 2 '
+                  "HAVING sum(n) <> 0")
+    grouped_truth = sql(f'SELECT group_id, status, count(*)::int FROM "{schema}".tasks WHERE group_id IS NOT NULL '
+                        "GROUP BY 1, 2")
+    return (sorted(kept), sorted(grouped)), (sorted(truth), sorted(grouped_truth))
+
+
+def test_a_version_1_queue_is_migrated_on_first_use_and_its_counts_stay_exact(target):
+    schema = open_backend(target).schema
+    ddl = schema_module._filled(V1_TABLES.read_text(), schema).replace("{shards}", str(COUNT_SHARDS))
+    sql(ddl, None)
+    sql(f'INSERT INTO "{schema}".meta VALUES (%s, %s)', ("schema_version", "1"))
+    sql(f'INSERT INTO "{schema}".groups VALUES (%s, %s, %s)', ("g", "grp", NOW))
+    sql(f'INSERT INTO "{schema}".tasks (id, name, status, func, args, eta, enqueued_at, group_id) '
+        "SELECT 'v1-' || i, 'f', 'pending', '\\x00', '\\x00', %s, %s, CASE WHEN mod(i, 2) = 0 THEN 'g' END "
+        "FROM generate_series(1, 6) i", (NOW, NOW))
+    sql(f"""UPDATE "{schema}".tasks SET status = 'running', worker_id = 'w', attempts = 1, lease_until = %s
+            WHERE id IN ('v1-1', 'v1-2')""", (NOW + 60,))
+    kept, truth = counts_and_truth(schema)
+    assert kept == truth and sum(n for _, _, n in truth[0]) == 6  # the version 1 triggers kept them
+
+    async def go():
+        backend = open_backend(target)
+        try:
+            await backend.connect()
+            claimed = await backend.claim("w2", 2, NOW + 1, NOW + 60)
+            done = [Outcome(c.task_id, c.handle, c.attempts, OutcomeKind.SUCCESS, NOW + 2) for c in claimed]
+            assert await backend.finish("w2", done) == [True, True]
+            await backend.enqueue(new_tasks(3, NOW))
+            return await backend.overview(0)
+        finally:
+            await backend.close()
+
+    overview = asyncio.run(go())
+    assert sql(f'SELECT value FROM "{schema}".meta WHERE key = %s', ("schema_version",)) == [(str(SCHEMA_VERSION),)]
+    triggers = sql("SELECT tgname FROM pg_trigger WHERE tgrelid = %s::regclass AND NOT tgisinternal ORDER BY 1",
+                   (f'"{schema}".tasks',))
+    assert triggers == [("tasks_count_delete",), ("tasks_settle",)]
+    kept, truth = counts_and_truth(schema)
+    assert kept == truth
+    assert (overview.total, overview.counts["running"], overview.counts["success"]) == (9, 2, 2)

@@ -35,3 +35,23 @@ def test_each_statement_sees_the_ones_before_it_and_commits_on_its_own(session_f
     done, after = asyncio.run(go())
     assert done == [[(1,), (2,)], [(2,)]]
     assert after == [(1,), (2,), (3,)]  # the first committed; the one after the failure never ran
+
+
+def test_a_pipeline_left_as_its_server_goes_away_counts_as_a_lost_connection(session_factory):
+    # psycopg raises "cannot exit pipeline mode while busy" (no SQLSTATE) over the server's own error
+    # when the server shuts down mid-pipeline; that one must still read as lost (reconnect, check, retry).
+    import psycopg
+    import psycopg.errors
+
+    from sitq.backends.postgres.driver import Lost, translate
+
+    try:
+        try:
+            raise psycopg.errors.AdminShutdown("terminating connection due to administrator command")
+        finally:
+            raise psycopg.OperationalError("cannot exit pipeline mode while busy")
+    except psycopg.OperationalError as exc:
+        assert isinstance(translate(exc, None), Lost)
+        with psycopg.connect(POSTGRES_DSN) as conn:  # a live connection: only the cause decides
+            assert isinstance(translate(exc, conn), Lost)
+            assert not isinstance(translate(psycopg.OperationalError("busy"), conn), Lost)

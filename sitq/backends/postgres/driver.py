@@ -52,12 +52,21 @@ def conninfo(dsn: str, application_name: str) -> str:
 
 
 def _is_lost(exc: BaseException, conn: psycopg.BaseConnection[Any] | None) -> bool:
-    if not isinstance(exc, psycopg.OperationalError):
-        return False
-    if conn is None or conn.closed or conn.broken:
-        return True
-    state = exc.sqlstate or ""
-    return state.startswith("08") or state in _LOST_STATES
+    """Whether ``exc``, or an error it was raised while handling, says the connection is gone. Leaving a
+    pipeline whose server went away mid-way raises "cannot exit pipeline mode while busy" (no
+    SQLSTATE) over the server's own error, which is left as its context."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, psycopg.OperationalError):
+            if conn is None or conn.closed or conn.broken:
+                return True
+            state = seen.sqlstate or ""
+            if state.startswith("08") or state in _LOST_STATES:
+                return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def translate(exc: BaseException, conn: psycopg.BaseConnection[Any] | None) -> BaseException:

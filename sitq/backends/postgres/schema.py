@@ -6,12 +6,18 @@ transaction, under an advisory lock, so two processes starting on an empty datab
 same moment create it once; its version is recorded in the ``meta`` table. A database whose
 queue was written by a newer sitq is refused with :class:`sitq.errors.SchemaVersionError`.
 
-Counts per queue and state (``overview``) and per group and state (``group``) are kept by
-statement triggers in the transaction of every statement that inserts, moves or deletes tasks,
-one aggregated row change per statement, never by counting rows. They are spread over
-``COUNT_SHARDS`` rows per (queue, state), chosen by the writing connection's server process, so
-that many workers finishing tasks at once do not queue up behind one counter row; readers add
-the shards up.
+Counts per queue and state (``overview``) and per group and state (``group``) are kept in the
+transaction of every statement that inserts, moves or deletes tasks, one aggregated row change
+per (queue, state) and statement, never by counting rows: a statement that inserts or moves tasks
+writes them itself (``COUNT_ADDED``, ``COUNT_MOVES``: CTEs beside its own), deletes are
+counted by a statement trigger. They are spread over ``COUNT_SHARDS`` rows per (queue, state),
+chosen by the writing connection's server process, so that many workers finishing tasks at once
+do not queue up behind one counter row; readers add the shards up.
+
+Schema version 2 moved the counts of inserts and moves out of statement triggers into the
+statements, which spares every claim, outcome and enqueue a trigger call and its transition
+tables; a version 1 queue is migrated on first use. Stop every older sitq process on the queue
+before: they would insert and move tasks without counting them.
 """
 
 from __future__ import annotations
@@ -25,11 +31,103 @@ from sitq.errors import BackendError, SchemaVersionError
 
 __all__ = ["SCHEMA_VERSION", "DEFAULT_SCHEMA", "COUNT_SHARDS", "check_schema_name", "channel", "ensure_schema"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_SCHEMA = "sitq"
 COUNT_SHARDS = 16
 
 _NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+# The counts per queue and state, and per group and state, are written by the statement that moves
+# tasks, in a CTE of its own beside the rows it inserts (``added``: queue, status, group_id) or moves
+# (``moved``: the same, and was_queue, was_status, was_group from before). One counter row change per
+# (queue, state) and statement, on this session's shard; ordered, so that two sessions on one shard
+# take the counter rows' locks in the same order.
+SHARD = f"mod(pg_backend_pid(), {COUNT_SHARDS})"
+
+COUNT_ADDED = f"""counted AS (
+    INSERT INTO {{s}}.counts AS c (queue, status, shard, n)
+    SELECT queue, status, {SHARD}, count(*) FROM added GROUP BY queue, status ORDER BY queue, status
+    ON CONFLICT (queue, status, shard) DO UPDATE SET n = c.n + excluded.n
+), grouped AS (
+    INSERT INTO {{s}}.group_counts AS c (group_id, status, shard, n)
+    SELECT group_id, status, {SHARD}, count(*) FROM added WHERE group_id IS NOT NULL
+    GROUP BY group_id, status ORDER BY group_id, status
+    ON CONFLICT (group_id, status, shard) DO UPDATE SET n = c.n + excluded.n
+)"""
+
+COUNT_MOVES = f"""counted AS (
+    INSERT INTO {{s}}.counts AS c (queue, status, shard, n)
+    SELECT queue, status, {SHARD}, sum(d) FROM (
+        SELECT queue, status, 1 AS d FROM moved UNION ALL SELECT was_queue, was_status, -1 FROM moved
+    ) m GROUP BY queue, status HAVING sum(d) <> 0 ORDER BY queue, status
+    ON CONFLICT (queue, status, shard) DO UPDATE SET n = c.n + excluded.n
+), grouped AS (
+    INSERT INTO {{s}}.group_counts AS c (group_id, status, shard, n)
+    SELECT group_id, status, {SHARD}, sum(d) FROM (
+        SELECT group_id, status, 1 AS d FROM moved WHERE group_id IS NOT NULL
+        UNION ALL SELECT was_group, was_status, -1 FROM moved WHERE was_group IS NOT NULL
+    ) m GROUP BY group_id, status HAVING sum(d) <> 0 ORDER BY group_id, status
+    ON CONFLICT (group_id, status, shard) DO UPDATE SET n = c.n + excluded.n
+)"""
+
+# What stays in triggers: the counts of deleted tasks (prune and purge, a batch at a time: one
+# statement trigger), with a group going with the last of its tasks; and the settling of the tasks
+# that run after a task that finished (a row trigger whose WHEN spares every other row the call).
+TRIGGERS = """
+CREATE FUNCTION {s}.count_deleted() RETURNS trigger LANGUAGE plpgsql AS $body$
+BEGIN
+    INSERT INTO {s}.counts AS c (queue, status, shard, n)
+        SELECT queue, status, {shard}, -count(*) FROM old_rows GROUP BY queue, status ORDER BY queue, status
+        ON CONFLICT (queue, status, shard) DO UPDATE SET n = c.n + excluded.n;
+    INSERT INTO {s}.group_counts AS c (group_id, status, shard, n)
+        SELECT group_id, status, {shard}, -count(*) FROM old_rows WHERE group_id IS NOT NULL
+        GROUP BY group_id, status ORDER BY group_id, status
+        ON CONFLICT (group_id, status, shard) DO UPDATE SET n = c.n + excluded.n;
+    DELETE FROM {s}.groups g WHERE g.id IN (SELECT DISTINCT group_id FROM old_rows WHERE group_id IS NOT NULL)
+        AND NOT EXISTS (SELECT 1 FROM {s}.tasks t WHERE t.group_id = g.id);
+    DELETE FROM {s}.group_counts gc
+        WHERE gc.group_id IN (SELECT DISTINCT group_id FROM old_rows WHERE group_id IS NOT NULL)
+        AND NOT EXISTS (SELECT 1 FROM {s}.groups g WHERE g.id = gc.group_id);
+    RETURN NULL;
+END
+$body$;
+CREATE TRIGGER tasks_count_delete AFTER DELETE ON {s}.tasks
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_deleted();
+-- rules.dependency_finished, on every path that finishes a task (an outcome, a cancel, an expired
+-- lease), in the transaction that finishes it: a task that succeeded releases the tasks waiting for
+-- it; one that failed or was cancelled cancels them, which in turn (this trigger again) settles the
+-- tasks waiting for those. The moves are counted here, as every statement counts its own.
+CREATE FUNCTION {s}.settle_dependents() RETURNS trigger LANGUAGE plpgsql AS $body$
+BEGIN
+    IF NEW.status = 'success' THEN
+        WITH moved AS (
+            UPDATE {s}.tasks SET waiting = waiting - 1,
+                status = CASE WHEN waiting <= 1 THEN 'pending' ELSE 'waiting' END
+            WHERE seq IN (SELECT task FROM {s}.deps WHERE dep = NEW.seq) AND status = 'waiting'
+            RETURNING queue, status, group_id, queue AS was_queue, 'waiting'::text AS was_status,
+                group_id AS was_group
+        ), {count_moves}
+        DELETE FROM {s}.deps WHERE dep = NEW.seq;
+        PERFORM pg_notify('{channel}', 'e');
+    ELSE
+        WITH moved AS (
+            UPDATE {s}.tasks SET status = 'cancelled', finished_at = coalesce(NEW.finished_at, 0),
+                expires_at = coalesce(NEW.finished_at, 0) + retention,
+                error = format(CASE NEW.status WHEN 'failed' THEN {failed} ELSE {cancelled} END, NEW.id, NEW.name)
+            WHERE seq IN (SELECT task FROM {s}.deps WHERE dep = NEW.seq) AND status = 'waiting'
+            RETURNING queue, status, group_id, queue AS was_queue, 'waiting'::text AS was_status,
+                group_id AS was_group
+        ), {count_moves}
+        DELETE FROM {s}.deps WHERE dep = NEW.seq;
+    END IF;
+    UPDATE {s}.tasks SET dependents = 0 WHERE seq = NEW.seq;
+    RETURN NULL;
+END
+$body$;
+CREATE TRIGGER tasks_settle AFTER UPDATE ON {s}.tasks FOR EACH ROW
+    WHEN (NEW.dependents > 0 AND NEW.status IN ('success', 'failed', 'cancelled'))
+    EXECUTE FUNCTION {s}.settle_dependents();
+""".replace("{count_moves}", COUNT_MOVES).replace("{shard}", SHARD)
 
 # Every statement's {s} is the schema's quoted name.
 TABLES = """
@@ -125,97 +223,23 @@ CREATE TABLE {s}.schedules (
     max_attempts integer NOT NULL,
     retention    double precision
 );
--- The counts: what a statement added (+1 a row) and took away (-1 a row), per queue and state, and
--- per group and state. A group goes with the last of its tasks.
-CREATE FUNCTION {s}.count_tasks() RETURNS trigger LANGUAGE plpgsql AS $body$
-DECLARE
-    done record;
-    my_shard integer := mod(pg_backend_pid(), {shards});
-BEGIN
-    IF TG_OP = 'INSERT' THEN
-        INSERT INTO {s}.counts AS c (queue, status, shard, n)
-            SELECT queue, status, my_shard, count(*) FROM new_rows GROUP BY queue, status
-            ON CONFLICT (queue, status, shard) DO UPDATE SET n = c.n + excluded.n;
-        INSERT INTO {s}.group_counts AS c (group_id, status, shard, n)
-            SELECT group_id, status, my_shard, count(*) FROM new_rows WHERE group_id IS NOT NULL
-            GROUP BY group_id, status
-            ON CONFLICT (group_id, status, shard) DO UPDATE SET n = c.n + excluded.n;
-    ELSIF TG_OP = 'UPDATE' THEN
-        INSERT INTO {s}.counts AS c (queue, status, shard, n)
-            SELECT queue, status, my_shard, sum(d) FROM (
-                SELECT n.queue, n.status, 1 AS d FROM new_rows n JOIN old_rows o USING (seq)
-                    WHERE n.status IS DISTINCT FROM o.status OR n.queue IS DISTINCT FROM o.queue
-                UNION ALL
-                SELECT o.queue, o.status, -1 FROM new_rows n JOIN old_rows o USING (seq)
-                    WHERE n.status IS DISTINCT FROM o.status OR n.queue IS DISTINCT FROM o.queue
-            ) moved GROUP BY queue, status
-            ON CONFLICT (queue, status, shard) DO UPDATE SET n = c.n + excluded.n;
-        INSERT INTO {s}.group_counts AS c (group_id, status, shard, n)
-            SELECT group_id, status, my_shard, sum(d) FROM (
-                SELECT n.group_id, n.status, 1 AS d FROM new_rows n JOIN old_rows o USING (seq)
-                    WHERE n.group_id IS NOT NULL AND (n.status IS DISTINCT FROM o.status
-                                                      OR n.group_id IS DISTINCT FROM o.group_id)
-                UNION ALL
-                SELECT o.group_id, o.status, -1 FROM new_rows n JOIN old_rows o USING (seq)
-                    WHERE o.group_id IS NOT NULL AND (n.status IS DISTINCT FROM o.status
-                                                      OR n.group_id IS DISTINCT FROM o.group_id)
-            ) moved GROUP BY group_id, status
-            ON CONFLICT (group_id, status, shard) DO UPDATE SET n = c.n + excluded.n;
-    ELSE
-        INSERT INTO {s}.counts AS c (queue, status, shard, n)
-            SELECT queue, status, my_shard, -count(*) FROM old_rows GROUP BY queue, status
-            ON CONFLICT (queue, status, shard) DO UPDATE SET n = c.n + excluded.n;
-        INSERT INTO {s}.group_counts AS c (group_id, status, shard, n)
-            SELECT group_id, status, my_shard, -count(*) FROM old_rows WHERE group_id IS NOT NULL
-            GROUP BY group_id, status
-            ON CONFLICT (group_id, status, shard) DO UPDATE SET n = c.n + excluded.n;
-        DELETE FROM {s}.groups g WHERE g.id IN (SELECT DISTINCT group_id FROM old_rows WHERE group_id IS NOT NULL)
-            AND NOT EXISTS (SELECT 1 FROM {s}.tasks t WHERE t.group_id = g.id);
-        DELETE FROM {s}.group_counts gc
-            WHERE gc.group_id IN (SELECT DISTINCT group_id FROM old_rows WHERE group_id IS NOT NULL)
-            AND NOT EXISTS (SELECT 1 FROM {s}.groups g WHERE g.id = gc.group_id);
-    END IF;
-    IF TG_OP <> 'DELETE' THEN
-        -- rules.dependency_finished, on every path that finishes a task (an outcome, a cancel, an
-        -- expired lease), in the transaction that finishes it: a task that succeeded releases the
-        -- tasks waiting for it; one that failed or was cancelled cancels them, which in turn (this
-        -- trigger again) settles the tasks waiting for those.
-        FOR done IN SELECT seq, id, name, status, finished_at FROM new_rows
-                    WHERE dependents > 0 AND status IN ('success', 'failed', 'cancelled') LOOP
-            IF done.status = 'success' THEN
-                UPDATE {s}.tasks SET waiting = waiting - 1,
-                    status = CASE WHEN waiting <= 1 THEN 'pending' ELSE 'waiting' END
-                WHERE seq IN (SELECT task FROM {s}.deps WHERE dep = done.seq) AND status = 'waiting';
-                PERFORM pg_notify('{channel}', 'e');
-            ELSE
-                UPDATE {s}.tasks SET status = 'cancelled', finished_at = coalesce(done.finished_at, 0),
-                    expires_at = coalesce(done.finished_at, 0) + retention,
-                    error = format(CASE done.status WHEN 'failed' THEN {failed} ELSE {cancelled} END,
-                                   done.id, done.name)
-                WHERE seq IN (SELECT task FROM {s}.deps WHERE dep = done.seq) AND status = 'waiting';
-            END IF;
-            DELETE FROM {s}.deps WHERE dep = done.seq;
-            UPDATE {s}.tasks SET dependents = 0 WHERE seq = done.seq;
-        END LOOP;
-    END IF;
-    RETURN NULL;
-END
-$body$;
-CREATE TRIGGER tasks_count_insert AFTER INSERT ON {s}.tasks
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_tasks();
-CREATE TRIGGER tasks_count_update AFTER UPDATE ON {s}.tasks
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_tasks();
-CREATE TRIGGER tasks_count_delete AFTER DELETE ON {s}.tasks
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION {s}.count_tasks();
 -- Facts about the store: its schema version, whether its payloads are signed.
 CREATE TABLE {s}.meta (
     key   text PRIMARY KEY,
     value text NOT NULL
 );
-"""
+""" + TRIGGERS
 
 # Each step takes a schema from the version before it to the next one, in one transaction.
-MIGRATIONS: dict[int, str] = {}
+MIGRATIONS: dict[int, str] = {
+    # 1 -> 2: the counts of inserts and moves go from the statement triggers to the statements.
+    1: """
+DROP TRIGGER tasks_count_insert ON {s}.tasks;
+DROP TRIGGER tasks_count_update ON {s}.tasks;
+DROP TRIGGER tasks_count_delete ON {s}.tasks;
+DROP FUNCTION {s}.count_tasks();
+""" + TRIGGERS,
+}
 
 
 def check_schema_name(schema: str) -> str:
@@ -233,8 +257,11 @@ def channel(schema: str) -> str:
 
 
 def tables(schema: str) -> str:
-    return (TABLES.replace("{s}", f'"{schema}"').replace("{shards}", str(COUNT_SHARDS))
-            .replace("{channel}", channel(schema))
+    return _filled(TABLES, schema)
+
+
+def _filled(ddl: str, schema: str) -> str:
+    return (ddl.replace("{s}", f'"{schema}"').replace("{channel}", channel(schema))
             .replace("{failed}", _error_format(FAILED)).replace("{cancelled}", _error_format(CANCELLED)))
 
 
@@ -268,7 +295,7 @@ async def ensure_schema(session: AsyncSession, schema: str, read_only: bool, whe
                                   ("schema_version", str(SCHEMA_VERSION)))
         else:
             for step in range(version, SCHEMA_VERSION):
-                await session.execute(MIGRATIONS[step].replace("{s}", f'"{schema}"'))
+                await session.execute(_filled(MIGRATIONS[step], schema))
             await session.execute(f'UPDATE "{schema}".meta SET value = %s WHERE key = %s',
                                   (str(SCHEMA_VERSION), "schema_version"))
 

@@ -4,7 +4,8 @@
 statement and schema. Each function takes the session it runs on and the schema. Writes that
 other processes must hear of carry their NOTIFY in the same statement or transaction (``chan``:
 the channel, or None when the backend holds it back to rate-limit); counts and dependencies are
-kept by the schema's triggers (see :mod:`sitq.backends.postgres.schema`).
+written by the statements themselves, in CTEs (``COUNT_ADDED``, ``COUNT_MOVES``), and dependencies
+settled by the schema's trigger (see :mod:`sitq.backends.postgres.schema`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sitq.backends.postgres.driver import AsyncSession
+from sitq.backends.postgres.schema import COUNT_ADDED, COUNT_MOVES, SHARD
 from sitq.backends.rules import (
     LOST_WORKER_LIMIT,
     CancelOutcome,
@@ -64,7 +66,7 @@ def q(statement: str, schema: str) -> str:
 NEW_COLUMNS = "id, name, func, args, signature, max_attempts, eta, enqueued_at, queue, priority, retention, group_id"
 
 # The plain path: tasks with no key and no dependencies are pending. One statement for a whole
-# batch, its NOTIFY included (an idle worker wakes once per batch).
+# batch, its counts and its NOTIFY included (an idle worker wakes once per batch).
 INSERT_PLAIN = f"""
 WITH added AS (
     INSERT INTO {{s}}.tasks (status, {NEW_COLUMNS})
@@ -73,38 +75,54 @@ WITH added AS (
     FROM unnest(%(ids)s::text[], %(args)s::bytea[], %(signatures)s::bytea[]) WITH ORDINALITY
         AS t(id, args, signature, n)
     ORDER BY t.n
-    RETURNING 1
-)
+    RETURNING queue, status, group_id
+), {COUNT_ADDED}
 SELECT count(*), (SELECT pg_notify(%(chan)s::text, 'e') WHERE %(chan)s::text IS NOT NULL) FROM added
 """
 
+# One task of no group, the usual enqueue: the insert and its count, and (in INSERT_ONE_NOTIFY) the
+# NOTIFY, one statement that returns the count's row.
 INSERT_ONE = f"""
 WITH added AS (
-    INSERT INTO {{s}}.tasks (status, {NEW_COLUMNS}) VALUES ('pending', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-    RETURNING 1
+    INSERT INTO {{s}}.tasks (status, {NEW_COLUMNS}) VALUES ('pending', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, NULL)
+    RETURNING queue
 )
-SELECT count(*), (SELECT pg_notify(%s, 'e') WHERE %s::text IS NOT NULL) FROM added
+INSERT INTO {{s}}.counts AS c (queue, status, shard, n) SELECT queue, 'pending', {SHARD}, 1 FROM added
+ON CONFLICT (queue, status, shard) DO UPDATE SET n = c.n + 1
 """
+
+INSERT_ONE_NOTIFY = INSERT_ONE + "RETURNING pg_notify(%s, 'e')\n"
 
 ADD_GROUP = "INSERT INTO {s}.groups (id, name, created_at) VALUES (%s, %s, %s) ON CONFLICT (id) DO NOTHING"
 
 FULL_COLUMNS = f"status, {NEW_COLUMNS}, key, waiting, error, finished_at, expires_at"
 
-INSERT_FULL = f"INSERT INTO {{s}}.tasks ({FULL_COLUMNS}) VALUES ({', '.join(['%s'] * 18)}) RETURNING seq"
+INSERT_FULL = f"""
+WITH added AS (
+    INSERT INTO {{s}}.tasks ({FULL_COLUMNS}) VALUES ({', '.join(['%s'] * 18)})
+    RETURNING seq, queue, status, group_id
+), {COUNT_ADDED}
+SELECT seq FROM added
+"""
 
-INSERT_IF_ABSENT = INSERT_FULL.replace(" RETURNING seq", " ON CONFLICT (id) DO NOTHING RETURNING seq")
+INSERT_IF_ABSENT = INSERT_FULL.replace("\n    RETURNING seq,", "\n    ON CONFLICT (id) DO NOTHING RETURNING seq,")
 
 SELECT_KEYED = "SELECT seq, status, expires_at FROM {s}.tasks WHERE id = %s FOR UPDATE"
 
 # A keyed task enqueued again that had failed, was cancelled or expired (rules.keyed_enqueue) runs
 # again in its place, with the new payload: its id, and so every handle on it, stays the same.
-RESET_KEYED = """
-UPDATE {s}.tasks SET status = %s, name = %s, func = %s, args = %s, signature = %s, max_attempts = %s, eta = %s,
-    enqueued_at = %s, queue = %s, priority = %s, retention = %s, group_id = %s, key = %s, waiting = %s, error = %s,
-    finished_at = %s, expires_at = %s, started_at = NULL, attempts = 0, worker_id = NULL, lease_until = NULL,
-    value = NULL, value_signature = NULL, traceback = NULL, output = NULL, progress_done = NULL,
-    progress_total = NULL, progress_message = NULL, lost = 0, cancel_requested = false
-WHERE seq = %s
+RESET_KEYED = f"""
+WITH was AS (SELECT seq, queue, status, group_id FROM {{s}}.tasks WHERE seq = %s), moved AS (
+    UPDATE {{s}}.tasks t SET status = %s, name = %s, func = %s, args = %s, signature = %s, max_attempts = %s,
+        eta = %s, enqueued_at = %s, queue = %s, priority = %s, retention = %s, group_id = %s, key = %s, waiting = %s,
+        error = %s, finished_at = %s, expires_at = %s, started_at = NULL, attempts = 0, worker_id = NULL,
+        lease_until = NULL, value = NULL, value_signature = NULL, traceback = NULL, output = NULL,
+        progress_done = NULL, progress_total = NULL, progress_message = NULL, lost = 0, cancel_requested = false
+    FROM was WHERE t.seq = was.seq
+    RETURNING t.queue, t.status, t.group_id, was.queue AS was_queue, was.status AS was_status,
+        was.group_id AS was_group
+), {COUNT_MOVES}
+SELECT count(*) FROM moved
 """
 
 DROP_OWN_EDGES = "DELETE FROM {s}.deps WHERE task = %s"
@@ -125,24 +143,27 @@ NOTIFY = "SELECT pg_notify(%s, %s)"
 # nothing running, `alone`, takes one) if one is ready, else up to `limit` ready tasks; the second
 # scan runs only when the first found none. ARRAY(...) runs each subquery once (as
 # `seq IN (subquery)` the planner may run it again for every row).
-CLAIM = """
+CLAIM = f"""
 WITH suspect AS MATERIALIZED (
     SELECT ARRAY(
-        SELECT seq FROM {s}.tasks
-        WHERE status = 'pending' AND lost > 0 AND eta <= %(now)s {queues}
+        SELECT seq FROM {{s}}.tasks
+        WHERE status = 'pending' AND lost > 0 AND eta <= %(now)s {{queues}}
         ORDER BY priority DESC, eta, seq LIMIT CASE WHEN %(alone)s THEN 1 ELSE 0 END
         FOR UPDATE SKIP LOCKED
     ) AS seqs
-)
-UPDATE {s}.tasks SET status = 'running', worker_id = %(worker)s, started_at = %(now)s, lease_until = %(lease)s,
-    attempts = attempts + 1, progress_done = NULL, progress_total = NULL, progress_message = NULL
-WHERE seq = ANY(CASE WHEN (SELECT cardinality(seqs) FROM suspect) > 0 THEN (SELECT seqs FROM suspect) ELSE ARRAY(
-    SELECT seq FROM {s}.tasks
-    WHERE status = 'pending' AND lost = 0 AND eta <= %(now)s {queues}
-    ORDER BY priority DESC, eta, seq LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-) END) AND status = 'pending'
-RETURNING seq, id, name, func, args, signature, attempts, lost
+), moved AS (
+    UPDATE {{s}}.tasks SET status = 'running', worker_id = %(worker)s, started_at = %(now)s, lease_until = %(lease)s,
+        attempts = attempts + 1, progress_done = NULL, progress_total = NULL, progress_message = NULL
+    WHERE seq = ANY(CASE WHEN (SELECT cardinality(seqs) FROM suspect) > 0 THEN (SELECT seqs FROM suspect) ELSE ARRAY(
+        SELECT seq FROM {{s}}.tasks
+        WHERE status = 'pending' AND lost = 0 AND eta <= %(now)s {{queues}}
+        ORDER BY priority DESC, eta, seq LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) END) AND status = 'pending'
+    RETURNING seq, id, name, func, args, signature, attempts, lost, queue, status, group_id, queue AS was_queue,
+        'pending'::text AS was_status, group_id AS was_group
+), {COUNT_MOVES}
+SELECT seq, id, name, func, args, signature, attempts, lost FROM moved
 """
 
 IN_QUEUES = "AND queue = ANY(%(queues)s)"
@@ -156,7 +177,7 @@ WITH v AS (
     SELECT * FROM {{rows}}
     AS v(seq, attempts, kind, finished_at, retry_at, value, value_signature, error, traceback, output, done, total,
          message)
-), stored AS (
+), moved AS (
     UPDATE {{s}}.tasks t SET
         status = CASE WHEN v.kind <> 'retry' THEN v.kind WHEN t.cancel_requested THEN 'cancelled' ELSE 'pending' END,
         finished_at = CASE WHEN v.kind <> 'retry' OR t.cancel_requested THEN v.finished_at END,
@@ -173,12 +194,13 @@ WITH v AS (
                                 ELSE coalesce(v.message, t.progress_message) END
     FROM v
     WHERE t.seq = v.seq AND t.attempts = v.attempts AND t.status = 'running' AND t.worker_id = %(worker)s
-    RETURNING t.seq, t.id
-)
+    RETURNING t.seq, t.id, t.queue, t.status, t.group_id, t.queue AS was_queue, 'running'::text AS was_status,
+        t.group_id AS was_group
+), {COUNT_MOVES}
 SELECT seq, (SELECT pg_notify(%(chan)s::text, CASE WHEN sum(octet_length(id) + 1) > {PAYLOAD_BYTES} THEN 'f'
                                             ELSE 'f:' || string_agg(id, ',') END)
-             FROM stored WHERE %(chan)s::text IS NOT NULL HAVING count(*) > 0)
-FROM stored
+             FROM moved WHERE %(chan)s::text IS NOT NULL HAVING count(*) > 0)
+FROM moved
 """
 
 FINISH = _FINISH.replace("{rows}", """unnest(%(seqs)s::bigint[], %(attempts)s::integer[], %(kinds)s::text[],
@@ -200,21 +222,25 @@ SELECT seq FROM {s}.tasks WHERE seq = ANY(%s) AND worker_id = %s AND status <> '
 
 # After a lost connection: the tasks a claim at `now` marked running for this worker, whose answer
 # never came. They go back, as if never claimed, before the claim is tried again.
-UNDO_CLAIM = """
-UPDATE {s}.tasks SET status = 'pending', worker_id = NULL, lease_until = NULL, started_at = NULL,
-    attempts = attempts - 1
-WHERE status = 'running' AND worker_id = %s AND started_at = %s
+UNDO_CLAIM = f"""
+WITH moved AS (
+    UPDATE {{s}}.tasks SET status = 'pending', worker_id = NULL, lease_until = NULL, started_at = NULL,
+        attempts = attempts - 1
+    WHERE status = 'running' AND worker_id = %s AND started_at = %s
+    RETURNING queue, status, group_id, queue AS was_queue, 'running'::text AS was_status, group_id AS was_group
+), {COUNT_MOVES}
+SELECT count(*) FROM moved
 """
 
-RELEASE = """
-WITH released AS (
-    UPDATE {s}.tasks SET status = 'pending', worker_id = NULL, lease_until = NULL, started_at = NULL,
+RELEASE = f"""
+WITH moved AS (
+    UPDATE {{s}}.tasks SET status = 'pending', worker_id = NULL, lease_until = NULL, started_at = NULL,
         attempts = attempts - 1
     WHERE seq = ANY(%(seqs)s) AND status = 'running' AND worker_id = %(worker)s
         AND (seq, attempts) IN (SELECT * FROM unnest(%(seqs)s::bigint[], %(attempts)s::integer[]))
-    RETURNING seq
-)
-SELECT seq, (SELECT pg_notify(%(chan)s::text, 'e') FROM released HAVING count(*) > 0) FROM released
+    RETURNING seq, queue, status, group_id, queue AS was_queue, 'running'::text AS was_status, group_id AS was_group
+), {COUNT_MOVES}
+SELECT seq, (SELECT pg_notify(%(chan)s::text, 'e') FROM moved HAVING count(*) > 0) FROM moved
 """
 
 SUSPECTS_WAITING = """
@@ -245,40 +271,42 @@ RENEW = "UPDATE {s}.tasks SET lease_until = %s WHERE worker_id = %s AND status =
 # for, failed on their LOST_WORKER_LIMIT-th lost worker, else claimable again as suspects. One
 # sweeper at a time, whoever takes the try-lock; the others find it taken and move on. One
 # statement, so that no process can be stopped between its parts with the lock held.
-SWEEP = """
+SWEEP = f"""
 WITH sweeper AS (SELECT pg_try_advisory_xact_lock(hashtextextended(%(key)s, 0)) AS taken),
 cancelled AS (
-    UPDATE {s}.tasks SET status = 'cancelled', finished_at = %(now)s, expires_at = %(now)s + retention,
+    UPDATE {{s}}.tasks SET status = 'cancelled', finished_at = %(now)s, expires_at = %(now)s + retention,
         lease_until = NULL
     WHERE status = 'running' AND lease_until < %(now)s AND cancel_requested AND (SELECT taken FROM sweeper)
-    RETURNING 1
+    RETURNING queue, status, group_id
 ), failed AS (
-    UPDATE {s}.tasks SET status = 'failed', finished_at = %(now)s, expires_at = %(now)s + retention,
+    UPDATE {{s}}.tasks SET status = 'failed', finished_at = %(now)s, expires_at = %(now)s + retention,
         lease_until = NULL, error = %(error)s, traceback = NULL
     WHERE status = 'running' AND lease_until < %(now)s AND NOT cancel_requested AND lost + 1 >= %(limit)s
         AND (SELECT taken FROM sweeper)
-    RETURNING 1
+    RETURNING queue, status, group_id
 ), requeued AS (
-    UPDATE {s}.tasks SET status = 'pending', worker_id = NULL, lease_until = NULL, lost = lost + 1
+    UPDATE {{s}}.tasks SET status = 'pending', worker_id = NULL, lease_until = NULL, lost = lost + 1
     WHERE status = 'running' AND lease_until < %(now)s AND NOT cancel_requested AND lost + 1 < %(limit)s
         AND (SELECT taken FROM sweeper)
-    RETURNING 1
-), swept AS (
-    SELECT (SELECT count(*) FROM cancelled) + (SELECT count(*) FROM failed) + (SELECT count(*) FROM requeued) AS n
-)
-SELECT n, (SELECT pg_notify(%(chan)s::text, 'e') WHERE n > 0) FROM swept
+    RETURNING queue, status, group_id
+), moved AS (
+    SELECT queue, status, group_id, queue AS was_queue, 'running'::text AS was_status, group_id AS was_group
+    FROM (SELECT * FROM cancelled UNION ALL SELECT * FROM failed UNION ALL SELECT * FROM requeued) swept
+), {COUNT_MOVES}
+SELECT n, (SELECT pg_notify(%(chan)s::text, 'e') WHERE n > 0) FROM (SELECT count(*) AS n FROM moved) swept
 """
 
 # rules.cancel: pending or waiting -> cancelled now; running -> a request for its worker.
-CANCEL = """
-WITH found AS (SELECT seq, status FROM {s}.tasks WHERE id = %(id)s FOR UPDATE),
-cancelled AS (
-    UPDATE {s}.tasks t SET status = 'cancelled', finished_at = %(now)s, expires_at = %(now)s + t.retention
-    FROM found WHERE t.seq = found.seq AND found.status IN ('pending', 'waiting') RETURNING t.seq
+CANCEL = f"""
+WITH found AS (SELECT seq, status FROM {{s}}.tasks WHERE id = %(id)s FOR UPDATE),
+moved AS (
+    UPDATE {{s}}.tasks t SET status = 'cancelled', finished_at = %(now)s, expires_at = %(now)s + t.retention
+    FROM found WHERE t.seq = found.seq AND found.status IN ('pending', 'waiting')
+    RETURNING t.queue, t.status, t.group_id, t.queue AS was_queue, found.status AS was_status, t.group_id AS was_group
 ), requested AS (
-    UPDATE {s}.tasks t SET cancel_requested = true
+    UPDATE {{s}}.tasks t SET cancel_requested = true
     FROM found WHERE t.seq = found.seq AND found.status = 'running' RETURNING t.seq
-)
+), {COUNT_MOVES}
 SELECT found.status FROM found
 """
 
@@ -287,14 +315,15 @@ SELECT id FROM {s}.tasks WHERE worker_id = %s AND status = 'running' AND cancel_
 """
 
 # rules.retry: a failed or cancelled task runs once more.
-RETRY_BY_HAND = """
-WITH found AS (SELECT seq, id, status FROM {s}.tasks WHERE id = ANY(%(ids)s) FOR UPDATE),
-retried AS (
-    UPDATE {s}.tasks t SET status = 'pending', eta = %(now)s, max_attempts = t.attempts + 1, finished_at = NULL,
+RETRY_BY_HAND = f"""
+WITH found AS (SELECT seq, id, status FROM {{s}}.tasks WHERE id = ANY(%(ids)s) FOR UPDATE),
+moved AS (
+    UPDATE {{s}}.tasks t SET status = 'pending', eta = %(now)s, max_attempts = t.attempts + 1, finished_at = NULL,
         expires_at = NULL, worker_id = NULL, lease_until = NULL, value = NULL, value_signature = NULL, error = NULL,
         traceback = NULL, output = NULL, lost = 0, cancel_requested = false, waiting = 0
-    FROM found WHERE t.seq = found.seq AND found.status IN ('failed', 'cancelled') RETURNING t.seq
-)
+    FROM found WHERE t.seq = found.seq AND found.status IN ('failed', 'cancelled')
+    RETURNING t.queue, t.status, t.group_id, t.queue AS was_queue, found.status AS was_status, t.group_id AS was_group
+), {COUNT_MOVES}
 SELECT id, status FROM found
 """
 
@@ -454,8 +483,12 @@ async def insert_plain(db: AsyncSession, s: str, tasks: Sequence[NewTask], chan:
     """The plain path: one statement for one task, or for a batch of one function."""
     if len(tasks) == 1 and tasks[0].group_id is None:
         t = tasks[0]
-        await db.fetch(q(INSERT_ONE, s), (t.task_id, t.name, t.func, t.args, t.signature, t.max_attempts, t.eta,
-                                          t.enqueued_at, t.queue, t.priority, t.retention, t.group_id, chan, chan))
+        row = (t.task_id, t.name, t.func, t.args, t.signature, t.max_attempts, t.eta, t.enqueued_at, t.queue,
+               t.priority, t.retention)
+        if chan is None:
+            await db.execute(q(INSERT_ONE, s), row)
+        else:
+            await db.fetch(q(INSERT_ONE_NOTIFY, s), (*row, chan))
         return [Enqueued.INSERTED]
     async with db.transaction():
         for group_id, (name, created) in _groups(tasks).items():
@@ -534,7 +567,7 @@ async def _store_new(
     outcome = Enqueued.EXISTING if if_absent else keyed_enqueue(TaskStatus.read(status), expired, task.replace_failed)
     if outcome is Enqueued.REPLACED:
         await db.execute(q(DROP_OWN_EDGES, s), (seq,))
-        await db.execute(q(RESET_KEYED, s), (*row[:1], *row[2:], seq))
+        await db.fetch(q(RESET_KEYED, s), (seq, *row[:1], *row[2:]))
     return outcome, seq
 
 
