@@ -92,3 +92,20 @@ def test_bad_addresses_and_schema_names_are_refused_with_a_reason():
         PostgresBackend("postgresql://postgres:pw-hidden@127.0.0.1/test?bogus=1")
     except ValueError as exc:
         assert "pw-hidden" not in str(exc)
+
+
+def test_a_version_1_queue_is_read_as_it_is_and_upgraded_when_written_to(target):
+    schema = open_backend(target).schema
+    asyncio.run(opened(target))
+    sql(f'DROP INDEX "{schema}".tasks_loose')
+    sql(f'UPDATE "{schema}".meta SET value = %s WHERE key = %s', ("1", "schema_version"))
+
+    def version_and_index():
+        (version,), = sql(f'SELECT value FROM "{schema}".meta WHERE key = %s', ("schema_version",))
+        return version, sql("SELECT count(*) FROM pg_indexes WHERE schemaname = %s AND indexname = 'tasks_loose'",
+                            (schema,))[0][0]
+
+    assert asyncio.run(opened(target, read_only=True)).total == 0
+    assert version_and_index() == ("1", 0)  # a look changes nothing
+    asyncio.run(opened(target))
+    assert version_and_index() == (str(SCHEMA_VERSION), 1)

@@ -25,7 +25,7 @@ from sitq.errors import BackendError, SchemaVersionError
 
 __all__ = ["SCHEMA_VERSION", "DEFAULT_SCHEMA", "COUNT_SHARDS", "check_schema_name", "channel", "ensure_schema"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_SCHEMA = "sitq"
 COUNT_SHARDS = 16
 
@@ -69,8 +69,9 @@ CREATE TABLE {s}.tasks (
     waiting          integer NOT NULL DEFAULT 0,  -- tasks it runs after that have not succeeded yet
     dependents       integer NOT NULL DEFAULT 0   -- more than 0: tasks run after it, to settle once it finishes
 );
--- An insert touches the table, the id index and tasks_ready only; the other indexes are partial,
--- on rows few writes touch (running, waiting, failed, suspect, grouped, expiring rows).
+-- An insert touches the table, the id index and tasks_ready only (a task of no group tasks_loose
+-- too); the other indexes are partial, on rows few writes touch (running, waiting, failed, suspect,
+-- grouped, expiring rows).
 -- The claim, in claim order: highest priority first, then oldest eta, then enqueue order.
 CREATE INDEX tasks_ready ON {s}.tasks (priority DESC, eta, seq) WHERE status = 'pending' AND lost = 0;
 CREATE INDEX tasks_suspects ON {s}.tasks (priority DESC, eta, seq) WHERE status = 'pending' AND lost > 0;
@@ -79,6 +80,7 @@ CREATE INDEX tasks_waiting ON {s}.tasks (seq) WHERE status = 'waiting';
 CREATE INDEX tasks_failed ON {s}.tasks (seq) WHERE status = 'failed';
 CREATE INDEX tasks_cancelled ON {s}.tasks (seq) WHERE status = 'cancelled';
 CREATE INDEX tasks_members ON {s}.tasks (group_id, seq) WHERE group_id IS NOT NULL;
+{loose}
 CREATE INDEX tasks_expiry ON {s}.tasks (expires_at) WHERE expires_at IS NOT NULL;
 CREATE INDEX tasks_unsettled ON {s}.tasks (seq)
     WHERE dependents > 0 AND status IN ('success', 'failed', 'cancelled');
@@ -214,8 +216,14 @@ CREATE TABLE {s}.meta (
 );
 """
 
+# Version 2: the tasks of no group by state, in enqueue order, so that a board finds the few beside
+# a big group without reading the group's rows. Running rows are left out: a claim adds nothing to
+# it (the running are found in tasks_running), so a loose task is entered when it is stored and
+# when it finishes, and a grouped one never.
+LOOSE = "CREATE INDEX tasks_loose ON {s}.tasks (status, seq) WHERE group_id IS NULL AND status <> 'running';"
+
 # Each step takes a schema from the version before it to the next one, in one transaction.
-MIGRATIONS: dict[int, str] = {}
+MIGRATIONS: dict[int, str] = {1: LOOSE}
 
 
 def check_schema_name(schema: str) -> str:
@@ -233,7 +241,7 @@ def channel(schema: str) -> str:
 
 
 def tables(schema: str) -> str:
-    return (TABLES.replace("{s}", f'"{schema}"').replace("{shards}", str(COUNT_SHARDS))
+    return (TABLES.replace("{loose}", LOOSE).replace("{s}", f'"{schema}"').replace("{shards}", str(COUNT_SHARDS))
             .replace("{channel}", channel(schema))
             .replace("{failed}", _error_format(FAILED)).replace("{cancelled}", _error_format(CANCELLED)))
 
@@ -252,7 +260,7 @@ async def ensure_schema(session: AsyncSession, schema: str, read_only: bool, whe
     ``where`` names the store in messages (its address, password masked).
     """
     version = await _version(session, schema, where)
-    if version == SCHEMA_VERSION:
+    if version == SCHEMA_VERSION or (read_only and version):  # version 1 lacks an index only: read as it is
         return
     if read_only:
         raise BackendError(
