@@ -370,16 +370,14 @@ class TaskQueue:
         limit: int = 100,
         offset: int = 0,
         newest_first: bool = True,
-        scan: int | None = None,
     ) -> list[TaskInfo]:
         """Tasks in ``status`` (one state or several), ``queue`` and ``group`` (None: any), newest
         first unless ``newest_first`` is false, skipping ``offset``, at most ``limit``. With
-        ``ungrouped``, only tasks that belong to no group (``queue`` and ``group`` must be None),
-        and with ``scan`` too, only those among the ``scan`` newest tasks (oldest, if not
-        ``newest_first``) of any state or group: a cost that does not grow with the groups beside
-        them, where :meth:`count_ungrouped` says how many there are in all."""
+        ``ungrouped``, only tasks that belong to no group (``queue`` and ``group`` must be None):
+        with a ``status``, found at a cost that does not grow with the groups beside them, and
+        :meth:`count_ungrouped` says how many there are in all."""
         statuses = _statuses(status)
-        for label, number in (("limit", limit), ("offset", offset), ("scan", 0 if scan is None else scan)):
+        for label, number in (("limit", limit), ("offset", offset)):
             if isinstance(number, bool) or not isinstance(number, int) or number < 0:
                 raise InvalidTaskError(f"list_tasks({label}=...) takes a whole number >= 0, not {number!r}")
         backend = await self._ready()
@@ -387,12 +385,8 @@ class TaskQueue:
             if queue is not None or group is not None:
                 raise InvalidTaskError("list_tasks(ungrouped=True) lists the tasks of no group in any queue; "
                                        "leave queue and group out")
-            return await backend.find_ungrouped(
-                statuses=statuses, limit=limit, offset=offset, newest_first=newest_first, scan=scan
-            )
-        if scan is not None:
-            raise InvalidTaskError("list_tasks(scan=...) bounds a search for the tasks of no group; "
-                                   "pass ungrouped=True with it")
+            return await backend.find_ungrouped(statuses=statuses, limit=limit, offset=offset,
+                                                newest_first=newest_first)
         return await backend.find_tasks(
             statuses=statuses, queue=queue, group_id=group, limit=limit, offset=offset, newest_first=newest_first
         )

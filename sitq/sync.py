@@ -223,12 +223,11 @@ class SyncTaskQueue:
         limit: int = 100,
         offset: int = 0,
         newest_first: bool = True,
-        scan: int | None = None,
     ) -> list[TaskInfo]:
         """Tasks by state, queue and group, newest first; see :meth:`TaskQueue.list_tasks`."""
         return self._loop.run(self.queue.list_tasks(
             status, queue=queue, group=group, ungrouped=ungrouped, limit=limit, offset=offset,
-            newest_first=newest_first, scan=scan,
+            newest_first=newest_first,
         ))
 
     def count_ungrouped(self) -> dict[str, int]:

@@ -1124,22 +1124,43 @@ def test_ungrouped_tasks_are_listed_without_the_groups(store, way, run):
 
 
 @pytest.mark.parametrize("way", list(GROUP_WAYS))
-def test_a_bounded_search_for_ungrouped_tasks_looks_at_the_newest_tasks_only(store, way, run):
-    """``scan``: a board beside a group of a million pending tasks reads a fixed number of rows."""
+def test_ungrouped_tasks_behind_a_big_group_are_found_in_every_state(store, way, run):
+    """A board lists the loose tasks wherever they are: here stored before a group of 3,000 whose
+    members are in the same states (a backend finds them without reading the group's rows)."""
 
     async def go():
-        loose = new_tasks(3, NOW)
-        await store.enqueue(loose[:2] + new_tasks(700, NOW, group_id="g") + loose[2:])
+        loose = new_tasks(5, NOW) + new_tasks(1, NOW, eta=NOW + 3600)  # the last: pending, not due
+        await store.enqueue(loose)
+        claimed = await store.claim("w", 4, NOW, NOW + LEASE)  # loose 0-3
+        await store.finish("w", [typical_outcome(claimed[0], OutcomeKind.SUCCESS, NOW + 1),
+                                 typical_outcome(claimed[1], OutcomeKind.FAILED, NOW + 1)])
+        await store.cancel(loose[4].task_id, NOW + 1)
+        group = new_tasks(3000, NOW, group_id="g")
+        await store.enqueue(group)
+        members = await store.claim("w", 4, NOW + 2, NOW + LEASE)  # so the group has every state too
+        await store.finish("w", [typical_outcome(members[0], OutcomeKind.SUCCESS, NOW + 3),
+                                 typical_outcome(members[1], OutcomeKind.FAILED, NOW + 3)])
+        await store.cancel(group[-1].task_id, NOW + 3)
         find = GROUP_WAYS[way](store, "find_ungrouped")
         ids = [t.task_id for t in loose]
-        assert [i.task_id for i in await find(scan=10)] == [ids[2]]  # the two older ones are behind the group
-        assert [i.task_id for i in await find(scan=702)] == [ids[2], ids[1]]
-        assert [i.task_id for i in await find(scan=702, offset=1)] == [ids[1]]
-        assert [i.task_id for i in await find(scan=10_000, limit=2)] == [ids[2], ids[1]]
-        assert [i.task_id for i in await find(scan=10, newest_first=False)] == [ids[0], ids[1]]
-        assert [i.task_id for i in await find(statuses=["pending"], scan=1)] == [ids[2]]
-        assert await find(statuses=["running", "failed"], scan=10_000) == []
-        assert await find(scan=0) == []
+
+        async def found(*states, **options):
+            return [i.task_id for i in await find(statuses=list(states), **options)]
+
+        assert await found("pending") == [ids[5]]
+        assert await found("running") == [ids[3], ids[2]]
+        assert await found("failed") == [ids[1]]
+        assert await found("success", "cancelled", "pending") == [ids[5], ids[4], ids[0]]
+        assert await found("success", "cancelled", "pending", offset=1, limit=1) == [ids[4]]
+        assert await found("success", "cancelled", "pending", newest_first=False) == [ids[0], ids[4], ids[5]]
+        assert await found(*STATES, limit=4) == [ids[5], ids[4], ids[3], ids[2]]
+        assert await found("running", "failed", newest_first=False, offset=1) == [ids[2], ids[3]]
+        assert await found("waiting") == [] and await found() == [] and await found("pending", limit=0) == []
+        # a task that moves (retried, finished) moves in the search too
+        await store.finish("w", [typical_outcome(claimed[2], OutcomeKind.SUCCESS, NOW + 4)])
+        assert await found("success") == [ids[2], ids[0]] and await found("running") == [ids[3]]
+        assert (await store.retry([ids[1]], NOW + 5))[ids[1]] is not None
+        assert await found("failed") == [] and await found("pending") == [ids[5], ids[1]]
 
     run(go())
 

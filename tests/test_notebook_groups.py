@@ -15,7 +15,7 @@ pytest.importorskip("ipywidgets")
 
 import sitq
 import sitq.notebook as sn
-from sitq.notebook import refresher, runtime
+from sitq.notebook import runtime
 from sitq.notebook.refresher import GroupWatch
 from sitq.notebook.render import group_html, table_html
 from sitq.notebook.rows import GroupRow, TaskRow
@@ -160,33 +160,24 @@ def test_group_rows_summarise_rate_and_time_left():
     assert 'class="sitq-row sitq-group-row"' in table and "other tasks 1–20" in visible_text(table)
 
 
-def test_the_board_looks_for_loose_tasks_among_the_newest_only_and_counts_the_others(rt, monkeypatch):
-    monkeypatch.setattr(refresher, "BOARD_SCAN", 50)
-    searched = []
-    find = rt.queue.backend.find_ungrouped
-
-    async def spy(**kwargs):
-        searched.append(kwargs["scan"])
-        return await find(**kwargs)
-
-    monkeypatch.setattr(rt.queue.backend, "find_ungrouped", spy)
+def test_the_board_lists_loose_tasks_stored_before_a_big_group(rt):
     early = [sn.submit(square, i, eta=dt.timedelta(hours=1)) for i in range(2)]  # pending for an hour, behind the group
-    busy = sn.map(gated, range(200))
+    busy = sn.map(gated, range(2000))
     late = sn.submit(square, 9, eta=dt.timedelta(hours=1))
     busy.stored(30)
     counts, rows, page, newer, older = rt.run(rt.refresher.board_rows(20))
     loose = [r.task_id for r in rows if isinstance(r, TaskRow)]
-    assert loose == [late.task_id] and not newer and not older
-    assert page == "other tasks 1–1 of 3, newest first; 2 older, not listed"
-    assert counts["pending"] >= 198 + 3 and sum(isinstance(r, GroupRow) for r in rows) == 1
-    assert searched and all(scan is not None and scan <= 50 + 20 for scan in searched)  # never the whole group
-    late.cancel()
-    *_, page, _, _ = rt.run(rt.refresher.board_rows(20, page=1))
-    assert page == "no more tasks"
+    assert loose == [late.task_id, early[1].task_id, early[0].task_id] and not newer and not older
+    assert page == "" and sum(isinstance(r, GroupRow) for r in rows) == 1
+    assert counts["pending"] >= 1998 + 3
+    *_, rows, page, newer, older = rt.run(rt.refresher.board_rows(2, page=1))  # pages of two
+    assert [r.task_id for r in rows if isinstance(r, TaskRow)] == [early[0].task_id]
+    assert page == "other tasks 3–3 of 3, newest first" and newer and not older
     for task in early:
         task.cancel()
-    *_, page, _, _ = rt.run(rt.refresher.board_rows(20))
-    assert page == "other tasks 1–1 of 3, newest first; 2 older, not listed"  # cancelled now, still behind it
+    *_, rows, page, _, older = rt.run(rt.refresher.board_rows(2))
+    assert [r.task_id for r in rows if isinstance(r, TaskRow)] == [late.task_id, early[1].task_id]
+    assert page == "other tasks 1–2 of 3, newest first" and older  # cancelled now, still listed
     busy.cancel()
 
 

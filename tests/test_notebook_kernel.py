@@ -316,3 +316,19 @@ def test_a_group_widget_shows_no_more_running_than_the_worker_has_slots(tmp_path
     shown = visible_text(header)  # one run per free slot: with processes, both may be in one process's run
     assert store == "10" and re.search(r"\b[12] running", shown) and "10 running" not in shown
     assert outputs_text(nb.cells[4]) == "9\n"
+
+
+def test_the_board_lists_loose_tasks_stored_before_a_map_of_100000(tmp_path):
+    nb = execute(new_notebook(
+        "%load_ext sitq\n%sitq start loose.db --concurrency 2",
+        GROUP_WORK + WAIT_UNTIL,
+        "loose = [sitq.notebook.submit(work, x) for x in range(5)]\n[h.result(30) for h in loose[:3]]",
+        "import datetime as dt\nbig = sitq.notebook.map(work, range(100_000), eta=dt.timedelta(hours=1))\n"
+        "big.stored(60)\nboard = sitq.notebook.board()\nboard",
+        "wait_until(lambda: board.table.value.count('class=\"sitq-row\"') == 5)\n"
+        "print(sorted(h.task_id[-8:] in board.table.value for h in loose), big.counts['pending'])",
+        "big.cancel()\n%sitq stop",
+    ), tmp_path)
+    assert outputs_text(nb.cells[4]) == "[True, True, True, True, True] 100000\n"
+    table = next(s["value"] for s in models(nb, "HTMLModel") if "sitq-group-row" in s["value"])
+    assert table.count('class="sitq-row"') == 5 and table.count("sitq-group-row") == 1

@@ -149,6 +149,33 @@ def test_a_version_1_file_is_upgraded_with_its_tasks(db_path, run):
     conn.close()
 
 
+def test_a_version_3_file_is_read_as_it_is_and_gets_its_index_when_written_to(db_path, run):
+    async def enqueue():
+        async with TaskQueue(SQLiteBackend(db_path)) as queue:
+            return await queue.enqueue(taskfuncs.add, 2, 3)
+
+    task_id = run(enqueue())
+    conn = sqlite3.connect(db_path)
+    conn.execute("DROP INDEX sitq_loose")
+    conn.execute("PRAGMA user_version = 3")
+    conn.commit()
+    conn.close()
+
+    def version_and_index():
+        conn = sqlite3.connect(db_path)
+        try:
+            return conn.execute("PRAGMA user_version").fetchone()[0], conn.execute(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'sitq_loose'").fetchone()[0]
+        finally:
+            conn.close()
+
+    status = subprocess.run(sitq_command("status", str(db_path)), capture_output=True, text=True, env=worker_env())
+    assert status.returncode == 0 and task_id[-8:] in status.stdout
+    assert version_and_index() == (3, 0)  # a look changes nothing
+    run(enqueue())
+    assert version_and_index() == (SCHEMA_VERSION, 1)
+
+
 def race_to_create(folder, rounds, barrier, errors):
     """In a process of its own: each round, open the same new file together with the other racers."""
     import asyncio

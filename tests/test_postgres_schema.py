@@ -144,6 +144,24 @@ def test_a_version_1_queue_is_migrated_on_first_use_and_its_counts_stay_exact(ta
     triggers = sql("SELECT tgname FROM pg_trigger WHERE tgrelid = %s::regclass AND NOT tgisinternal ORDER BY 1",
                    (f'"{schema}".tasks',))
     assert triggers == [("tasks_count_delete",), ("tasks_settle",)]
+    assert sql("SELECT count(*) FROM pg_indexes WHERE schemaname = %s AND indexname = 'tasks_loose'",
+               (schema,)) == [(1,)]
     kept, truth = counts_and_truth(schema)
     assert kept == truth
     assert (overview.total, overview.counts["running"], overview.counts["success"]) == (9, 2, 2)
+
+
+def test_a_version_1_queue_is_read_as_it_is_and_upgraded_when_written_to(target):
+    schema = open_backend(target).schema
+    sql(schema_module._filled(V1_TABLES.read_text(), schema).replace("{shards}", str(COUNT_SHARDS)), None)
+    sql(f'INSERT INTO "{schema}".meta VALUES (%s, %s)', ("schema_version", "1"))
+
+    def version_and_index():
+        (version,), = sql(f'SELECT value FROM "{schema}".meta WHERE key = %s', ("schema_version",))
+        return version, sql("SELECT count(*) FROM pg_indexes WHERE schemaname = %s AND indexname = 'tasks_loose'",
+                            (schema,))[0][0]
+
+    assert asyncio.run(opened(target, read_only=True)).total == 0
+    assert version_and_index() == ("1", 0)  # a look changes nothing
+    asyncio.run(opened(target))
+    assert version_and_index() == (str(SCHEMA_VERSION), 1)

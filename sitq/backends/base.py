@@ -266,43 +266,34 @@ class Backend:
         limit: int = 100,
         offset: int = 0,
         newest_first: bool = True,
-        scan: int | None = None,
     ) -> list[TaskInfo]:
         """Tasks in ``statuses`` (None: any) that belong to no group, as :meth:`find_tasks` lists them:
-        a board shows each group as one row and lists the other tasks beside it.
-
-        With ``scan``, only the ``scan`` newest tasks of the store (the oldest, if ``newest_first``
-        is false) are looked at, whatever their state or group, so the cost is bounded even beside
-        a group of a million tasks in those states; tasks of no group behind them are not listed
-        (:meth:`count_ungrouped` says how many there are in all).
+        a board shows each group as one row and lists the other tasks beside it. With ``statuses``,
+        a backend finds them at a cost that does not grow with the groups' tasks (an index of the
+        tasks of no group), so a board lists five loose tasks beside a group of a million.
 
         This base reads :meth:`find_tasks` a page at a time and skips the grouped tasks, so its cost
-        grows with the grouped tasks it passes (up to ``scan``); a backend overrides it with one query.
+        grows with the grouped tasks it passes; a backend overrides it with one query.
         """
         found: list[TaskInfo] = []
         skip, start, page = offset, 0, max(limit, 500)
-        wanted = None if statuses is None else {str(s) for s in statuses}
-        while len(found) < limit and (scan is None or start < scan):
-            size = page if scan is None else min(page, scan - start)
-            if scan is None:
-                batch = await self.find_tasks(statuses=statuses, limit=size, offset=start, newest_first=newest_first)
-            else:  # the newest tasks of any state, then those in the states asked for among them
-                batch = await self.find_tasks(limit=size, offset=start, newest_first=newest_first)
+        while len(found) < limit:
+            batch = await self.find_tasks(statuses=statuses, limit=page, offset=start, newest_first=newest_first)
             for info in batch:
-                if info.group_id is None and (wanted is None or str(info.status) in wanted):
+                if info.group_id is None:
                     if skip:
                         skip -= 1
                     elif len(found) < limit:
                         found.append(info)
-            if len(batch) < size:
+            if len(batch) < page:
                 break
-            start += size
+            start += page
         return found
 
     async def count_ungrouped(self) -> dict[str, int]:
         """How many tasks of no group are in each state (every state a key): the store's counts per
         state less its groups' counts, both kept as tasks move, so the cost does not grow with the
-        number of tasks. A board says with it how many tasks a bounded :meth:`find_ungrouped` left out."""
+        number of tasks. A board says with it how many loose tasks there are in all."""
         raise NotImplementedError
 
     async def cancel_group(self, group_id: str, now: float) -> dict[CancelOutcome, int]:

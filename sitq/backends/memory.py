@@ -120,6 +120,7 @@ class MemoryBackend(Backend):
         self._lock = threading.Lock()
         self._rows: dict[str, _Row] = {}
         self._by_seq: dict[int, _Row] = {}
+        self._loose: dict[int, _Row] = {}  # the rows of no group, by seq: what find_ungrouped reads
         self._dependents: dict[str, list[str]] = {}  # task id -> ids of the tasks waiting for it
         self._groups: dict[str, _Group] = {}
         self._schedules: dict[str, Schedule] = {}
@@ -216,6 +217,10 @@ class MemoryBackend(Backend):
         )
         self._rows[row.task_id] = row
         self._by_seq[row.seq] = row
+        if row.group_id is None:
+            self._loose[row.seq] = row
+        else:  # a keyed task enqueued again may join a group
+            self._loose.pop(row.seq, None)
         if task.group_id is not None and task.group_id not in self._groups:
             self._groups[task.group_id] = _Group(task.group_name or task.name, task.enqueued_at)
         deps = [self._rows[d] for d in dict.fromkeys(task.after)]
@@ -512,17 +517,16 @@ class MemoryBackend(Backend):
         limit: int = 100,
         offset: int = 0,
         newest_first: bool = True,
-        scan: int | None = None,
     ) -> list[TaskInfo]:
-        def step() -> list[TaskInfo]:
-            rows = sorted(self._by_seq.values(), key=lambda r: -r.seq if newest_first else r.seq)[:scan]
-            chosen = [r for r in rows if r.group_id is None and (statuses is None or r.status in statuses)]
+        def step() -> list[TaskInfo]:  # the rows of no group only, whatever the groups beside them
+            rows = sorted(self._loose.values(), key=lambda r: -r.seq if newest_first else r.seq)
+            chosen = [r for r in rows if statuses is None or r.status in statuses]
             return [_info(r) for r in chosen[offset : offset + limit]]
 
         return self._read(step)
 
     async def count_ungrouped(self) -> dict[str, int]:
-        return self._read(lambda: _counts(r for r in self._by_seq.values() if r.group_id is None))
+        return self._read(lambda: _counts(self._loose.values()))
 
     async def cancel_group(self, group_id: str, now: float) -> dict[CancelOutcome, int]:
         def step() -> tuple[dict[CancelOutcome, int], bool]:
@@ -575,6 +579,7 @@ class MemoryBackend(Backend):
         if not dry_run:
             for row in rows:
                 del self._rows[row.task_id], self._by_seq[row.seq]
+                self._loose.pop(row.seq, None)
             left = {r.group_id for r in self._by_seq.values()}
             for group_id in {r.group_id for r in rows} - left:  # a group goes with its last task
                 self._groups.pop(group_id, None)  # type: ignore[arg-type]

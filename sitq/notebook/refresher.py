@@ -37,7 +37,6 @@ FIRST_FAILURES = 3  # how many of a group's failures its view lists, with their 
 RATE_WINDOW = 10.0  # seconds of history a group's rate is taken over
 Waiting = Callable[[], Awaitable[dict[str, "str | None"]]]  # Refresher.waiting
 OTHER_STATES = ("waiting", "pending", "success", "cancelled")  # the board's paged part: tasks of no group
-BOARD_SCAN = 1000  # the board looks for tasks of no group among this many newest tasks, and a page more each
 
 
 @dataclass(eq=False)
@@ -256,13 +255,12 @@ class Refresher:
         overview = await self.queue.overview(limit)
         waiting = await self.waiting()
         by_group = Counter(waiting.values())
+        # The store finds the tasks of no group by state without reading the groups' rows, so a
+        # refresh costs the same beside a group of a million, wherever the loose tasks are.
         loose = await self._loose_counts()
-        # The tasks of no group are looked for among the newest tasks only, so a refresh reads the
-        # same number of rows beside a group of a million; the counts say how many are not listed.
-        scan = None if loose is None else BOARD_SCAN + (page + 1) * limit
         running = [task_row(i) for i in overview.running if i.group_id is None and i.task_id not in waiting]
         failed = [] if loose is not None and not loose["failed"] else [
-            task_row(i) for i in await self.queue.list_tasks("failed", ungrouped=True, limit=limit, scan=scan)]
+            task_row(i) for i in await self.queue.list_tasks("failed", ungrouped=True, limit=limit)]
         groups = []
         for info in overview.groups:
             watch = watches.setdefault(info.group_id, GroupWatch(info.group_id, info.name))
@@ -275,12 +273,12 @@ class Refresher:
         else:  # a backend without the counts: leave out the states the groups shown account for
             states = [s for s in OTHER_STATES
                       if overview.counts.get(s, 0) > sum(g.counts.get(s, 0) for g in overview.groups)]
-        others = await self.queue.list_tasks(states, ungrouped=True, limit=limit + 1, offset=page * limit,
-                                             scan=scan) if states else []
+        others = await self.queue.list_tasks(states, ungrouped=True, limit=limit + 1,
+                                             offset=page * limit) if states else []
         older = len(others) > limit
         others = others[:limit]
         total = None if loose is None else sum(loose[s] for s in states)
-        label = _page_label(page * limit, len(others), total, older, scan)
+        label = _page_label(page * limit, len(others), total, older)
         rows: list[TaskRow | GroupRow] = [*running, *failed, *groups, *(task_row(i) for i in others)]
         counts = dict(overview.counts)
         moved = min(len(waiting), counts.get(TaskStatus.RUNNING, 0))  # the overview was read a moment before
@@ -323,22 +321,14 @@ class Refresher:
         board.detail_of = (task_id, info.status)
 
 
-def _page_label(skipped: int, shown: int, total: int | None, older: bool, scan: int | None) -> str:
-    """What the board's listed tasks of no group are: which of how many, and how many more it
-    does not list because they are older than the ``scan`` newest tasks (a big group's, say)."""
-    unlisted = 0 if total is None or older else max(0, total - skipped - shown)
+def _page_label(skipped: int, shown: int, total: int | None, older: bool) -> str:
+    """What the board's listed tasks of no group are: which of how many (``""`` when they all fit)."""
     if not shown:
-        if unlisted:
-            return (f"{unlisted:,} other task{'s' if unlisted > 1 else ''}, older than the newest {scan:,} tasks, "
-                    "not listed")
         return "no more tasks" if skipped else ""
-    if not (skipped or older or unlisted):
+    if not (skipped or older):
         return ""
     of = "" if total is None else f" of {total:,}"
-    label = f"other tasks {skipped + 1:,}–{skipped + shown:,}{of}, newest first"
-    if unlisted:
-        label += f"; {unlisted:,} older, not listed"
-    return label
+    return f"other tasks {skipped + 1:,}–{skipped + shown:,}{of}, newest first"
 
 
 def _waiting_shown(info: GroupInfo, waiting: int) -> GroupInfo:

@@ -540,13 +540,14 @@ class PostgresBackend(Backend):
         limit: int = 100,
         offset: int = 0,
         newest_first: bool = True,
-        scan: int | None = None,
     ) -> list[TaskInfo]:
-        if scan is None:
-            return await super().find_ungrouped(statuses=statuses, limit=limit, offset=offset,
-                                                newest_first=newest_first)
-        statement = sql.q(sql.UNGROUPED_NEWEST if newest_first else sql.UNGROUPED_OLDEST, self.schema)
-        params = {"scan": scan, "states": None if statuses is None else [str(x) for x in statuses],
+        if statuses is None:
+            return await super().find_ungrouped(limit=limit, offset=offset, newest_first=newest_first)
+        states = list(dict.fromkeys(str(x) for x in statuses))
+        if not states or limit == 0:
+            return []
+        statement = sql.q(sql.find_ungrouped(states, newest_first), self.schema)
+        params = {"states": [s for s in states if s != "running"], "rows": limit + offset,
                   "limit": limit, "offset": offset}
         rows = await self._call(lambda db, r: db.fetch(statement, params), changed=False)
         return [sql.info(row) for row in rows]

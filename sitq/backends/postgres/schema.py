@@ -16,7 +16,8 @@ do not queue up behind one counter row; readers add the shards up.
 
 Schema version 2 moved the counts of inserts and moves out of statement triggers into the
 statements, which spares every claim, outcome and enqueue a trigger call and its transition
-tables; a version 1 queue is migrated on first use. Stop every older sitq process on the queue
+tables; it also added an index of the tasks of no group (boards beside a big group). A version 1
+queue is migrated on first use. Stop every older sitq process on the queue
 before: they would insert and move tasks without counting them.
 """
 
@@ -167,8 +168,9 @@ CREATE TABLE {s}.tasks (
     waiting          integer NOT NULL DEFAULT 0,  -- tasks it runs after that have not succeeded yet
     dependents       integer NOT NULL DEFAULT 0   -- more than 0: tasks run after it, to settle once it finishes
 );
--- An insert touches the table, the id index and tasks_ready only; the other indexes are partial,
--- on rows few writes touch (running, waiting, failed, suspect, grouped, expiring rows).
+-- An insert touches the table, the id index and tasks_ready only (a task of no group tasks_loose
+-- too); the other indexes are partial, on rows few writes touch (running, waiting, failed, suspect,
+-- grouped, expiring rows).
 -- The claim, in claim order: highest priority first, then oldest eta, then enqueue order.
 CREATE INDEX tasks_ready ON {s}.tasks (priority DESC, eta, seq) WHERE status = 'pending' AND lost = 0;
 CREATE INDEX tasks_suspects ON {s}.tasks (priority DESC, eta, seq) WHERE status = 'pending' AND lost > 0;
@@ -177,6 +179,7 @@ CREATE INDEX tasks_waiting ON {s}.tasks (seq) WHERE status = 'waiting';
 CREATE INDEX tasks_failed ON {s}.tasks (seq) WHERE status = 'failed';
 CREATE INDEX tasks_cancelled ON {s}.tasks (seq) WHERE status = 'cancelled';
 CREATE INDEX tasks_members ON {s}.tasks (group_id, seq) WHERE group_id IS NOT NULL;
+{loose}
 CREATE INDEX tasks_expiry ON {s}.tasks (expires_at) WHERE expires_at IS NOT NULL;
 CREATE INDEX tasks_unsettled ON {s}.tasks (seq)
     WHERE dependents > 0 AND status IN ('success', 'failed', 'cancelled');
@@ -230,15 +233,22 @@ CREATE TABLE {s}.meta (
 );
 """ + TRIGGERS
 
+# Version 2: the tasks of no group by state, in enqueue order, so that a board finds the few beside
+# a big group without reading the group's rows. Running rows are left out: a claim adds nothing to
+# it (the running are found in tasks_running), so a loose task is entered when it is stored and
+# when it finishes, and a grouped one never.
+LOOSE = "CREATE INDEX tasks_loose ON {s}.tasks (status, seq) WHERE group_id IS NULL AND status <> 'running';"
+
 # Each step takes a schema from the version before it to the next one, in one transaction.
 MIGRATIONS: dict[int, str] = {
-    # 1 -> 2: the counts of inserts and moves go from the statement triggers to the statements.
+    # 1 -> 2: the counts of inserts and moves go from the statement triggers to the statements,
+    # and the tasks of no group get their index.
     1: """
 DROP TRIGGER tasks_count_insert ON {s}.tasks;
 DROP TRIGGER tasks_count_update ON {s}.tasks;
 DROP TRIGGER tasks_count_delete ON {s}.tasks;
 DROP FUNCTION {s}.count_tasks();
-""" + TRIGGERS,
+""" + TRIGGERS + LOOSE,
 }
 
 
@@ -257,7 +267,7 @@ def channel(schema: str) -> str:
 
 
 def tables(schema: str) -> str:
-    return _filled(TABLES, schema)
+    return _filled(TABLES.replace("{loose}", LOOSE), schema)
 
 
 def _filled(ddl: str, schema: str) -> str:
@@ -279,7 +289,7 @@ async def ensure_schema(session: AsyncSession, schema: str, read_only: bool, whe
     ``where`` names the store in messages (its address, password masked).
     """
     version = await _version(session, schema, where)
-    if version == SCHEMA_VERSION:
+    if version == SCHEMA_VERSION or (read_only and version):  # an older version reads as it is (reads are alike)
         return
     if read_only:
         raise BackendError(

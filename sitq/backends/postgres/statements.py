@@ -374,14 +374,35 @@ SELECT status, sum(n) FROM (SELECT status, n FROM {s}.counts UNION ALL SELECT st
 GROUP BY status
 """
 
-# A bounded search for tasks of no group: among the newest (or oldest) tasks, whatever their state.
-UNGROUPED_NEWEST = f"""
-SELECT {INFO_COLUMNS} FROM (SELECT seq, {INFO_COLUMNS} FROM {{s}}.tasks ORDER BY seq DESC LIMIT %(scan)s) w
-WHERE group_id IS NULL AND (%(states)s::text[] IS NULL OR status = ANY(%(states)s))
-ORDER BY seq DESC LIMIT %(limit)s OFFSET %(offset)s
+# The tasks of no group in the states asked for but running, each state read from tasks_loose in
+# enqueue order (its terms written out, so the planner takes it), as many as asked for: the rows read
+# are those returned, however big the groups beside them.
+LOOSE_IN_STATES = f"""
+SELECT seq, {INFO_COLUMNS} FROM unnest(%(states)s::text[]) AS wanted(state) CROSS JOIN LATERAL (
+    SELECT seq, {INFO_COLUMNS} FROM {{s}}.tasks t
+    WHERE t.group_id IS NULL AND t.status <> 'running' AND t.status = wanted.state
+    ORDER BY t.seq DESC LIMIT %(rows)s) found
 """
 
-UNGROUPED_OLDEST = UNGROUPED_NEWEST.replace("DESC", "ASC")
+# The running tasks of no group, which tasks_loose leaves out: found in tasks_running (as many as run).
+LOOSE_RUNNING = f"""
+SELECT seq, {INFO_COLUMNS} FROM {{s}}.tasks WHERE status = 'running' AND group_id IS NULL
+ORDER BY seq DESC LIMIT %(rows)s
+"""
+
+
+def find_ungrouped(states: list[str], newest_first: bool) -> str:
+    """The statement of ``Backend.find_ungrouped`` for ``states``: one part for the states in
+    tasks_loose, one for the running, merged."""
+    parts = []
+    if any(s != "running" for s in states):
+        parts.append(LOOSE_IN_STATES)
+    if "running" in states:
+        parts.append(LOOSE_RUNNING)
+    merged = " UNION ALL ".join(f"({part.strip()})" for part in parts)
+    statement = f"SELECT {INFO_COLUMNS} FROM ({merged}) m ORDER BY seq DESC LIMIT %(limit)s OFFSET %(offset)s"
+    return statement if newest_first else statement.replace("DESC", "ASC")
+
 
 SELECT_ID = "SELECT id FROM {s}.tasks WHERE id = %s"
 

@@ -613,10 +613,9 @@ class SQLiteBackend(Backend):
         limit: int = 100,
         offset: int = 0,
         newest_first: bool = True,
-        scan: int | None = None,
     ) -> list[TaskInfo]:
         wanted = None if statuses is None else [str(s) for s in statuses]
-        return await self._read_off_loop(sql.find_ungrouped, wanted, limit, offset, newest_first, scan)
+        return await self._read_off_loop(sql.find_ungrouped, wanted, limit, offset, newest_first)
 
     async def count_ungrouped(self) -> dict[str, int]:
         # Off the loop, as overview: the unfinished states are counted from their partial indexes.

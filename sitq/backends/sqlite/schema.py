@@ -19,7 +19,7 @@ __all__ = ["SCHEMA_VERSION", "APPLICATION_ID", "MEMORY", "open_file", "connect_f
 
 MEMORY = ":memory:"
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 APPLICATION_ID = 0x73697471  # "sitq"
 
 # States counted from their partial indexes; the others are counted in sitq_totals as tasks move.
@@ -71,8 +71,9 @@ CREATE INDEX sitq_tasks_suspects ON sitq_tasks (eta, seq) WHERE status = 'pendin
 """
 
 # What version 3 adds. Each index costs every write that touches it about as much as the write
-# itself, so an insert touches only the table, the id index and sitq_ready; the other indexes are
-# partial, on rows that few writes touch (running, waiting, failed, grouped, expiring rows).
+# itself, so an insert touches only the table, the id index and sitq_ready (and, for a task of no
+# group, sitq_loose of version 4); the other indexes are partial, on rows that few writes touch
+# (running, waiting, failed, grouped, expiring rows).
 VERSION_3 = f"""
 -- The claim: pending tasks of a queue, highest priority first, then oldest eta, then enqueue order;
 -- also the next eta and the count of pending tasks. Finished rows are not in it, however many.
@@ -165,7 +166,15 @@ CREATE TABLE sitq_schedules (
 );
 """
 
-SCHEMA = TASKS_TABLE + VERSION_3
+# What version 4 adds: the tasks of no group by state, in enqueue order, so that a board finds
+# the few beside a big group without reading the group's rows. Running rows are left out (a claim
+# then costs this index nothing; the running are found in their own index), so a loose task
+# touches it when it is stored and when it finishes, and a grouped one never.
+VERSION_4 = """
+CREATE INDEX sitq_loose ON sitq_tasks (status, seq) WHERE group_id IS NULL AND status <> 'running';
+"""
+
+SCHEMA = TASKS_TABLE + VERSION_3 + VERSION_4
 
 # Each step takes a file from the version before it to the next one, in one transaction.
 MIGRATIONS = {
@@ -190,6 +199,7 @@ DROP INDEX sitq_tasks_state;
 INSERT INTO sitq_totals SELECT queue, status, count(*) FROM sitq_tasks WHERE status NOT IN {UNFINISHED}
     GROUP BY queue, status;
 """,
+    3: VERSION_4,
 }
 
 # A file of an older version opened read-only is not upgraded (nothing may be written), so its
@@ -370,11 +380,12 @@ def stand_in_for_older(conn: sqlite3.Connection, version: int | None = None) -> 
     that let every reader read it as if it were of this version (a no-op for a current file)."""
     if version is None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if not 0 < version < SCHEMA_VERSION:
+    upto = max(MISSING_COLUMNS) + 1  # later versions add indexes only: such a file is read as it is
+    if not 0 < version < upto:
         return
-    columns = ", ".join(MISSING_COLUMNS[v] for v in range(version, SCHEMA_VERSION))
+    columns = ", ".join(MISSING_COLUMNS[v] for v in range(version, upto))
     conn.execute(f"CREATE TEMP VIEW sitq_tasks AS SELECT *, {columns} FROM main.sitq_tasks")
-    for v in range(version, SCHEMA_VERSION):
+    for v in range(version, upto):
         for view in STAND_INS[v]:
             conn.execute(view)
 

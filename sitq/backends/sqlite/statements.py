@@ -388,11 +388,19 @@ SELECT status, sum(n) FROM (
 ) GROUP BY status
 """
 
-# A bounded search for tasks of no group: among the newest (or oldest) tasks of any state, by seq.
-UNGROUPED_AMONG = """
-SELECT {columns} FROM sitq_tasks
-WHERE seq IN (SELECT seq FROM sitq_tasks ORDER BY seq {order} LIMIT ?) AND group_id IS NULL{states}
-ORDER BY seq {order} LIMIT ? OFFSET ?
+# The tasks of no group in one state, in enqueue order, from sitq_loose (its terms written out, so
+# the planner takes it): the rows read are those returned, however big the groups beside them.
+LOOSE_IN_STATE = """
+SELECT * FROM (SELECT seq, {columns} FROM sitq_tasks
+    WHERE group_id IS NULL AND status <> 'running' AND status = ? ORDER BY seq {order} LIMIT ?)
+"""
+
+# The running tasks of no group, which sitq_loose leaves out: found in the running rows' index (as
+# many as run), then sorted.
+LOOSE_RUNNING = """
+SELECT * FROM (SELECT seq, {columns} FROM sitq_tasks
+    WHERE seq IN (SELECT seq FROM sitq_tasks WHERE status = 'running') AND group_id IS NULL
+    ORDER BY seq {order} LIMIT ?)
 """
 
 SELECT_GROUP = "SELECT id, name, created_at FROM sitq_groups WHERE id = ?"
@@ -994,19 +1002,26 @@ def find_tasks(
 
 def find_ungrouped(
     conn: sqlite3.Connection, statuses: Sequence[str] | None, limit: int, offset: int, newest_first: bool,
-    scan: int | None,
 ) -> list[TaskInfo]:
-    """The rows of ``Backend.find_ungrouped``: with ``scan``, read by seq from the newest (oldest) end."""
-    if scan is None:
+    """The rows of ``Backend.find_ungrouped``: one part a state, each read from sitq_loose (the running
+    from their own index), merged. Without states, every row of no group, read as find_tasks reads them."""
+    if statuses is None:
         return find_tasks(conn, statuses, None, None, limit, offset, newest_first, ungrouped=True)
-    wanted = None if statuses is None else list(dict.fromkeys(str(s) for s in statuses))
-    if wanted == []:
+    order = "DESC" if newest_first else "ASC"
+    parts: list[str] = []
+    params: list[Any] = []
+    for status in dict.fromkeys(str(s) for s in statuses):
+        if status == "running":
+            parts.append(LOOSE_RUNNING.format(columns=INFO_COLUMNS, order=order))
+            params.append(limit + offset)
+        else:
+            parts.append(LOOSE_IN_STATE.format(columns=INFO_COLUMNS, order=order))
+            params += [status, limit + offset]
+    if not parts:
         return []
-    states = "" if wanted is None else f" AND status IN ({', '.join('?' * len(wanted))})"
-    statement = UNGROUPED_AMONG.format(columns=INFO_COLUMNS, order="DESC" if newest_first else "ASC", states=states)
-    params = (scan, *(wanted or ()), limit, offset)
-    rows = readers.read(conn, lambda: conn.execute(statement, params).fetchall())
-    return [readers.info(row) for row in rows]
+    statement = f"{' UNION ALL '.join(parts)} ORDER BY seq {order} LIMIT ? OFFSET ?"
+    rows = readers.read(conn, lambda: conn.execute(statement, (*params, limit, offset)).fetchall())
+    return [readers.info(row[1:]) for row in rows]
 
 
 def count_ungrouped(conn: sqlite3.Connection) -> dict[str, int]:
