@@ -116,4 +116,6 @@ def test_postgres_reads_the_same_beside_a_group_a_hundred_times_bigger(postgres_
         asyncio.run(store(members))
         seen.append(postgres_rows_read(backend.schema, states))
     small, big = seen
-    assert big <= small + 5, (small, big)  # a scan past the group would read its 100,000 rows
+    # The plan may move a few index pages (statistics differ between the two sizes); a scan past
+    # the group would read its 100,000 rows.
+    assert big <= small + 100, (small, big)
