@@ -420,6 +420,33 @@ def test_finish_reports_each_outcome_of_a_batch(store, run):
     run(go())
 
 
+@pytest.mark.parametrize("live_first", [True, False])
+@pytest.mark.parametrize("call", ["finish", "finish_and_claim", "release"])
+def test_a_lost_claim_and_the_live_claim_of_one_task_in_one_call(store, call, live_first, run):
+    """A worker that claimed a task again (its first lease expired) reports on both claims at once:
+    only the live claim is stored or released, and the flags say which, whatever their order."""
+
+    async def go():
+        old = await one_claimed(store, lease=1)
+        live = await lose(store, old, "reclaimed", NOW + 2)
+        claims = [live, old] if live_first else [old, live]
+        expected = [c is live for c in claims]
+        if call == "release":
+            assert await store.release("w", [(c.handle, c.attempts) for c in claims]) == expected
+            assert (await store.fetch_result(old.task_id)).status == "pending"
+            return
+        outcomes = [typical_outcome(c, OutcomeKind.FAILED if c is live else OutcomeKind.SUCCESS, NOW + 3)
+                    for c in claims]
+        if call == "finish":
+            assert await store.finish("w", outcomes) == expected
+        else:
+            assert await store.finish_and_claim("w", outcomes, 1, NOW + 3, NOW + 3 + LEASE) == (expected, [])
+        result = await store.fetch_result(old.task_id)
+        assert (result.status, result.attempts) == ("failed", live.attempts)
+
+    run(go())
+
+
 def test_finish_of_a_run_stores_each_outcome_as_one_finish_would(store, run):
     """A worker's run reports many outcomes at once: each is stored, or refused, on its own
     claim, whatever its kind, exactly as if it came alone (one lost claim among them, a retry,

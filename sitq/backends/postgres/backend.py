@@ -422,11 +422,11 @@ class PostgresBackend(Backend):
             before = await sql.stored_before(db, s, worker_id, outcomes) if outcomes else set()
             if limit > 0:
                 await db.execute(sql.q(sql.UNDO_CLAIM, s), (worker_id, now))
-            rest = [o for o in outcomes if o.handle not in before]
+            rest = [o for o in outcomes if (o.handle, o.attempts) not in before]
             flags, claimed = await sql.finish_and_claim(db, s, worker_id, rest, self.channel if rest else None,
                                                         limit, now, lease_until, alone, names)
-            now_stored = dict(zip((o.handle for o in rest), flags, strict=True))
-            return [o.handle in before or now_stored.get(o.handle, False) for o in outcomes], claimed
+            now_stored = {(o.handle, o.attempts) for o, flag in zip(rest, flags, strict=True) if flag}
+            return [(o.handle, o.attempts) in before | now_stored for o in outcomes], claimed
 
         flags, claimed = await self._call(op, changed=False)
         if any(flags) or claimed:

@@ -194,10 +194,10 @@ WITH v AS (
                                 ELSE coalesce(v.message, t.progress_message) END
     FROM v
     WHERE t.seq = v.seq AND t.attempts = v.attempts AND t.status = 'running' AND t.worker_id = %(worker)s
-    RETURNING t.seq, t.id, t.queue, t.status, t.group_id, t.queue AS was_queue, 'running'::text AS was_status,
-        t.group_id AS was_group
+    RETURNING t.seq, t.attempts, t.id, t.queue, t.status, t.group_id, t.queue AS was_queue,
+        'running'::text AS was_status, t.group_id AS was_group
 ), {COUNT_MOVES}
-SELECT seq, (SELECT pg_notify(%(chan)s::text, CASE WHEN sum(octet_length(id) + 1) > {PAYLOAD_BYTES} THEN 'f'
+SELECT seq, attempts, (SELECT pg_notify(%(chan)s::text, CASE WHEN sum(octet_length(id) + 1) > {PAYLOAD_BYTES} THEN 'f'
                                             ELSE 'f:' || string_agg(id, ',') END)
              FROM moved WHERE %(chan)s::text IS NOT NULL HAVING count(*) > 0)
 FROM moved
@@ -216,7 +216,7 @@ FINISH_ONE = _FINISH.replace("{rows}", """(VALUES (%(seqs)s::bigint, %(attempts)
 
 # After a lost connection: which of these outcomes were stored by the attempt that lost its answer.
 STORED_BEFORE = """
-SELECT seq FROM {s}.tasks WHERE seq = ANY(%s) AND worker_id = %s AND status <> 'running'
+SELECT seq, attempts FROM {s}.tasks WHERE seq = ANY(%s) AND worker_id = %s AND status <> 'running'
     AND finished_at = ANY(%s)
 """
 
@@ -238,9 +238,10 @@ WITH moved AS (
         attempts = attempts - 1
     WHERE seq = ANY(%(seqs)s) AND status = 'running' AND worker_id = %(worker)s
         AND (seq, attempts) IN (SELECT * FROM unnest(%(seqs)s::bigint[], %(attempts)s::integer[]))
-    RETURNING seq, queue, status, group_id, queue AS was_queue, 'running'::text AS was_status, group_id AS was_group
+    RETURNING seq, attempts + 1 AS attempts, queue, status, group_id, queue AS was_queue, 'running'::text AS was_status,
+        group_id AS was_group
 ), {COUNT_MOVES}
-SELECT seq, (SELECT pg_notify(%(chan)s::text, 'e') FROM moved HAVING count(*) > 0) FROM moved
+SELECT seq, attempts, (SELECT pg_notify(%(chan)s::text, 'e') FROM moved HAVING count(*) > 0) FROM moved
 """
 
 SUSPECTS_WAITING = """
@@ -663,8 +664,8 @@ def _finish_statement(worker_id: str, outcomes: Sequence[Outcome], chan: str | N
 
 async def finish(db: AsyncSession, s: str, worker_id: str, outcomes: Sequence[Outcome], chan: str | None) -> list[bool]:
     statement, params = _finish_statement(worker_id, outcomes, chan)
-    stored = {row[0] for row in await db.fetch(q(statement, s), params)}
-    return [o.handle in stored for o in outcomes]
+    stored = {(row[0], row[1]) for row in await db.fetch(q(statement, s), params)}
+    return [(o.handle, o.attempts) in stored for o in outcomes]
 
 
 async def finish_and_claim(
@@ -680,14 +681,14 @@ async def finish_and_claim(
     finishing, finish_params = _finish_statement(worker_id, outcomes, chan)
     claiming, claim_params = _claim_params(worker_id, limit, now, lease, alone, queues)
     finished, claimed = await db.fetch_in_turn([(q(finishing, s), finish_params), (q(claiming, s), claim_params)])
-    done = {row[0] for row in finished}
-    return [o.handle in done for o in outcomes], _claimed(claimed)
+    done = {(row[0], row[1]) for row in finished}
+    return [(o.handle, o.attempts) in done for o in outcomes], _claimed(claimed)
 
 
 async def stored_before(db: AsyncSession, s: str, worker_id: str, outcomes: Sequence[Outcome]) -> set[Any]:
     rows = await db.fetch(q(STORED_BEFORE, s), ([o.handle for o in outcomes], worker_id,
                                                 [o.finished_at for o in outcomes]))
-    return {row[0] for row in rows}
+    return {(row[0], row[1]) for row in rows}
 
 
 async def release(db: AsyncSession, s: str, worker_id: str, claims: Sequence[tuple[Any, int]],
@@ -695,8 +696,8 @@ async def release(db: AsyncSession, s: str, worker_id: str, claims: Sequence[tup
     seqs = [handle for handle, _ in claims]
     rows = await db.fetch(q(RELEASE, s), {"seqs": seqs, "worker": worker_id, "chan": chan,
                                           "attempts": [attempts for _, attempts in claims]})
-    released = {row[0] for row in rows}
-    return [handle in released for handle, _ in claims]
+    released = {(row[0], row[1]) for row in rows}
+    return [claim in released for claim in claims]
 
 
 async def next_eta(db: AsyncSession, s: str, queues: Sequence[str] | None) -> float | None:
