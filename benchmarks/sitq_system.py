@@ -247,6 +247,13 @@ def _stop(procs):
         proc.wait()
 
 
+# Seconds between the workers' first tasks and the measured burst. Not 1 s: that is when an idle
+# process's change watcher slows from 1 ms to 25 ms between looks (ChangeWatcher.QUIET_AFTER), so
+# at 1 s each worker woke 1 or 25 ms late at random, and F1 and F0 differed by that chance rather
+# than by batching. After 2 s every watcher is in its quiet pace in both rows, as after a pause.
+SETTLE = 2.0
+
+
 def fairness(db, n, tiny):
     """F: two ``sitq worker`` processes; `tiny` no-ops, then `n` tasks of 50 ms, submitted at once.
 
@@ -262,7 +269,7 @@ def fairness(db, n, tiny):
             async with TaskQueue(backend=SQLiteBackend(db)) as queue:
                 for i in range(4):  # both workers up (they start in well under a second)
                     await queue.get_result(await queue.enqueue(f, i), timeout=60)
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(SETTLE)
                 start = time.perf_counter()
                 if tiny:
                     await queue.map(f, range(tiny))
