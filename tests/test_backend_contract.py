@@ -447,6 +447,29 @@ def test_a_lost_claim_and_the_live_claim_of_one_task_in_one_call(store, call, li
     run(go())
 
 
+@pytest.mark.parametrize("call", ["finish", "finish_and_claim", "release"])
+def test_one_claim_named_twice_in_one_call_counts_once(store, call, run):
+    """As if the entries came one at a time: the first uses the claim up, the second finds it gone."""
+
+    async def go():
+        claimed = await one_claimed(store)
+        if call == "release":
+            assert await store.release("w", [(claimed.handle, claimed.attempts)] * 2) == [True, False]
+            assert (await store.fetch_result(claimed.task_id)).status == "pending"
+            return
+        first = outcome(claimed, OutcomeKind.SUCCESS, NOW + 1, value=b"first")
+        second = typical_outcome(claimed, OutcomeKind.FAILED, NOW + 2)
+        if call == "finish":
+            assert await store.finish("w", [first, second]) == [True, False]
+        else:
+            assert await store.finish_and_claim("w", [first, second], 1, NOW + 2, NOW + 2 + LEASE) == (
+                [True, False], [])
+        result = await store.fetch_result(claimed.task_id)
+        assert (result.status, result.value) == ("success", b"first")
+
+    run(go())
+
+
 def test_finish_of_a_run_stores_each_outcome_as_one_finish_would(store, run):
     """A worker's run reports many outcomes at once: each is stored, or refused, on its own
     claim, whatever its kind, exactly as if it came alone (one lost claim among them, a retry,

@@ -11,7 +11,7 @@ settled by the schema's trigger (see :mod:`sitq.backends.postgres.schema`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sitq.backends.postgres.driver import AsyncSession
@@ -662,10 +662,33 @@ def _finish_statement(worker_id: str, outcomes: Sequence[Outcome], chan: str | N
     return FINISH, {**columns, "worker": worker_id, "chan": chan}
 
 
+def _firsts(claims: Iterable[tuple[Any, int]]) -> list[bool]:
+    """Which of these claims (seq, attempts) come first in the list. One statement writes a row once,
+    so a claim named again in the same call (a worker's old claim and its successor's, under one
+    worker, say) is left out: one at a time, as the contract has it, the first would have used the
+    claim up."""
+    seen: set[tuple[Any, int]] = set()
+    firsts = []
+    for claim in claims:
+        firsts.append(claim not in seen)
+        seen.add(claim)
+    return firsts
+
+
+def _first_outcomes(outcomes: Sequence[Outcome]) -> tuple[list[bool], list[Outcome]]:
+    firsts = _firsts((o.handle, o.attempts) for o in outcomes)
+    return firsts, [o for o, first in zip(outcomes, firsts, strict=True) if first]
+
+
+def _stored(outcomes: Sequence[Outcome], firsts: list[bool], rows: Iterable[Any]) -> list[bool]:
+    done = {(row[0], row[1]) for row in rows}
+    return [first and (o.handle, o.attempts) in done for o, first in zip(outcomes, firsts, strict=True)]
+
+
 async def finish(db: AsyncSession, s: str, worker_id: str, outcomes: Sequence[Outcome], chan: str | None) -> list[bool]:
-    statement, params = _finish_statement(worker_id, outcomes, chan)
-    stored = {(row[0], row[1]) for row in await db.fetch(q(statement, s), params)}
-    return [(o.handle, o.attempts) in stored for o in outcomes]
+    firsts, sent = _first_outcomes(outcomes)
+    statement, params = _finish_statement(worker_id, sent, chan)
+    return _stored(outcomes, firsts, await db.fetch(q(statement, s), params))
 
 
 async def finish_and_claim(
@@ -678,11 +701,11 @@ async def finish_and_claim(
     if not outcomes or limit <= 0:
         stored = await finish(db, s, worker_id, outcomes, chan) if outcomes else []
         return stored, (await claim(db, s, worker_id, limit, now, lease, alone, queues) if limit > 0 else [])
-    finishing, finish_params = _finish_statement(worker_id, outcomes, chan)
+    firsts, sent = _first_outcomes(outcomes)
+    finishing, finish_params = _finish_statement(worker_id, sent, chan)
     claiming, claim_params = _claim_params(worker_id, limit, now, lease, alone, queues)
     finished, claimed = await db.fetch_in_turn([(q(finishing, s), finish_params), (q(claiming, s), claim_params)])
-    done = {(row[0], row[1]) for row in finished}
-    return [(o.handle, o.attempts) in done for o in outcomes], _claimed(claimed)
+    return _stored(outcomes, firsts, finished), _claimed(claimed)
 
 
 async def stored_before(db: AsyncSession, s: str, worker_id: str, outcomes: Sequence[Outcome]) -> set[Any]:
@@ -693,11 +716,13 @@ async def stored_before(db: AsyncSession, s: str, worker_id: str, outcomes: Sequ
 
 async def release(db: AsyncSession, s: str, worker_id: str, claims: Sequence[tuple[Any, int]],
                   chan: str | None) -> list[bool]:
-    seqs = [handle for handle, _ in claims]
-    rows = await db.fetch(q(RELEASE, s), {"seqs": seqs, "worker": worker_id, "chan": chan,
-                                          "attempts": [attempts for _, attempts in claims]})
+    keys = [(handle, attempts) for handle, attempts in claims]
+    firsts = _firsts(keys)
+    sent = [claim for claim, first in zip(keys, firsts, strict=True) if first]
+    rows = await db.fetch(q(RELEASE, s), {"seqs": [handle for handle, _ in sent], "worker": worker_id, "chan": chan,
+                                          "attempts": [attempts for _, attempts in sent]})
     released = {(row[0], row[1]) for row in rows}
-    return [claim in released for claim in claims]
+    return [first and claim in released for claim, first in zip(keys, firsts, strict=True)]
 
 
 async def next_eta(db: AsyncSession, s: str, queues: Sequence[str] | None) -> float | None:
