@@ -5,6 +5,7 @@ Speed is not asserted here; this only keeps ``python -m benchmarks.run``, ``benc
 and ``benchmarks.postgres`` from rotting.
 """
 
+import ast
 import json
 import os
 import subprocess
@@ -53,6 +54,17 @@ def test_profile_steps_times_every_step_of_the_round_trip():
     assert steps[0] == "enqueue" and lines[-1].split("->")[1].split()[0] == "value", lines
     for mark in ("INSERT", "read", "store or claim", "unpickle", "call", "settle"):
         assert mark in steps, (mark, lines)
+
+
+def test_profile_inserts_drops_the_indexes_it_names():
+    """``python -m benchmarks.profile inserts``: every variant runs its INSERT on a file without the
+    indexes its label names (a variant whose DROP INDEX named nothing would fail here)."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.profile", "inserts", "-n", "20"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    figures = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    assert set(figures) == {"floor", "sitq", "sitq without sitq_loose", "sitq without sitq_loose and sitq_ready"}
+    assert all(value > 0 for value in figures.values()), figures
 
 
 def test_quick_notebook_benchmark_run(tmp_path):
