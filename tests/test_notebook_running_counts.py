@@ -20,9 +20,9 @@ from sitq.notebook.rows import GroupRow
 from sitq.notebook.widgets import BoardWidget, GroupWidget, TaskWidget
 
 SLOTS = 2
-TASKS = 3000
+TASKS = 10_000
 START = 2.0  # seconds from the map to its first claim
-WATCHED = range(1500, 1700)  # members with a task widget each: claimed many to a run by then
+WATCHED = range(5000, 5200)  # members with a task widget each: claimed many to a run by then
 
 
 async def nap(x):
@@ -126,7 +126,7 @@ def test_views_never_count_more_running_than_the_worker_has_slots(mode, monkeypa
         rt.refresher.add_task(task_widget)
     pictures.running["static board"] = rt.run(read_static_board(rt, group.group_id), timeout=120)
     group.wait(60)
-    print({view: len(counts) for view, counts in pictures.running.items()}, pictures.highest())
     assert sum(len(counts) for counts in pictures.running.values()) > 100  # the views did look, often
-    assert pictures.highest()["static board"] <= SLOTS, pictures.highest()
-    assert max(pictures.highest().values()) <= SLOTS, pictures.highest()
+    highest = pictures.highest()
+    assert max(highest.values()) <= SLOTS, highest
+    assert max(highest.values()) >= 1, highest  # and saw tasks run: the correction hides no more than waits
