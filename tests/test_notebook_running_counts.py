@@ -1,10 +1,10 @@
 """The views of the kernel's worker never count more tasks running than the worker has slots,
 wherever their reads of the store fall among the worker's claims and outcome writes.
 
-Many tiny tasks through two slots (threads, coroutines, processes), with a real worker on a real
-SQLite file (no kernel: the kernel tests run the same views in ipykernel). The refresher redraws a
-group widget, task widgets and a board after every change, and a static board is read back to
-back meanwhile; every picture drawn is checked.
+Many tiny tasks through two slots (threads, coroutines, processes), with the notebook's runtime and
+a real worker on a real SQLite file, without a kernel. The refresher redraws a group widget, task
+widgets and a board after every change, and a static board is read back to back meanwhile; every
+picture drawn is checked. Without Worker.look the board showed up to 128 running.
 """
 
 import datetime as dt
