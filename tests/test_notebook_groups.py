@@ -35,6 +35,10 @@ def gated(x):
     return x
 
 
+async def noop():  # a read of nothing: Refresher.counted then gives only the tasks waiting in runs
+    return None
+
+
 @pytest.fixture
 def rt(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -210,14 +214,14 @@ def test_views_draw_the_tasks_waiting_in_a_run_of_the_kernels_worker_as_pending(
     sn.map(abs, range(300)).wait(30)  # very short tasks: a slot of the worker now claims many at once
     busy = sn.map(gated, range(10))  # claimed at once, in two runs (two slots); the first of each blocks
     deadline = time.monotonic() + 30
-    while len(rt.run(rt.refresher.waiting())) != 8 or busy.counts["running"] != 10:
+    while len(rt.run(rt.refresher.counted(noop))[1]) != 8 or busy.counts["running"] != 10:
         assert time.monotonic() < deadline, "the worker did not claim the group in two runs"
         time.sleep(0.01)
-    assert set(rt.run(rt.refresher.waiting()).values()) == {busy.group_id}
-    row = rt.run(GroupWatch(busy.group_id, busy.name).row(rt.queue, rt.refresher.waiting))
+    assert set(rt.run(rt.refresher.counted(noop))[1].values()) == {busy.group_id}
+    row = rt.run(GroupWatch(busy.group_id, busy.name).row(rt.queue, rt.refresher.counted))
     assert (row.running, row.counts["pending"]) == (2, 8)  # the store says 10 running; 2 threads run
     counts, rows, *_ = rt.run(rt.refresher.board_rows(20))
     assert counts["running"] == 2 and next(r for r in rows if isinstance(r, GroupRow)).running == 2
     GATE.set()
     busy.wait(30)
-    assert rt.run(rt.refresher.waiting()) == {}
+    assert rt.run(rt.refresher.counted(noop))[1] == {}

@@ -6,8 +6,10 @@ import time
 
 import pytest
 import taskfuncs
+from conftest import worker_running
 
 from sitq import SitqError, SQLiteBackend, TaskQueue, Worker
+from sitq.worker.loop import LOOK_TRIES
 
 
 @pytest.fixture
@@ -198,3 +200,45 @@ def test_memory_backend_is_shared_by_queue_and_worker_on_one_object(run):
         await queue.close()
 
     run(go())
+
+
+def test_a_view_read_overlapped_by_the_workers_writes_is_read_again_and_then_holds_them_back(
+        backend, run, monkeypatch):
+    """Worker.look reads again when one of the worker's claim or outcome writes lands during the read,
+    and returns a read that none landed in: after LOOK_TRIES reads at most, the worker's next write
+    waits for the view's read."""
+    writes = 0
+    finish_and_claim = backend.finish_and_claim
+
+    async def counting(*args, **kwargs):
+        nonlocal writes
+        writes += 1
+        return await finish_and_claim(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "finish_and_claim", counting)
+    reads = []
+
+    async def read():  # lasts until the busy worker writes, or for a long while if it is held back
+        seen = writes
+        for _ in range(100_000):
+            if writes != seen:
+                break
+            await asyncio.sleep(0)
+        reads.append((seen, writes))
+        return reads[-1]
+
+    async def go():
+        await TaskQueue(backend).map(abs, range(50_000))
+        async with worker_running(backend, max_concurrency=2) as worker:
+            while writes < 3:
+                await asyncio.sleep(0)
+            looked = await worker.look(read)
+            processed = worker.processed
+            while worker.processed == processed:  # and it goes on once the read is done
+                await asyncio.sleep(0.001)
+        return looked
+
+    (start, end), waiting = run(go())
+    assert start == end  # the read returned saw no write of the worker
+    assert all(seen != after for seen, after in reads[:-1]) and 1 < len(reads) <= LOOK_TRIES + 1, reads
+    assert isinstance(waiting, list)

@@ -327,7 +327,7 @@ class GroupHandle:
         if watch.storing:  # no read while the map stores: the first picture is what is known
             row = GroupRow(self.group_id, self.name, {}, storing=True, expected=self._expected)
         else:  # a map whose storing failed draws as failed, saying why
-            row = runtime.run(watch.row(runtime.queue))
+            row = runtime.run(watch.row(runtime.queue, runtime.refresher.counted))
             self.name = self.name or row.name
         html = group_html(row, watch.shown_tracebacks())
         if not widgets_enabled():

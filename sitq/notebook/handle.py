@@ -137,8 +137,11 @@ class TaskHandle:
     # -- display ---------------------------------------------------------------
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None, **kwargs: Any) -> dict[str, Any]:
-        info = self.info()
         runtime = self.runtime
+        info = runtime.run(runtime.refresher.task_info(self.task_id))  # as the live view draws it
+        if info is None:
+            raise TaskNotFoundError(f"no task with id {self.task_id!r} in {runtime.path}")
+        self.name = info.name
         if info.finished:
             result = runtime.run(runtime.queue.get_result(self.task_id, 0))
             return {"text/plain": repr(self), "text/html": result_html(result, runtime.queue.deserialize_result)}

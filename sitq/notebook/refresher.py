@@ -16,7 +16,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sitq.core import GroupInfo, TaskInfo, TaskStatus
 from sitq.notebook.render import group_html, result_html, task_html
@@ -35,7 +35,22 @@ REFRESH_INTERVAL = 0.25  # live views redraw at least this often
 COALESCE = 0.05  # after a change, wait this long so a burst of changes is one redraw
 FIRST_FAILURES = 3  # how many of a group's failures its view lists, with their tracebacks
 RATE_WINDOW = 10.0  # seconds of history a group's rate is taken over
-Waiting = Callable[[], Awaitable[dict[str, "str | None"]]]  # Refresher.waiting
+T = TypeVar("T")
+
+
+class Look(Protocol):
+    """``Worker.look``: run a read of the store, and return it with the tasks that wait in a run as of it."""
+
+    def __call__(self, read: Callable[[], Awaitable[T]], /) -> Awaitable[tuple[T, list[str]]]: ...
+
+
+class Counted(Protocol):
+    """``Refresher.counted``: run a read of the store, and return it with the tasks that wait in a run
+    of the kernel's worker as of it, and their groups."""
+
+    def __call__(self, read: Callable[[], Awaitable[T]], /) -> Awaitable[tuple[T, dict[str, str | None]]]: ...
+
+
 OTHER_STATES = ("waiting", "pending", "success", "cancelled")  # the board's paged part: tasks of no group
 
 
@@ -68,16 +83,20 @@ class GroupWatch:
         """Whether the map is still storing the group's tasks."""
         return self.stored is not None and not self.stored.done()
 
-    async def row(self, queue: TaskQueue, waiting: Waiting | None = None) -> GroupRow:
-        """The group as drawn now (its counts are the store's, kept as tasks move); with ``waiting``
-        (``Refresher.waiting``), its members that wait in a run of the kernel's worker as pending."""
+    async def row(self, queue: TaskQueue, counted: Counted | None = None) -> GroupRow:
+        """The group as drawn now (its counts are the store's, kept as tasks move); with ``counted``
+        (``Refresher.counted``), its members that wait in a run of the kernel's worker as pending."""
         storing = self.storing
         stored = self.stored
         if stored is not None and stored.done() and not stored.cancelled() and stored.exception() is not None:
             error = stored.exception()
             return GroupRow(self.group_id, self.name, {}, expected=self.expected,
                             error=f"{type(error).__name__}: {error}")
-        info = await queue.group(self.group_id)
+        waiting: dict[str, str | None] = {}
+        if counted is None:
+            info = await queue.group(self.group_id)
+        else:
+            info, waiting = await counted(lambda: queue.group(self.group_id))
         if info is None:
             return GroupRow(self.group_id, self.name, {}, storing=storing, expected=self.expected)
         failed = info.counts.get(TaskStatus.FAILED, 0)
@@ -89,7 +108,7 @@ class GroupWatch:
                 results = await queue.get_results(unread)
                 self.tracebacks.update({i: results[i].traceback if i in results else None for i in unread})
             self._failed_seen = failed
-        held = 0 if waiting is None else sum(1 for g in (await waiting()).values() if g == self.group_id)
+        held = sum(1 for g in waiting.values() if g == self.group_id)
         return group_row(_waiting_shown(info, held), self.rate(info), self.failures, storing, self.expected)
 
     def shown_tracebacks(self) -> dict[str, str | None]:
@@ -123,11 +142,10 @@ class Refresher:
     """
 
     def __init__(self, queue: TaskQueue, loop: LoopThread,
-                 output_of: Callable[[str], str | None] | None = None,
-                 waiting_of: Callable[[], list[str]] | None = None) -> None:
+                 output_of: Callable[[str], str | None] | None = None, look: Look | None = None) -> None:
         self.queue = queue
         self._output_of = output_of
-        self._waiting_of = waiting_of
+        self._look = look
         self._group_of: dict[str, str | None] = {}  # the group of each task seen waiting in a run
         self.tasks: dict[str, list[TaskWidget]] = {}
         self.groups: dict[str, tuple[GroupWatch, list[GroupWidget]]] = {}
@@ -202,8 +220,7 @@ class Refresher:
 
     async def refresh(self) -> None:
         if self.tasks:
-            infos = await self.queue.statuses(list(self.tasks))
-            waiting = await self.waiting()
+            infos, waiting = await self.counted(lambda: self.queue.statuses(list(self.tasks)))
             for task_id, widgets in list(self.tasks.items()):
                 info = infos.get(task_id)
                 if info is None:
@@ -220,7 +237,7 @@ class Refresher:
                         widget.finish(result, self.queue.deserialize_result)
                     del self.tasks[task_id]
         for group_id, (watch, group_widgets) in list(self.groups.items()):
-            drawn = await watch.row(self.queue, self.waiting)
+            drawn = await watch.row(self.queue, self.counted)
             tracebacks = watch.shown_tracebacks()
             for group_widget in group_widgets:
                 group_widget.show(drawn, tracebacks)
@@ -231,18 +248,26 @@ class Refresher:
             board.widget.show(counts, rows, page, newer, older)
             await self._refresh_detail(board)
 
-    async def waiting(self) -> dict[str, str | None]:
-        """The tasks the store counts running that are not running now in a run of the kernel's
-        worker (``Worker.waiting_in_runs``), with their groups: views draw them as pending, so that
-        no more run than the worker has slots. Call it right after reading the counts it corrects:
-        the ids are taken before anything else runs on the loop, their groups read after (once)."""
-        ids = self._waiting_of() if self._waiting_of is not None else []
+    async def counted(self, read: Callable[[], Awaitable[T]]) -> tuple[T, dict[str, str | None]]:
+        """What ``read()`` read from the store, with the tasks it counts running that were not running
+        then in a run of the kernel's worker, and their groups: views draw those as pending, so that
+        no more run than the worker has slots. The worker's ``look`` runs the read, so that none of its
+        claims or outcome writes lands between the read and the list; the groups are read after (once
+        per task)."""
+        if self._look is None:
+            return await read(), {}
+        value, ids = await self._look(read)
         known = self._group_of
         unknown = [i for i in ids if i not in known]
         if unknown:
             known.update({i: info.group_id for i, info in (await self.queue.statuses(unknown)).items()})
         self._group_of = {i: known[i] for i in ids if i in known}
-        return self._group_of
+        return value, self._group_of
+
+    async def task_info(self, task_id: str) -> TaskInfo | None:
+        """The task as views draw it (None if there is no such task): pending while it waits in a run."""
+        info, waiting = await self.counted(lambda: self.queue.status(task_id))
+        return _as_waiting(info) if info is not None and task_id in waiting else info
 
     async def board_rows(
         self, limit: int, page: int = 0, watches: dict[str, GroupWatch] | None = None
@@ -250,10 +275,9 @@ class Refresher:
         """What a board shows: the counts; then the running and failed tasks of no group; then the
         newest groups, one row each (unfinished ones first); then a page of ``limit`` of the other
         tasks of no group, newest first. Also the page's label and whether newer and older pages exist.
-        Tasks that wait in a run of the kernel's worker (see :meth:`waiting`) count as pending."""
+        Tasks that wait in a run of the kernel's worker (see :meth:`counted`) count as pending."""
         watches = {} if watches is None else watches
-        overview = await self.queue.overview(limit)
-        waiting = await self.waiting()
+        overview, waiting = await self.counted(lambda: self.queue.overview(limit))
         by_group = Counter(waiting.values())
         # The store finds the tasks of no group by state without reading the groups' rows, so a
         # refresh costs the same beside a group of a million, wherever the loose tasks are.
@@ -281,7 +305,7 @@ class Refresher:
         label = _page_label(page * limit, len(others), total, older)
         rows: list[TaskRow | GroupRow] = [*running, *failed, *groups, *(task_row(i) for i in others)]
         counts = dict(overview.counts)
-        moved = min(len(waiting), counts.get(TaskStatus.RUNNING, 0))  # the overview was read a moment before
+        moved = min(len(waiting), counts.get(TaskStatus.RUNNING, 0))
         counts[TaskStatus.RUNNING] = counts.get(TaskStatus.RUNNING, 0) - moved
         counts[TaskStatus.PENDING] = counts.get(TaskStatus.PENDING, 0) + moved
         return counts, rows, label, page > 0, older
@@ -305,11 +329,11 @@ class Refresher:
         if task_id.startswith(GROUP_PREFIX):
             group_id = task_id[len(GROUP_PREFIX):]
             watch = GroupWatch(group_id, "")
-            row = await watch.row(self.queue)
+            row = await watch.row(self.queue, self.counted)
             board.widget.show_detail(group_html(row, watch.shown_tracebacks()), cancellable=not row.finished)
             board.detail_of = None
             return
-        info = await self.queue.status(task_id)
+        info = await self.task_info(task_id)
         if info is None:
             board.detail_of = None
             return

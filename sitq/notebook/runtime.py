@@ -83,7 +83,7 @@ class Runtime:
         self.concurrency = self.worker.max_concurrency
         self.loop = LoopThread(name="sitq-notebook")
         self.queue = TaskQueue(self.backend, map_pause=MAP_PAUSE)
-        self.refresher = Refresher(self.queue, self.loop, self._live_output, self.worker.waiting_in_runs)
+        self.refresher = Refresher(self.queue, self.loop, self._live_output, self.worker.look)
         self.stopped = False
         self._tasks: list[concurrent.futures.Future[None]] = []
 

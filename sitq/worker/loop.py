@@ -19,7 +19,8 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from sitq.backends import Backend, Target, open_backend
 from sitq.backends.rules import PRUNE_BATCH, PRUNE_INTERVAL, SCHEDULE_CHECK
@@ -37,6 +38,9 @@ __all__ = ["Worker"]
 log = logging.getLogger(__name__)
 
 PRUNE_LIMIT = 20 * PRUNE_BATCH  # the most expired tasks one prune deletes; the next takes the rest
+LOOK_TRIES = 2  # reads a view tries beside the worker's writes before it holds the next one back (Worker.look)
+
+T = TypeVar("T")
 
 
 class Worker:
@@ -138,6 +142,7 @@ class Worker:
             on_capacity=self._capacity, on_released=self._released_by_runner,
         )
         self._side = _SideTasks(self)
+        self._moves = _Moves()
         self._wakeup = _Wakeup(self.backend)
         self._outcomes: list[Outcome] = []
         self._released: list[ClaimedTask] = []  # claimed, never started, to hand back to the store
@@ -163,8 +168,9 @@ class Worker:
     def waiting_in_runs(self) -> list[str]:
         """The tasks this worker has claimed (so the store counts them running) that are not running
         now: a slot claims up to 64 very short tasks at once and runs them one after another, so
-        all but one of a run wait, or have ended with their outcome not stored yet. For views in the
-        worker's own process, which draw them as pending; call it on the worker's loop."""
+        all but one of a run wait, or have ended with their outcome not stored yet. Call it on the
+        worker's loop; a view that corrects what it read from the store with it uses :meth:`look`,
+        which takes it as of that read."""
         waiting = [outcome.task_id for outcome in self._outcomes] + [task.task_id for task in self._released]
         seen: set[int] = set()
         for running in list(self._runner.active.values()):
@@ -179,6 +185,27 @@ class Worker:
                 now = [job for job in unsettled if job.started][-1:]
             waiting += [job.task.task_id for job in unsettled if job not in now]
         return waiting
+
+    async def look(self, read: Callable[[], Awaitable[T]]) -> tuple[T, list[str]]:
+        """Run a view's ``read`` of the store and return what it read with :meth:`waiting_in_runs`
+        as of that read: none of this worker's claims, outcome writes or hand-backs lands between
+        the two, so the tasks the read found running here, less those waiting, are the ones running.
+
+        The worker does not wait for views: a read that one of its writes overlapped is read again.
+        Only a read that finds a write under way, or is overlapped ``LOOK_TRIES`` times, holds the
+        worker's next write back until it is done, so a busy worker cannot starve a view. For views
+        in the worker's own process (the notebook's); call it on the worker's loop.
+        """
+        moves = self._moves
+        for _ in range(LOOK_TRIES):
+            before = moves.count
+            if before % 2:  # a write is under way: wait for it (below) rather than race the next
+                break
+            value = await read()
+            if moves.count == before:
+                return value, self.waiting_in_runs()
+        async with moves.lock:
+            return await read(), self.waiting_in_runs()
 
     def live_output(self, task_id: str, max_chars: int | None = None) -> str | None:
         """What a task this worker is running has printed so far (its last ``max_chars``
@@ -221,6 +248,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._runner.open(loop)
         self._done = done = asyncio.Event()
+        self._moves = _Moves()  # its lock belongs to this run's loop
         self._stopping = False
         self._side.fatal = None
         backend = self.backend
@@ -254,39 +282,13 @@ class Worker:
             # (Writes that change nothing move no token, so an idle worker does not wake itself.)
             token = backend.change_token
             if self._released:
-                released, self._released = self._released, []
-                await backend.release(self.worker_id, [(task.handle, task.attempts) for task in released])
-            outcomes, self._outcomes = self._outcomes, []
+                async with self._moves:  # the store counts them running until this commits
+                    released, self._released = self._released, []
+                    await backend.release(self.worker_id, [(task.handle, task.attempts) for task in released])
             free = self._free_slots()
             claimed: list[ClaimedTask] = []
-            if outcomes or free:
-                await self._side.flush_progress()
-                if outcomes and free and backend.store_before_claim(len(outcomes)):
-                    # Store, and let the loop run (a result waiter here reads its value) before this
-                    # worker claims and unpickles more work.
-                    now = self.clock()
-                    stored, _ = await backend.finish_and_claim(self.worker_id, outcomes, 0, now, now,
-                                                               queues=self.queues)
-                    if any(stored) and backend.change_token == token + 1:
-                        token += 1  # as below
-                    self._count(outcomes, stored)
-                    outcomes = []
-                    await asyncio.sleep(0)
-                    free = self._free_slots()
-            if outcomes or free:
-                now = self.clock()
-                alone = not self._runner.active  # only then may it take a suspect, which runs alone
-                stored, claimed = await backend.finish_and_claim(
-                    self.worker_id, outcomes, free * self._runner.run_length(), now, now + self.lease, alone=alone,
-                    queues=self.queues,
-                )
-                if (any(stored) or claimed) and backend.change_token == token + 1:
-                    token += 1  # only this write moved it: waking for our own change would find nothing new
-                self._count(outcomes, stored)
-                if claimed:
-                    if claimed[0].lost:
-                        self._suspect, self._side.suspects_waiting = claimed[0].task_id, False
-                    self._runner.launch(claimed, free)
+            if self._outcomes or free:
+                claimed, free, token = await self._finish_and_claim(backend, free, token)
             drained = until_empty and free > 0 and not claimed  # it looked for work with room for it, and found none
             if not self._runner.active and not self._outcomes and not self._released and (self._stopping or drained):
                 if until_empty and not self._stopping and (await backend.requeue_expired(self.clock())
@@ -298,6 +300,42 @@ class Worker:
             can_claim = self._free_slots() > 0
             timeout = await self._idle_timeout() if can_claim else None
             await self._wakeup.wait(token if can_claim else None, timeout, self._woken)
+
+    async def _finish_and_claim(self, backend: Backend, free: int, token: int) -> tuple[list[ClaimedTask], int, int]:
+        """Store the outcomes recorded so far and claim work for ``free`` slots, launched at once: one
+        step for views, from taking the outcomes to launching the claimed tasks (see :meth:`look`).
+        Returns what it claimed, the slots it claimed for and the change token, moved past this
+        worker's own writes."""
+        async with self._moves:
+            outcomes, self._outcomes = self._outcomes, []
+            await self._side.flush_progress()
+            if outcomes and free and backend.store_before_claim(len(outcomes)):
+                # Store, and let the loop run (a result waiter here reads its value) before this
+                # worker claims and unpickles more work.
+                now = self.clock()
+                stored, _ = await backend.finish_and_claim(self.worker_id, outcomes, 0, now, now, queues=self.queues)
+                if any(stored) and backend.change_token == token + 1:
+                    token += 1  # as below
+                self._count(outcomes, stored)
+                outcomes = []
+                await asyncio.sleep(0)
+                free = self._free_slots()
+            if not (outcomes or free):
+                return [], free, token
+            now = self.clock()
+            alone = not self._runner.active  # only then may it take a suspect, which runs alone
+            stored, claimed = await backend.finish_and_claim(
+                self.worker_id, outcomes, free * self._runner.run_length(), now, now + self.lease, alone=alone,
+                queues=self.queues,
+            )
+            if (any(stored) or claimed) and backend.change_token == token + 1:
+                token += 1  # only this write moved it: waking for our own change would find nothing new
+            self._count(outcomes, stored)
+            if claimed:
+                if claimed[0].lost:
+                    self._suspect, self._side.suspects_waiting = claimed[0].task_id, False
+                self._runner.launch(claimed, free)
+            return claimed, free, token
 
     def _free_slots(self) -> int:
         """Slots to claim tasks for now. None while a suspect runs (it runs alone), and none while
@@ -348,6 +386,29 @@ class Worker:
         self._outcomes.append(outcome)
         self._wakeup.signal()
 
+
+
+class _Moves:
+    """The worker's writes that move its tasks into or out of the running state (a claim, stored
+    outcomes, tasks handed back), each with the worker's own record of them (the runs, the
+    outcomes not stored yet), as one step that views can tell apart (:meth:`Worker.look`).
+
+    ``count`` moves when such a write starts and when it ends (it is odd while one is under way),
+    so a view's read can tell whether one overlapped it. The lock is held over each write; it
+    costs the worker nothing unless a view holds it to read, and then the worker's next write waits.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.lock = asyncio.Lock()
+
+    async def __aenter__(self) -> None:
+        await self.lock.acquire()
+        self.count += 1
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.count += 1
+        self.lock.release()
 
 
 class _SideTasks:
