@@ -66,10 +66,11 @@ class PostgresBackend(Backend):
     connection (a server restart, a failover) is opened again with backoff for up to
     ``reconnect_timeout`` seconds before a statement fails with ``BackendError``; a statement
     whose answer was lost is checked (did it commit?) before it is tried again, so no task is
-    claimed twice or lost. Other processes are told of changes with NOTIFY, at most one notice
-    every ``notify_interval`` seconds from the busy paths (enqueue, finish, progress), the
-    others folded into a trailing one; waiters also look again every ``check_interval`` seconds,
-    in case a notice was missed.
+    claimed twice or lost. Claims commit without waiting for the disk: a server crash (not a
+    restart) may undo the last of them, and those tasks run again. Other processes are told of
+    changes with NOTIFY, at most one notice every ``notify_interval`` seconds from the busy paths
+    (enqueue, finish, progress), the others folded into a trailing one; waiters also look again
+    every ``check_interval`` seconds, in case a notice was missed.
 
     The password never shows: ``repr``, errors and logs name the store by :attr:`target`.
     """

@@ -14,7 +14,7 @@ as ``psql`` does; nothing here reads them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from typing import Any
 
 import psycopg
@@ -25,6 +25,9 @@ __all__ = ["AsyncSession", "SideSession", "Lost", "Conflict", "DriverError", "co
 
 DriverError = psycopg.Error
 IDLE_IN_TRANSACTION = "60s"
+
+# Inside a transaction: its commit returns without waiting for the WAL flush (fetch_in_turn's unflushed).
+_UNFLUSHED = "SET LOCAL synchronous_commit = off"
 
 # SQLSTATEs that mean the server went away under a connection (shut down, restarted, starting up).
 _LOST_STATES = ("57P01", "57P02", "57P03")
@@ -135,18 +138,26 @@ class AsyncSession:
             raise translate(exc, self._conn) from exc
 
     async def fetch_in_turn(
-        self, statements: Sequence[tuple[str, Sequence[Any] | dict[str, Any] | None]]
+        self, statements: Sequence[tuple[str, Sequence[Any] | dict[str, Any] | None]], *,
+        unflushed: Collection[int] = (),
     ) -> list[list[tuple[Any, ...]]]:
         """The rows of each statement, each run and committed in its own transaction, in order (each
         sees what the ones before it did), all sent together in a pipeline: one round trip. What a
-        statement's commit notifies goes out before the next one runs."""
+        statement's commit notifies goes out before the next one runs.
+
+        The commits of the statements at the positions in ``unflushed`` do not wait for the server to
+        flush them to disk (``synchronous_commit`` off for that transaction): visible to everyone at
+        once, but a server crash (not a clean restart) may undo the last of them. The next commit that
+        does wait, this session's or anyone's, flushes them too."""
         conn = self._conn
         try:
             try:
                 async with conn.pipeline():
                     cursors = []
-                    for sql, params in statements:
+                    for i, (sql, params) in enumerate(statements):
                         await conn.execute("BEGIN")
+                        if i in unflushed:
+                            await conn.execute(_UNFLUSHED)
                         cursors.append(await conn.execute(sql, params))
                         await conn.execute("COMMIT")
             except psycopg.Error:
@@ -157,6 +168,13 @@ class AsyncSession:
             return [await cur.fetchall() if cur.description is not None else [] for cur in cursors]
         except psycopg.Error as exc:
             raise translate(exc, conn) from exc
+
+    async def fetch_unflushed(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        """The rows of ``sql``, run in a transaction of its own whose commit does not wait for the disk
+        (see :meth:`fetch_in_turn`'s ``unflushed``); one round trip."""
+        return (await self.fetch_in_turn([(sql, params)], unflushed=(0,)))[0]
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:

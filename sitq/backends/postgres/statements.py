@@ -143,6 +143,10 @@ NOTIFY = "SELECT pg_notify(%s, %s)"
 # nothing running, `alone`, takes one) if one is ready, else up to `limit` ready tasks; the second
 # scan runs only when the first found none. ARRAY(...) runs each subquery once (as
 # `seq IN (subquery)` the planner may run it again for every row).
+# A claim commits without waiting for the disk (AsyncSession.fetch_unflushed): the flush was a good
+# part of a claim's time, and all a server crash can undo is the claims of its last moments, whose
+# tasks are then pending again and may run twice, as a dead worker's tasks may (the finish's guard
+# still stores one outcome). Enqueues and outcomes, which callers are told are stored, wait for it.
 CLAIM = f"""
 WITH suspect AS MATERIALIZED (
     SELECT ARRAY(
@@ -643,7 +647,7 @@ async def claim(
     queues: Sequence[str] | None,
 ) -> list[ClaimedTask]:
     statement, params = _claim_params(worker_id, limit, now, lease, alone, queues)
-    return _claimed(await db.fetch(q(statement, s), params))
+    return _claimed(await db.fetch_unflushed(q(statement, s), params))
 
 
 def _finish_statement(worker_id: str, outcomes: Sequence[Outcome], chan: str | None) -> tuple[str, dict[str, Any]]:
@@ -704,7 +708,8 @@ async def finish_and_claim(
     firsts, sent = _first_outcomes(outcomes)
     finishing, finish_params = _finish_statement(worker_id, sent, chan)
     claiming, claim_params = _claim_params(worker_id, limit, now, lease, alone, queues)
-    finished, claimed = await db.fetch_in_turn([(q(finishing, s), finish_params), (q(claiming, s), claim_params)])
+    finished, claimed = await db.fetch_in_turn([(q(finishing, s), finish_params), (q(claiming, s), claim_params)],
+                                               unflushed=(1,))
     return _stored(outcomes, firsts, finished), _claimed(claimed)
 
 
