@@ -168,8 +168,13 @@ def test_interrupting_a_cell_that_waits_leaves_the_tasks_and_the_worker_running(
                    "def slow(gate):\n    while not os.path.exists(gate):\n        time.sleep(0.01)\n"
                    "    return 'finished'\n"
                    f"gate = {str(tmp_path / 'gate')!r}\nh = sitq.notebook.submit(slow, gate)")["status"] == "ok"
-        msg_id = kc.execute(wait)
-        time.sleep(1.0)  # the cell is blocked in result() by now
+        msg_id = kc.execute(f"print('waiting', flush=True)\n{wait}")
+        while True:  # the cell runs (a signal before that would find no cell to interrupt) ...
+            msg = kc.get_iopub_msg(timeout=30)
+            if (msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream"
+                    and "waiting" in msg["content"]["text"]):
+                break
+        time.sleep(0.5)  # ... and is blocked in the wait by now (an interrupt before it still ends the cell)
         started = time.monotonic()
         km.interrupt_kernel()
         while True:
