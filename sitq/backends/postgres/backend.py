@@ -67,10 +67,10 @@ class PostgresBackend(Backend):
     ``reconnect_timeout`` seconds before a statement fails with ``BackendError``; a statement
     whose answer was lost is checked (did it commit?) before it is tried again, so no task is
     claimed twice or lost. Claims commit without waiting for the disk: a server crash (not a
-    restart) may undo the last of them, and those tasks run again. Other processes are told of changes with NOTIFY, at most one notice
-    every ``notify_interval`` seconds from the busy paths (enqueue, finish, progress), the
-    others folded into a trailing one; waiters also look again every ``check_interval`` seconds,
-    in case a notice was missed.
+    restart) may undo the last of them, and those tasks run again. Other processes are told of
+    changes with NOTIFY, at most one notice every ``notify_interval`` seconds from the busy paths
+    (enqueue, finish, progress), the others folded into a trailing one; waiters also look again
+    every ``check_interval`` seconds, in case a notice was missed.
 
     The password never shows: ``repr``, errors and logs name the store by :attr:`target`.
     """
