@@ -41,8 +41,11 @@ result waits for the processes to start, in the background) and again a second l
 is the time Jupyter's `shutdown_kernel` takes: in the first table after each system's own teardown cell
 (`%sitq stop`, `client.close()`, ...), in the lifecycle table with the worker still running; *child
 processes left* counts the kernel's child processes still alive half a second after it. A kernel shutdown
-of 2.6 s (every dask run, and single runs of others) is ipykernel waiting for child processes it finds
-(1.4 s of SIGTERM rounds, then SIGKILL rounds); it is not sitq's work. The teaching workflow's
+of 2.6 s (every dask run, and single runs of others, a bare `ProcessPoolExecutor` among them) is
+jupyter_client waiting 2.5 s, half its `shutdown_wait_time`, for a kernel that has not exited by itself,
+before it signals the kernel's process group. With dask, the kernel waits for a child that ignores SIGTERM
+(multiprocessing's `resource_tracker`); in the single runs of others, what held the kernel is not yet
+known. The teaching workflow's
 sitq cells start the processes and map at once, so its wall time includes their start; the peers' start
 cells wait for their workers."""
 
