@@ -426,8 +426,8 @@ class PostgresBackend(Backend):
             rest = [o for o in outcomes if (o.handle, o.attempts) not in before]
             flags, claimed = await sql.finish_and_claim(db, s, worker_id, rest, self.channel if rest else None,
                                                         limit, now, lease_until, alone, names)
-            now_stored = {(o.handle, o.attempts) for o, flag in zip(rest, flags, strict=True) if flag}
-            return [(o.handle, o.attempts) in before | now_stored for o in outcomes], claimed
+            stored = before | {(o.handle, o.attempts) for o, flag in zip(rest, flags, strict=True) if flag}
+            return [(o.handle, o.attempts) in stored for o in outcomes], claimed
 
         flags, claimed = await self._call(op, changed=False)
         if any(flags) or claimed:

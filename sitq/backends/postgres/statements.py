@@ -11,8 +11,8 @@ settled by the schema's trigger (see :mod:`sitq.backends.postgres.schema`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 from sitq.backends.postgres.driver import AsyncSession
 from sitq.backends.postgres.schema import COUNT_ADDED, COUNT_MOVES, SHARD
@@ -666,22 +666,25 @@ def _finish_statement(worker_id: str, outcomes: Sequence[Outcome], chan: str | N
     return FINISH, {**columns, "worker": worker_id, "chan": chan}
 
 
-def _firsts(claims: Iterable[tuple[Any, int]]) -> list[bool]:
-    """Which of these claims (seq, attempts) come first in the list. One statement writes a row once,
-    so a claim named again in the same call (a worker's old claim and its successor's, under one
-    worker, say) is left out: one at a time, as the contract has it, the first would have used the
-    claim up."""
+T = TypeVar("T")
+
+
+def _once(items: Sequence[T], key: Callable[[T], tuple[Any, int]]) -> tuple[list[bool], list[T]]:
+    """Which of ``items`` name their claim (``key``: seq, attempts) first in the list, and those items.
+    One statement writes a row once, so a claim named again in the same call (a worker's old claim
+    and its successor's, under one worker, say) is left out: one at a time, as the contract has it,
+    the first would have used the claim up."""
     seen: set[tuple[Any, int]] = set()
     firsts = []
-    for claim in claims:
+    for item in items:
+        claim = key(item)
         firsts.append(claim not in seen)
         seen.add(claim)
-    return firsts
+    return firsts, [item for item, first in zip(items, firsts, strict=True) if first]
 
 
-def _first_outcomes(outcomes: Sequence[Outcome]) -> tuple[list[bool], list[Outcome]]:
-    firsts = _firsts((o.handle, o.attempts) for o in outcomes)
-    return firsts, [o for o, first in zip(outcomes, firsts, strict=True) if first]
+def _claim_of(o: Outcome) -> tuple[Any, int]:
+    return o.handle, o.attempts
 
 
 def _stored(outcomes: Sequence[Outcome], firsts: list[bool], rows: Iterable[Any]) -> list[bool]:
@@ -690,7 +693,7 @@ def _stored(outcomes: Sequence[Outcome], firsts: list[bool], rows: Iterable[Any]
 
 
 async def finish(db: AsyncSession, s: str, worker_id: str, outcomes: Sequence[Outcome], chan: str | None) -> list[bool]:
-    firsts, sent = _first_outcomes(outcomes)
+    firsts, sent = _once(outcomes, _claim_of)
     statement, params = _finish_statement(worker_id, sent, chan)
     return _stored(outcomes, firsts, await db.fetch(q(statement, s), params))
 
@@ -705,7 +708,7 @@ async def finish_and_claim(
     if not outcomes or limit <= 0:
         stored = await finish(db, s, worker_id, outcomes, chan) if outcomes else []
         return stored, (await claim(db, s, worker_id, limit, now, lease, alone, queues) if limit > 0 else [])
-    firsts, sent = _first_outcomes(outcomes)
+    firsts, sent = _once(outcomes, _claim_of)
     finishing, finish_params = _finish_statement(worker_id, sent, chan)
     claiming, claim_params = _claim_params(worker_id, limit, now, lease, alone, queues)
     finished, claimed = await db.fetch_in_turn([(q(finishing, s), finish_params), (q(claiming, s), claim_params)],
@@ -722,8 +725,7 @@ async def stored_before(db: AsyncSession, s: str, worker_id: str, outcomes: Sequ
 async def release(db: AsyncSession, s: str, worker_id: str, claims: Sequence[tuple[Any, int]],
                   chan: str | None) -> list[bool]:
     keys = [(handle, attempts) for handle, attempts in claims]
-    firsts = _firsts(keys)
-    sent = [claim for claim, first in zip(keys, firsts, strict=True) if first]
+    firsts, sent = _once(keys, lambda claim: claim)
     rows = await db.fetch(q(RELEASE, s), {"seqs": [handle for handle, _ in sent], "worker": worker_id, "chan": chan,
                                           "attempts": [attempts for _, attempts in sent]})
     released = {(row[0], row[1]) for row in rows}
