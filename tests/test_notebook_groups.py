@@ -40,10 +40,10 @@ async def noop():  # a read of nothing: Refresher.counted then gives only the ta
 
 
 @pytest.fixture
-def rt(tmp_path, monkeypatch):
+def rt(shared_target, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     GATE.clear()
-    started = sn.start_worker("groups.db", concurrency=2)
+    started = sn.start_worker(shared_target, concurrency=2)
     yield started
     GATE.set()
     sn.stop_worker(timeout=10)

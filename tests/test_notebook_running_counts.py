@@ -2,15 +2,19 @@
 wherever their reads of the store fall among the worker's claims and outcome writes.
 
 Many tiny tasks through two slots (threads, coroutines, processes), with the notebook's runtime and
-a real worker on a real SQLite file, without a kernel. The refresher redraws a group widget, task
-widgets and a board after every change, and a static board is read back to back meanwhile; every
-picture drawn is checked. Without Worker.look the board showed up to 128 running.
+a real worker on a real SQLite file, and in threads on a real PostgreSQL server, without a kernel.
+The refresher redraws a group widget, task widgets and a board after every change, and a static
+board is read back to back meanwhile; every picture drawn is checked.
+Without Worker.look the board showed up to 128 running.
 """
 
 import asyncio
+import contextlib
 import datetime as dt
+import time
 
 import pytest
+from backends import postgres_schema, postgres_unavailable
 
 pytest.importorskip("ipywidgets")
 
@@ -31,10 +35,16 @@ async def nap(x):
     return x
 
 
+def brief(x):  # on PostgreSQL a view's read awaits the server, and the worker's loop settles abs() meanwhile
+    time.sleep(0.0005)
+    return x
+
+
 MODES = {
     "threads": ({"concurrency": SLOTS}, abs),
     "coroutines": ({"concurrency": SLOTS}, nap),
     "processes": ({"processes": SLOTS}, abs),
+    "threads-postgres": ({"concurrency": SLOTS}, brief),
 }
 
 
@@ -43,9 +53,16 @@ def mode(request, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(refresher_module, "COALESCE", 0.0)  # redraw after every change, not 20 times a second
     settings, func = MODES[request.param]
-    rt = sn.start_worker("running.db", **settings)
-    yield rt, func
-    sn.stop_worker(timeout=30)
+    with contextlib.ExitStack() as stack:
+        target = "running.db"
+        if request.param.endswith("-postgres"):
+            reason = postgres_unavailable()
+            if reason:
+                pytest.skip(reason)
+            target = stack.enter_context(postgres_schema())
+        rt = sn.start_worker(target, **settings)
+        yield rt, func
+        sn.stop_worker(timeout=30)
 
 
 class Pictures:

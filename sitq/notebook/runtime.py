@@ -281,8 +281,8 @@ def start_worker(path: str | os.PathLike[str] | None = None, concurrency: int | 
     """Start sitq's worker inside this kernel and return its runtime.
 
     Tasks run in the background while you keep running cells. ``path`` is the
-    SQLite file (default ``sitq.db`` in the working folder), so results
-    outlive the kernel. Calling it again with the same (or no) settings
+    store: a SQLite file (default ``sitq.db`` in the working folder), so results
+    outlive the kernel, or a ``postgresql://`` URL. Calling it again with the same (or no) settings
     returns the running runtime; other settings need ``stop_worker()`` first.
     """
     global _runtime
