@@ -9,12 +9,10 @@ Without Worker.look the board showed up to 128 running.
 """
 
 import asyncio
-import contextlib
 import datetime as dt
 import time
 
 import pytest
-from backends import postgres_schema, postgres_unavailable
 
 pytest.importorskip("ipywidgets")
 
@@ -53,16 +51,11 @@ def mode(request, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(refresher_module, "COALESCE", 0.0)  # redraw after every change, not 20 times a second
     settings, func = MODES[request.param]
-    with contextlib.ExitStack() as stack:
-        target = "running.db"
-        if request.param.endswith("-postgres"):
-            reason = postgres_unavailable()
-            if reason:
-                pytest.skip(reason)
-            target = stack.enter_context(postgres_schema())
-        rt = sn.start_worker(target, **settings)
-        yield rt, func
-        sn.stop_worker(timeout=30)
+    # conftest's postgres_target skips without a server and drops its schema after this fixture ends
+    target = request.getfixturevalue("postgres_target") if request.param.endswith("-postgres") else "running.db"
+    rt = sn.start_worker(target, **settings)
+    yield rt, func
+    sn.stop_worker(timeout=30)
 
 
 class Pictures:
